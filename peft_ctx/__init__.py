@@ -1,0 +1,29 @@
+"""peft_ctx: RAG context compression (xRAG, SPRING, COCOM) as ordinary PEFT adapters.
+
+``import peft_ctx`` registers the adapter type with PEFT, after which ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle peft_ctx adapters like any other.
+"""
+
+from . import _registration
+from .config import ContextConfig
+from .encoders import Encoder
+from .index import load_vectors, save_vectors
+from .inference import generate, prepare_inputs
+from .tuner import ContextEmbedding, ContextModel
+from .version import __version__
+from .xrag import XRAGConfig
+
+_registration.register(ContextConfig, ContextModel)
+
+__all__ = [
+    "ContextConfig",
+    "ContextEmbedding",
+    "ContextModel",
+    "Encoder",
+    "XRAGConfig",
+    "__version__",
+    "generate",
+    "load_vectors",
+    "prepare_inputs",
+    "save_vectors",
+]

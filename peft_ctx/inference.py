@@ -1,0 +1,175 @@
+"""``prepare_inputs`` and ``generate``: questions and retrieved documents in, model inputs / answers out."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ContextConfig
+from .methods import get_method
+from .prompting import Example, fill_template, pad_examples, pad_token_id, tokenize_parts
+
+
+def active_config(model) -> ContextConfig:
+    """The active peft_ctx adapter config of a PeftModel."""
+    config = getattr(model, "active_peft_config", None)
+    if not isinstance(config, ContextConfig):
+        raise ValueError(
+            f"Expected a PeftModel with an active peft_ctx adapter, got {type(model).__name__} with active config "
+            f"{type(config).__name__}; build it with peft.get_peft_model(base, peft_ctx.XRAGConfig(...)) or "
+            "PeftModel.from_pretrained(base, adapter_dir) after `import peft_ctx`."
+        )
+    return config
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _context_length(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def build_examples(
+    config: ContextConfig,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    answers: Optional[Sequence[str]] = None,
+    **options: Any,
+) -> list[Example]:
+    """Tokenise a batch of (question, documents[, answer]) with the adapter's prompt; no padding yet."""
+    if isinstance(questions, str):
+        raise ValueError("questions must be a list of strings, got a single string; wrap it in a list.")
+    questions = list(questions)
+    for i, question in enumerate(questions):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"questions[{i}] is {question!r:.60}; questions must be non-empty strings.")
+    if answers is not None and len(answers) != len(questions):
+        raise ValueError(f"Got {len(answers)} answers for {len(questions)} questions; give one answer per question.")
+    method = get_method(config.method)
+    if contexts is not None:
+        if isinstance(contexts, torch.Tensor) and contexts.dim() == 2:
+            contexts = [row.unsqueeze(0) for row in contexts]  # one vector per question
+        if len(contexts) != len(questions):
+            raise ValueError(
+                f"Got {len(contexts)} context lists for {len(questions)} questions; give one list of documents "
+                "per question (contexts=[[doc, ...], ...])."
+            )
+        docs_per_example = method.prepare_docs(config, list(contexts), options)
+    else:
+        docs_per_example = [None] * len(questions)
+    examples = []
+    for i, (question, docs) in enumerate(zip(questions, docs_per_example)):
+        fields, payload = method.prompt_fields(config, docs, options)
+        parts = fill_template(config.prompt_template, {**fields, "question": [question]})
+        example = tokenize_parts(
+            tokenizer,
+            parts,
+            system_prompt=config.system_prompt,
+            use_chat_template=config.use_chat_template,
+            answer=None if answers is None else answers[i],
+        )
+        example.context = payload
+        examples.append(example)
+    return examples
+
+
+def collate(
+    config: ContextConfig,
+    examples: list[Example],
+    tokenizer,
+    padding_side: str = "left",
+    max_length: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> dict[str, torch.Tensor]:
+    batch = pad_examples(examples, pad_token_id(tokenizer), padding_side=padding_side, max_length=max_length)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    if batch["context_mask"].any():
+        method = get_method(config.method)
+        batch.update(method.collate_context(config, [e.context for e in examples], device))
+    else:
+        del batch["context_mask"]
+    return batch
+
+
+def prepare_inputs(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    *,
+    encoder=None,
+    answers: Optional[Sequence[str]] = None,
+    padding_side: str = "left",
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """Model inputs for ``model(**inputs)`` / ``model.generate(**inputs)``.
+
+    Args:
+        questions: one string per example.
+        contexts: per example, a list of documents: strings (encoded / compressed on the fly), or precomputed
+            vectors (a ``[n_docs, d_r]`` tensor or a list of ``[d_r]`` tensors). None means no retrieval, which
+            only methods that work without documents (SPRING) accept.
+        encoder: a ``peft_ctx.Encoder`` when documents are text and the method needs one (xRAG).
+        answers: append each answer (with labels) for training or scoring.
+        options: method options, e.g. ``num_virtual_tokens`` for SPRING.
+    """
+    config = active_config(model)
+    examples = build_examples(config, tokenizer, questions, contexts, answers=answers, encoder=encoder, **options)
+    return collate(
+        config,
+        examples,
+        tokenizer,
+        padding_side=padding_side,
+        max_length=_context_length(model),
+        device=_model_device(model),
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    *,
+    encoder=None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    show_progress: Optional[bool] = None,
+    generation_kwargs: Optional[dict[str, Any]] = None,
+    **options: Any,
+) -> list[str]:
+    """Answer questions from their documents, batched with left padding; returns one string per question."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
+    if contexts is not None and len(contexts) != len(questions):
+        raise ValueError(f"Got {len(contexts)} context lists for {len(questions)} questions.")
+    gen_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
+    gen_kwargs.update(generation_kwargs or {})
+    if show_progress is None:
+        show_progress = len(questions) > 4 * batch_size
+    answers: list[str] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc="Generating", disable=not show_progress):
+        stop = start + batch_size
+        inputs = prepare_inputs(
+            model,
+            tokenizer,
+            questions[start:stop],
+            None if contexts is None else contexts[start:stop],
+            encoder=encoder,
+            **options,
+        )
+        output = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers

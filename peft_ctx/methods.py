@@ -1,0 +1,77 @@
+"""What a peft_ctx method contributes: its adapter module, how it fills the context slots, and how prompts look.
+
+The shared machinery (placeholder substitution, PEFT registration, prompt building, batching) calls these hooks;
+each method's package (``peft_ctx/<method>/model.py``) implements them once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import ContextConfig
+    from .prompting import Part
+
+_METHODS: dict[str, ContextMethod] = {}
+
+
+class ContextMethod:
+    """Base class of a method's behaviour. Subclasses are stateless; register one instance with ``register_method``."""
+
+    name: str = ""
+    # Extra forward / generate keyword arguments that carry this method's context (besides ``context_mask``).
+    input_names: tuple[str, ...] = ()
+
+    def create_module(self, config: ContextConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
+        """The adapter's trainable module, stored under the adapter's name in the embedding wrapper."""
+        raise NotImplementedError
+
+    def check_base_model(self, config: ContextConfig, model: nn.Module) -> None:
+        """Raise ``ValueError`` when the adapter cannot sit on ``model`` (for example another hidden size)."""
+
+    def check_inputs(self, config: ContextConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:
+        """Validate the context inputs of one forward call before the model runs."""
+
+    def slot_embeddings(
+        self, module: nn.Module, context_mask: torch.Tensor, inputs: dict[str, Any], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Embeddings for every context slot in row-major order of ``context_mask``.  # [n_slots, hidden]"""
+        raise NotImplementedError
+
+    # ---- prompt side -------------------------------------------------------------------------------------------
+    def prompt_fields(
+        self, config: ContextConfig, docs: list, options: dict[str, Any]
+    ) -> tuple[dict[str, list[Part]], dict[str, list]]:
+        """The parts that fill the template's fields for one example, and the per-example context payload
+        (lists that ``collate_context`` concatenates over the batch)."""
+        raise NotImplementedError
+
+    def collate_context(
+        self, config: ContextConfig, payloads: list[dict[str, list]], device: Optional[torch.device]
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+    def prepare_docs(self, config: ContextConfig, contexts: list[list], options: dict[str, Any]) -> list[list]:
+        """Turn user-given documents (text, vectors ...) into what ``prompt_fields`` reads, for a whole batch."""
+        return contexts
+
+
+def register_method(method: ContextMethod) -> ContextMethod:
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> ContextMethod:
+    if name not in _METHODS:
+        raise ValueError(f"Unknown peft_ctx method {name!r}; known: {', '.join(sorted(_METHODS))}.")
+    return _METHODS[name]
+
+
+def all_input_names() -> set[str]:
+    names = {"context_mask"}
+    for method in _METHODS.values():
+        names.update(method.input_names)
+    return names

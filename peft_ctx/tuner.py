@@ -1,0 +1,230 @@
+"""The PEFT tuner shared by all peft_ctx methods: it wraps the model's input embedding once.
+
+Context slots are marked by a boolean ``context_mask`` that travels with ``input_ids``. On the prefill call the
+wrapped embedding writes the active adapter's slot embeddings into exactly those positions (LLaVA-style
+``masked_scatter``); every other position keeps the base embedding bit for bit. Marking slots by position rather than
+by a token id means no embedding resize and no possible collision with a token the user's text contains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ._registration import PREFIX
+from .methods import all_input_names, get_method
+
+_MERGE_MESSAGE = (
+    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time and "
+    "have no weight delta. Use model.unload() to get the unchanged base model back, or keep the PeftModel."
+)
+
+
+class ContextEmbedding(nn.Module, BaseTunerLayer):
+    """Wraps the input embedding; holds each adapter's module (projector, virtual tokens, compressor ...)."""
+
+    adapter_layer_names = ("ctx_modules",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ctx_modules = nn.ModuleDict()
+        self.configs: dict[str, Any] = {}
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # (context_mask, inputs) set by ContextModel for one forward / generate call, consumed by the prefill.
+        self._pending: Optional[tuple[torch.Tensor, dict[str, Any]]] = None
+        self._consumed = False
+
+    def update_layer(self, adapter_name: str, config, model_config: Any) -> None:
+        method = get_method(config.method)
+        module = method.create_module(config, self.base_layer, model_config)
+        weight = self.base_layer.weight
+        if weight.device.type != "meta":
+            module.to(weight.device)
+        self.ctx_modules[adapter_name] = module
+        self.configs[adapter_name] = config
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(_MERGE_MESSAGE)
+
+    def unmerge(self) -> None:
+        raise ValueError(_MERGE_MESSAGE)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.configs.pop(adapter_name, None)
+
+    def active_method_adapter(self) -> str:
+        active = [name for name in self.active_adapters if name in self.ctx_modules]
+        if len(active) != 1:
+            raise ValueError(
+                f"Exactly one peft_ctx adapter must be active to fill context slots, found {self.active_adapters}; "
+                "choose one with model.set_adapter(name)."
+            )
+        return active[0]
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        embeds = self.base_layer(input_ids, *args, **kwargs)  # [batch, seq, hidden]
+        if self._pending is None:
+            return embeds
+        context_mask, inputs = self._pending
+        self._pending = None
+        self._consumed = True
+        if self.disable_adapters:
+            return embeds
+        if context_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"context_mask has shape {tuple(context_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
+                "build both with peft_ctx.prepare_inputs (they must be padded together)."
+            )
+        adapter_name = self.active_method_adapter()
+        config = self.configs[adapter_name]
+        method = get_method(config.method)
+        slots = method.slot_embeddings(self.ctx_modules[adapter_name], context_mask, inputs, embeds.dtype)
+        n_slots = int(context_mask.sum())
+        if slots.shape != (n_slots, embeds.shape[-1]):
+            raise ValueError(
+                f"The prompt has {n_slots} context slots but the adapter produced {slots.shape[0]} embeddings of size "
+                f"{slots.shape[-1]} (model hidden size {embeds.shape[-1]}); each document needs its slots in the prompt."
+            )
+        # Out of place so that gradients reach the adapter module through the scattered rows only.
+        return embeds.masked_scatter(context_mask.unsqueeze(-1).to(embeds.device), slots.to(embeds.device))
+
+
+class ContextModel(BaseTuner):
+    """PEFT tuner for every peft_ctx method (``peft_type`` ``PEFT_CTX``)."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ContextEmbedding
+    target_module_mapping: dict = {}
+
+    # ---- injection ---------------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs):  # required by BaseTuner; injection is done in inject_adapter
+        raise NotImplementedError
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        method = get_method(config.method)
+        if not hasattr(model, "get_input_embeddings") or not hasattr(model, "set_input_embeddings"):
+            raise ValueError(
+                f"{type(model).__name__} has no get_input_embeddings/set_input_embeddings; peft_ctx adapts Hugging "
+                "Face causal LMs (AutoModelForCausalLM)."
+            )
+        embedding = model.get_input_embeddings()
+        hidden_size = int(embedding.weight.shape[-1])
+        if config.base_hidden_size is None:
+            config.base_hidden_size = hidden_size
+        elif config.base_hidden_size != hidden_size:
+            raise ValueError(
+                f"This adapter was made for a base model with hidden size {config.base_hidden_size} "
+                f"({config.base_model_name_or_path!r}), but {type(model).__name__} has hidden size {hidden_size}; "
+                "load it onto the base model it was trained on."
+            )
+        method.check_base_model(config, model)
+        previous_grad = {id(p): p.requires_grad for p in model.parameters()}
+        first_injection = not isinstance(embedding, ContextEmbedding)
+        if first_injection:
+            layer = ContextEmbedding(embedding, adapter_name)
+        else:
+            layer = embedding
+        model_config = getattr(model, "config", None)
+        if low_cpu_mem_usage:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                layer.update_layer(adapter_name, config, model_config)
+        else:
+            layer.update_layer(adapter_name, config, model_config)
+        if first_injection:
+            model.set_input_embeddings(layer)
+            if model.get_input_embeddings() is not layer:
+                raise ValueError(f"{type(model).__name__}.set_input_embeddings did not install the peft_ctx layer.")
+        self.targeted_module_names = [name for name, module in model.named_modules() if module is layer]
+        self._mark_only_adapters_as_trainable(model)
+        if not first_injection:
+            # Adding an adapter must not change what was trainable before (PEFT's own rule).
+            for param in model.parameters():
+                if id(param) in previous_grad:
+                    param.requires_grad_(previous_grad[id(param)])
+        if config.inference_mode:
+            for param in layer.ctx_modules[adapter_name].parameters():
+                param.requires_grad_(False)
+        self._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Adapter modules are nested (ctx_modules.<name>.projector.0.weight), deeper than PEFT's default assumes.
+        return key.replace(f".ctx_modules.{adapter_name}.", ".ctx_modules.", 1)
+
+    def _context_layer(self) -> ContextEmbedding:
+        layer = self.model.get_input_embeddings()
+        if not isinstance(layer, ContextEmbedding):
+            raise ValueError("The peft_ctx layer is missing from the model's input embedding (was it unloaded?).")
+        return layer
+
+    # ---- merging is meaningless for context methods ------------------------------------------------------------
+    def _check_merge_allowed(self):
+        raise ValueError(_MERGE_MESSAGE)
+
+    def merge_adapter(self, *args, **kwargs) -> None:
+        raise ValueError(_MERGE_MESSAGE)
+
+    # ---- forward / generate ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _context(self, kwargs: dict[str, Any]):
+        names = all_input_names()
+        inputs = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+        context_mask = inputs.pop("context_mask", None)
+        has_slots = context_mask is not None and bool(context_mask.any())
+        if not has_slots:
+            given = sorted(name for name, value in inputs.items() if value is not None)
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} given but the prompt has no context slots (context_mask is "
+                    f"{'missing' if context_mask is None else 'all False'}); build inputs with peft_ctx.prepare_inputs."
+                )
+            yield
+            return
+        if context_mask.dtype != torch.bool:
+            raise ValueError(f"context_mask must be a bool tensor, got dtype {context_mask.dtype}.")
+        layer = self._context_layer()
+        if not layer.disable_adapters:
+            adapter_name = layer.active_method_adapter()
+            config = self.peft_config[adapter_name]
+            get_method(config.method).check_inputs(config, context_mask, inputs)
+        layer._pending, layer._consumed = (context_mask, inputs), False
+        try:
+            yield
+            if not layer._consumed:
+                raise ValueError(
+                    "The context slots were never filled: the model did not call its input embedding. Pass input_ids "
+                    "(not inputs_embeds) together with context_mask."
+                )
+        finally:
+            layer._pending = None
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with self._context(kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        with self._context(kwargs):
+            return self.model.generate(*args, **kwargs)

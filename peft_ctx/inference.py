@@ -82,6 +82,40 @@ def build_examples(
     return examples
 
 
+def text_examples(
+    config: ContextConfig,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence[Sequence[str]]] = None,
+    answers: Optional[Sequence[str]] = None,
+) -> list[Example]:
+    """The same prompts with the documents as plain text (text RAG), or with no documents at all.
+
+    These are the baselines and the self-distillation teacher: the base model reads them with the adapter disabled.
+    """
+    examples = []
+    for i, question in enumerate(questions):
+        if contexts is None:
+            parts = [question]
+        else:
+            docs = contexts[i]
+            if not docs or not all(isinstance(d, str) and d.strip() for d in docs):
+                raise ValueError(f"contexts[{i}] must be a non-empty list of non-empty strings for text RAG.")
+            fields = {name: [] for name in config.template_fields}
+            fields.update({"context": ["\n".join(docs)], "question": [question]})
+            parts = fill_template(config.prompt_template, fields)
+        examples.append(
+            tokenize_parts(
+                tokenizer,
+                parts,
+                system_prompt=config.system_prompt,
+                use_chat_template=config.use_chat_template,
+                answer=None if answers is None else answers[i],
+            )
+        )
+    return examples
+
+
 def collate(
     config: ContextConfig,
     examples: list[Example],
@@ -135,6 +169,38 @@ def prepare_inputs(
     )
 
 
+def _decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
+    return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_baseline(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence[Sequence[str]]] = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    generation_kwargs: Optional[dict[str, Any]] = None,
+) -> list[str]:
+    """The frozen base model with the documents as text (text RAG) or without documents (contexts=None)."""
+    config = active_config(model)
+    gen_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
+    gen_kwargs.update(generation_kwargs or {})
+    answers: list[str] = []
+    with model.disable_adapter():
+        for start in range(0, len(questions), batch_size):
+            stop = start + batch_size
+            examples = text_examples(
+                config, tokenizer, questions[start:stop], None if contexts is None else contexts[start:stop]
+            )
+            inputs = collate(config, examples, tokenizer, max_length=_context_length(model), device=_model_device(model))
+            output = model.generate(**inputs, **gen_kwargs)
+            answers.extend(_decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
+    return answers
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -170,6 +236,5 @@ def generate(
             **options,
         )
         output = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(_decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     return answers

@@ -54,6 +54,10 @@ class ContextMethod:
     ) -> dict[str, torch.Tensor]:
         return {}
 
+    def training_options(self, config: ContextConfig, rng, options: dict[str, Any]) -> dict[str, Any]:
+        """Per-batch options drawn during training (SPRING draws its k here)."""
+        return dict(options)
+
     def prepare_docs(self, config: ContextConfig, contexts: list[list], options: dict[str, Any]) -> list[list]:
         """Turn user-given documents (text, vectors ...) into what ``prompt_fields`` reads, for a whole batch."""
         return contexts

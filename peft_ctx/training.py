@@ -1,0 +1,195 @@
+"""Training with trl: a collator that builds context-slot prompts, and an SFTTrainer with the methods' losses.
+
+Loss = a_nll * NLL(answer | compressed context) + a_kl * T^2 * KL(teacher || student) over the answer tokens, where
+the teacher is the same frozen LLM reading the documents as text (the adapter disabled) and the student reads the
+adapter's context slots (xRAG's self-distillation; a_kl = 0 gives plain answer NLL).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from trl import SFTConfig, SFTTrainer
+
+from .config import ContextConfig
+from .inference import build_examples, collate, text_examples
+from .methods import get_method
+from .prompting import IGNORE_INDEX, Slots, pad_examples, pad_token_id, tokenize_parts
+
+# Stage-1 paraphrase instructions (our wording); "{context}" is where the document's slots go.
+PARAPHRASE_TEMPLATES = (
+    "Background: {context} means the same as",
+    "{context}\nSay the text above again in your own words.",
+    "Here is a document: {context}\nRewrite it.",
+    "{context}\nWhat does this passage say? Repeat it.",
+    "Read this: {context}\nNow write it out in full.",
+    "Document: {context}\nReproduce the document.",
+    "{context}\nPut the information above into words.",
+    "Text: {context}\nParaphrase the text.",
+    "The following passage {context} says:",
+    "{context}\nRestate the passage above.",
+    "Passage: {context}\nWrite the passage down.",
+    "Expand this into text: {context}",
+    "{context}\nTell me what this is about, in full.",
+)
+
+
+def _tensor_docs(value: Any) -> Any:
+    # datasets hands stored vectors back as nested lists
+    if isinstance(value, list) and value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], float):
+        return torch.tensor(value, dtype=torch.float32)
+    return value
+
+
+@dataclass
+class ContextDataCollator:
+    """Turns dataset rows into model batches (right padding, labels on the answer only).
+
+    Rows for ``task="qa"``: ``question``, ``answer`` and the documents in ``context_column`` (texts, or vectors for
+    xRAG). Rows for ``task="paraphrase"``: the document's vectors in ``context_column`` and its text in
+    ``text_column``; the answer is the document itself (xRAG stage 1 / COCOM auto-encoding).
+    With ``distill=True`` the batch also carries the teacher's text-RAG prompt (``teacher_*`` keys), built from the
+    texts in ``text_column``.
+    """
+
+    config: ContextConfig
+    tokenizer: Any
+    task: str = "qa"
+    context_column: str = "contexts"
+    text_column: str = "contexts"
+    distill: bool = False
+    max_length: Optional[int] = None
+    seed: int = 0
+    method_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in ("qa", "paraphrase"):
+            raise ValueError(f"task={self.task!r}; use 'qa' or 'paraphrase'.")
+        self._rng = random.Random(self.seed)
+
+    def _options(self) -> dict:
+        return get_method(self.config.method).training_options(self.config, self._rng, self.method_options)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.task == "paraphrase":
+            examples = [self._paraphrase_example(row) for row in rows]
+            answers = [row[self.text_column] for row in rows]
+        else:
+            answers = [row["answer"] for row in rows]
+            examples = build_examples(
+                self.config,
+                self.tokenizer,
+                [row["question"] for row in rows],
+                [_tensor_docs(row[self.context_column]) for row in rows],
+                answers=answers,
+                **self._options(),
+            )
+        batch = collate(self.config, examples, self.tokenizer, padding_side="right", max_length=self.max_length)
+        if self.distill:
+            teacher = text_examples(
+                self.config,
+                self.tokenizer,
+                [row["question"] for row in rows],
+                [row[self.text_column] for row in rows],
+                answers=answers,
+            )
+            padded = pad_examples(teacher, pad_token_id(self.tokenizer), padding_side="right")
+            batch.update({f"teacher_{key}": padded[key] for key in ("input_ids", "attention_mask", "labels")})
+        return batch
+
+    def _paraphrase_example(self, row: dict):
+        method = get_method(self.config.method)
+        docs = method.prepare_docs(self.config, [_tensor_docs(row[self.context_column])], self._options())[0]
+        fields, payload = method.prompt_fields(self.config, docs, self._options())
+        template = self._rng.choice(PARAPHRASE_TEMPLATES)
+        before, after = template.split("{context}")
+        parts = [before, *fields["context"], after]
+        example = tokenize_parts(
+            self.tokenizer,
+            [p for p in parts if not (isinstance(p, str) and not p)],
+            system_prompt=self.config.system_prompt,
+            use_chat_template=self.config.use_chat_template,
+            answer=row[self.text_column],
+        )
+        example.context = payload
+        return example
+
+
+@dataclass
+class ContextSFTConfig(SFTConfig):
+    """``trl.SFTConfig`` plus the loss weights of context-compression training."""
+
+    a_nll: float = field(default=1.0, metadata={"help": "Weight of the answer NLL term."})
+    a_kl: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(teacher || student) self-distillation on answer tokens (xRAG stage 2: 2.0)."},
+    )
+    kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation term."})
+
+    def __post_init__(self):
+        # Our collator needs the raw columns (documents, vectors) that trl would otherwise drop.
+        self.remove_unused_columns = False
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        super().__post_init__()
+        for name in ("a_nll", "a_kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.a_nll == 0 and self.a_kl == 0:
+            raise ValueError("a_nll and a_kl are both 0: nothing to train. Set at least one above 0.")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0.")
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each label token, and those labels.  # [n_answer_tokens, vocab], [n_answer_tokens]"""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    return logits[keep], labels[keep]
+
+
+class ContextSFTTrainer(SFTTrainer):
+    """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.a_kl > 0 and not getattr(self.data_collator, "distill", False):
+            raise ValueError("a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True).")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        teacher = {key[len("teacher_") :]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        student_logits, targets = _shifted(outputs.logits, labels)
+        n_tokens = targets.numel()
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(student_logits.device)
+        nll_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+        loss = self.args.a_nll * nll_sum / denominator
+        self._metrics[mode]["nll"].append((nll_sum / max(n_tokens, 1)).item())
+        if teacher and self.args.a_kl > 0:
+            temperature = self.args.kl_temperature
+            with torch.no_grad(), model.disable_adapter():
+                teacher_logits = model(
+                    input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"], use_cache=False
+                ).logits
+            teacher_logits, teacher_targets = _shifted(teacher_logits, teacher["labels"])
+            if not torch.equal(teacher_targets, targets):
+                raise ValueError("Teacher and student prompts tokenised the answers differently; cannot distil.")
+            kl_sum = F.kl_div(
+                F.log_softmax(student_logits.float() / temperature, -1),
+                F.log_softmax(teacher_logits.float() / temperature, -1),
+                log_target=True,
+                reduction="sum",
+            ) * (temperature**2)
+            loss = loss + self.args.a_kl * kl_sum / denominator
+            self._metrics[mode]["kl"].append((kl_sum / max(n_tokens, 1)).item())
+        with torch.no_grad():
+            accuracy = (student_logits.argmax(-1) == targets).float().mean() if n_tokens else torch.tensor(0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+        return (loss, outputs) if return_outputs else loss

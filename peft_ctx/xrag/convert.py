@@ -1,0 +1,93 @@
+"""Import the projector of an official xRAG checkpoint (a full model with the projector inside) as a peft_ctx adapter.
+
+The official release is one model folder: ``config.json`` with ``projector_type`` and ``retriever_hidden_size``, and
+weights in which the projector's linear layers sit under a ``projector`` module. Only those tensors are read (lazily,
+safetensors or ``weights_only`` torch files), so a 7B checkpoint converts in seconds into a few-MB adapter.
+
+    python -m peft_ctx.convert xrag CHECKPOINT_DIR OUTPUT_DIR [--base_model mistralai/Mistral-7B-Instruct-v0.2]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from safetensors.torch import save_file
+
+from ..checkpoints import checkpoint_keys, read_checkpoint_tensors
+from .config import XRAGConfig
+
+_PROJECTOR_KEY = re.compile(r"(?:^|\.)projector\.(\d+)\.(weight|bias)$")
+_EMBED_KEY = re.compile(r"^(.*(?:embed_tokens|wte|word_embeddings))\.weight$")
+
+
+def convert_official_xrag(
+    checkpoint_dir: str,
+    output_dir: str,
+    base_model_name_or_path: Optional[str] = None,
+    embedding_module: Optional[str] = None,
+    overwrite: bool = False,
+    **config_overrides,
+) -> XRAGConfig:
+    """Write a peft_ctx xRAG adapter (adapter_config.json + adapter_model.safetensors) from an official checkpoint."""
+    config_path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{checkpoint_dir} has no config.json; point at the official xRAG model folder.")
+    with open(config_path) as f:
+        model_config = json.load(f)
+    missing = [key for key in ("projector_type", "retriever_hidden_size", "hidden_size") if key not in model_config]
+    if missing:
+        raise ValueError(f"{config_path} lacks {missing}: it is not an xRAG checkpoint (no projector settings).")
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it.")
+
+    tensors = read_checkpoint_tensors(checkpoint_dir, lambda key: _PROJECTOR_KEY.search(key) is not None)
+    if not tensors:
+        raise ValueError(f"No projector weights (keys like 'projector.projector.0.weight') found in {checkpoint_dir}.")
+    prefixes = {key[: _PROJECTOR_KEY.search(key).start()] for key in tensors}
+    if len(prefixes) != 1:
+        raise ValueError(f"Found projector weights under several modules {sorted(prefixes)}; expected exactly one.")
+    # The official Sequential interleaves Linear and GELU; ours does too, so Linear i keeps index 2*i.
+    linear_indices = sorted({int(_PROJECTOR_KEY.search(key).group(1)) for key in tensors})
+    config = XRAGConfig(
+        retriever_hidden_size=int(model_config["retriever_hidden_size"]),
+        projector_type=model_config["projector_type"],
+        base_model_name_or_path=base_model_name_or_path or model_config.get("_name_or_path") or None,
+        base_hidden_size=int(model_config["hidden_size"]),
+        **config_overrides,
+    )
+    if len(linear_indices) != config.projector_depth:
+        raise ValueError(
+            f"projector_type={config.projector_type!r} means {config.projector_depth} linear layers but the "
+            f"checkpoint has {len(linear_indices)} (indices {linear_indices})."
+        )
+    embedding_module = embedding_module or _find_embedding_module(checkpoint_dir)
+    state = {}
+    for key, tensor in tensors.items():
+        match = _PROJECTOR_KEY.search(key)
+        ours = 2 * linear_indices.index(int(match.group(1)))
+        state[f"base_model.model.{embedding_module}.ctx_modules.projector.{ours}.{match.group(2)}"] = (
+            tensor.float().contiguous()
+        )
+    first = state[f"base_model.model.{embedding_module}.ctx_modules.projector.0.weight"]
+    if tuple(first.shape) != (config.base_hidden_size, config.retriever_hidden_size):
+        raise ValueError(
+            f"The first projector layer has shape {tuple(first.shape)}, expected (hidden_size, retriever_hidden_size) "
+            f"= ({config.base_hidden_size}, {config.retriever_hidden_size}) from config.json."
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+def _find_embedding_module(checkpoint_dir: str) -> str:
+    candidates = sorted({m.group(1) for m in map(_EMBED_KEY.match, checkpoint_keys(checkpoint_dir)) if m})
+    if len(candidates) != 1:
+        raise ValueError(
+            f"Cannot tell the input-embedding module from the checkpoint's keys (found {candidates}); pass "
+            "embedding_module='model.embed_tokens' (the module path in the base model)."
+        )
+    return candidates[0]

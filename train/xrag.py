@@ -1,0 +1,150 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft-ctx"]
+# ///
+"""Train an xRAG projector with trl.
+
+Stage 1, paraphrase pretraining (the document's vector in, the document's text out):
+
+    python train/xrag.py --config train/configs/xrag_stage1.yaml
+
+Stage 2, context-aware instruction tuning with self-distillation from the same frozen LLM reading the text:
+
+    python train/xrag.py --config train/configs/xrag_stage2.yaml --adapter_init outputs/xrag-stage1
+
+Any option of the YAML file can be given on the command line too (``--max_steps 50``); all of
+``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available.
+Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id, with columns
+``text`` (stage 1) or ``question``, ``answer``, ``contexts`` (a list of passages; stage 2).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+import peft_ctx
+from peft_ctx.assets import resolve
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+
+STAGES = ("paraphrase", "instruct")
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    encoder_name_or_path: str = field(
+        metadata={"help": "Frozen retriever: sentence-transformers / transformers folder, Hub id or 'all-minilm-l6-v2'."}
+    )
+    dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
+    stage: str = field(default="instruct", metadata={"help": "'paraphrase' (stage 1) or 'instruct' (stage 2)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    adapter_init: Optional[str] = field(
+        default=None, metadata={"help": "Start from this saved xRAG adapter (stage 2 starts from stage 1)."}
+    )
+    projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector for a new adapter: 'mlpNx_gelu'."})
+    encoder_pooling: Optional[str] = field(
+        default=None, metadata={"help": "Pooling override: mean, cls, last_token, max (default: the model's own)."}
+    )
+    encode_batch_size: int = field(default=64, metadata={"help": "Batch size for encoding documents once, up front."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
+    )
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+
+
+def load_rows(name: str, split: str) -> Dataset:
+    if os.path.isfile(name):
+        return load_dataset("json", data_files=name, split="train")
+    if os.path.isdir(name):
+        data = load_from_disk(name)
+        return data[split] if hasattr(data, "keys") else data
+    return load_dataset(name, split=split)
+
+
+def encode_documents(dataset: Dataset, encoder: peft_ctx.Encoder, stage: str, batch_size: int) -> Dataset:
+    """Encode every document once (the retriever is frozen) into a ``retrieval_embeds`` column."""
+    column = "text" if stage == "paraphrase" else "contexts"
+    if column not in dataset.column_names:
+        raise ValueError(f"Stage {stage!r} needs a {column!r} column; the dataset has {dataset.column_names}.")
+
+    def encode(batch):
+        docs = [[d] if stage == "paraphrase" else list(d) for d in batch[column]]
+        flat = [d for ds in docs for d in ds]
+        vectors = encoder.encode(flat, batch_size=batch_size, show_progress=False).tolist()
+        out, start = [], 0
+        for ds in docs:
+            out.append(vectors[start : start + len(ds)])
+            start += len(ds)
+        return {"retrieval_embeds": out}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, desc="Encoding documents")
+
+
+def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
+    base = AutoModelForCausalLM.from_pretrained(resolve(script_args.model_name_or_path), dtype=torch.float32)
+    if script_args.adapter_init:
+        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
+        encoder.check_compatible(model.active_peft_config)
+        return model
+    config = peft_ctx.XRAGConfig(
+        projector_type=script_args.projector_type,
+        base_model_name_or_path=script_args.model_name_or_path,
+        **encoder.describe(),
+    )
+    return get_peft_model(base, config)
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = TrlParser((ScriptArguments, ContextSFTConfig))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    if (
+        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
+        and not script_args.overwrite_output_dir
+    ):
+        raise FileExistsError(
+            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
+            "--output_dir."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
+    encoder = peft_ctx.Encoder(resolve(script_args.encoder_name_or_path), pooling=script_args.encoder_pooling)
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split)
+    if script_args.max_examples is not None:
+        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    dataset = encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
+    model = build_model(script_args, encoder)
+    if script_args.stage == "paraphrase" and training_args.a_kl > 0:
+        raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
+    collator = ContextDataCollator(
+        model.active_peft_config,
+        tokenizer,
+        task="qa" if script_args.stage == "instruct" else "paraphrase",
+        context_column="retrieval_embeds",
+        text_column="contexts" if script_args.stage == "instruct" else "text",
+        distill=training_args.a_kl > 0,
+        max_length=training_args.max_length,
+        seed=training_args.seed,
+    )
+    trainer = ContextSFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    model.save_pretrained(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    print(f"Saved the xRAG adapter to {training_args.output_dir}")
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,12 @@ adapter's context slots (xRAG's self-distillation; a_kl = 0 gives plain answer N
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -69,12 +74,18 @@ class ContextDataCollator:
     def __post_init__(self):
         if self.task not in ("qa", "paraphrase"):
             raise ValueError(f"task={self.task!r}; use 'qa' or 'paraphrase'.")
-        self._rng = random.Random(self.seed)
 
     def _options(self) -> dict:
         return get_method(self.config.method).training_options(self.config, self._rng, self.method_options)
 
+    def _batch_rng(self, rows: list[dict]) -> random.Random:
+        # Random choices (templates, SPRING's k) depend on the seed and the batch's content only, never on how many
+        # batches came before: a resumed run or another process count draws exactly what the uninterrupted run drew.
+        key = json.dumps([[row.get(c) for c in ("question", "answer", self.text_column)] for row in rows], default=str)
+        return random.Random(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest())
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        self._rng = self._batch_rng(rows)
         if self.task == "paraphrase":
             examples = [self._paraphrase_example(row) for row in rows]
             answers = [row[self.text_column] for row in rows]
@@ -151,8 +162,74 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits[keep], labels[keep]
 
 
+COMPLETE_MARKER = "peft_ctx_checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a folder, or true/auto/last for the newest complete checkpoint in output_dir."""
+    if resume_from_checkpoint in (None, False, "", "false", "False", "no"):
+        return None
+    if resume_from_checkpoint in (True, "true", "True", "auto", "last"):
+        return last_complete_checkpoint(output_dir)
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, COMPLETE_MARKER)):
+        raise ValueError(
+            f"{resume_from_checkpoint} is not a complete peft_ctx checkpoint (no {COMPLETE_MARKER}: the run was "
+            "probably killed while writing it); resume from an earlier one or pass --resume_from_checkpoint auto."
+        )
+    return resume_from_checkpoint
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder that a ContextSFTTrainer finished writing (None if there is none).
+
+    A run killed while writing a checkpoint leaves a folder without the completion marker; it is skipped.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, COMPLETE_MARKER)):
+            steps.append((int(match.group(1)), name))
+    return os.path.join(output_dir, max(steps)[1]) if steps else None
+
+
+def save_adapter(model, output_dir: str, overwrite: bool = False, **kwargs) -> str:
+    """``save_pretrained`` into a temporary folder renamed into place: a killed save never looks complete."""
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds an adapter; pass overwrite=True to replace it.")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, **kwargs)
+    if os.path.isdir(output_dir):
+        # Keep what else the folder holds (checkpoints, logs); replace only the adapter files. The config goes first
+        # and comes back last, so a folder caught half-way never looks like a complete adapter.
+        config_path = os.path.join(output_dir, "adapter_config.json")
+        if os.path.exists(config_path):
+            os.remove(config_path)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "adapter_config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, output_dir)
+    return output_dir
+
+
 class ContextSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG."""
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            tmp = os.path.join(folder, COMPLETE_MARKER + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"global_step": self.state.global_step}, f)
+            os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -174,8 +251,10 @@ class ContextSFTTrainer(SFTTrainer):
         self._metrics[mode]["nll"].append((nll_sum / max(n_tokens, 1)).item())
         if teacher and self.args.a_kl > 0:
             temperature = self.args.kl_temperature
-            with torch.no_grad(), model.disable_adapter():
-                teacher_logits = model(
+            # The teacher is the same frozen LLM with the adapter off; under DDP/FSDP `model` is a wrapper.
+            peft_model = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), peft_model.disable_adapter():
+                teacher_logits = peft_model(
                     input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"], use_cache=False
                 ).logits
             teacher_logits, teacher_targets = _shifted(teacher_logits, teacher["labels"])

@@ -27,12 +27,12 @@ from typing import Optional
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
 
 STAGES = ("paraphrase", "instruct")
 
@@ -123,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     if script_args.max_examples is not None:
         dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
     dataset = encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
+    set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
     model = build_model(script_args, encoder)
     if script_args.stage == "paraphrase" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
@@ -139,8 +140,10 @@ def main(argv: Optional[list[str]] = None) -> str:
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    model.save_pretrained(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir))
+    if not trainer.is_world_process_zero():
+        return training_args.output_dir
+    save_adapter(model, training_args.output_dir, overwrite=script_args.overwrite_output_dir)
     tokenizer.save_pretrained(training_args.output_dir)
     print(f"Saved the xRAG adapter to {training_args.output_dir}")
     return training_args.output_dir

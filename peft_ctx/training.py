@@ -268,6 +268,9 @@ class ContextSFTTrainer(SFTTrainer):
             ) * (temperature**2)
             loss = loss + self.args.a_kl * kl_sum / denominator
             self._metrics[mode]["kl"].append((kl_sum / max(n_tokens, 1)).item())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks (as Trainer does).
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         with torch.no_grad():
             accuracy = (student_logits.argmax(-1) == targets).float().mean() if n_tokens else torch.tensor(0.0)
         self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())

@@ -1,0 +1,52 @@
+"""Training scripts under `accelerate launch` with 2 processes (DDP over gloo on the CPU) match one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+
+
+def xrag_args(base_dir, encoder_dir, output_dir, per_device_batch):
+    return [
+        "train/xrag.py", "--config", "train/configs/xrag_stage2.yaml", "--model_name_or_path", str(base_dir),
+        "--encoder_name_or_path", encoder_dir, "--adapter_init", "", "--output_dir", str(output_dir),
+        "--max_steps", "4", "--per_device_train_batch_size", str(per_device_batch), "--learning_rate", "0.01",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+@pytest.fixture()
+def base_dir(tokenizer, tmp_path):
+    path = tmp_path / "base"
+    tiny_model("llama", tokenizer, initializer_range=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_two_process_ddp_training_gives_the_one_process_adapter(base_dir, encoder_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, *xrag_args(base_dir, encoder_dir, one, 2)], cwd=REPO, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    two = tmp_path / "two"
+    launched = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", "train/configs/accelerate/ddp.yaml", "--num_processes", "2",
+         *xrag_args(base_dir, encoder_dir, two, 1)],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # 4 steps x 2 processes x 1 example = 2 epochs of the 4-row dataset; one process alone would log 1 epoch.
+    assert "'train_loss'" in launched.stdout and "'epoch': '2'" in launched.stdout.split("'train_loss'")[-1]
+    single, ddp = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)

@@ -7,6 +7,7 @@ from the ``method`` field, so ``PeftConfig.from_pretrained`` and ``PeftModel.fro
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -18,6 +19,33 @@ from ._registration import PEFT_CTX
 from .version import __version__
 
 _CONFIG_CLASSES: dict[str, type[ContextConfig]] = {}
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def check_adapter_weights(folder: str) -> None:
+    """Refuse a local adapter folder whose weights are missing, truncated, corrupted, or a pickle (never unpickled)."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = [name for name in _PICKLE_NAMES if os.path.isfile(os.path.join(folder, name))]
+        if pickled:
+            raise ValueError(
+                f"{os.path.join(folder, pickled[0])} is a pickle file; peft_ctx adapters are safetensors and a pickle is "
+                "never unpickled here (it can run code). Re-save the adapter with save_pretrained (safetensors)."
+            )
+        raise ValueError(f"{folder} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
+    try:
+        # safetensors checks the header and that the data covers the file exactly (truncation included).
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({exc}); it is truncated, corrupted or was not written by "
+            "save_pretrained (a pickle renamed to .safetensors is refused, never unpickled). Re-save or re-download it."
+        ) from exc
 
 
 def _known_methods() -> str:
@@ -52,6 +80,10 @@ class ContextConfig(PeftConfig):
     base_hidden_size: Optional[int] = field(
         default=None,
         metadata={"help": "Hidden size of the base model the adapter was made for; filled in when it is attached."},
+    )
+    base_vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Vocabulary size of that base model; filled in when the adapter is attached."},
     )
     peft_ctx_version: Optional[str] = field(
         default=None, metadata={"help": "peft_ctx version that wrote this config; filled in automatically."}
@@ -94,6 +126,15 @@ class ContextConfig(PeftConfig):
 
     def default_prompt_template(self) -> str:
         raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        # PeftModel.from_pretrained reads the config before the weights: check a local adapter's weights file here
+        # so that a broken or pickled file fails with a message naming it (PEFT would raise a bare parser error).
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(path):
+            check_adapter_weights(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def _check_version(self) -> None:
         if self.peft_ctx_version is None:

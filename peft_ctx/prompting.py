@@ -51,6 +51,18 @@ def _check_text(text: str, what: str) -> None:
         )
 
 
+def check_documents(i: int, docs) -> None:
+    """Text documents of example ``i``: a non-empty list of non-empty strings."""
+    if isinstance(docs, str) or not isinstance(docs, (list, tuple)):
+        raise ValueError(f"contexts[{i}] must be a list of passages, got {type(docs).__name__}: {docs!r:.60}")
+    for j, doc in enumerate(docs):
+        if not isinstance(doc, str) or not doc.strip():
+            raise ValueError(
+                f"contexts[{i}][{j}] is {doc!r:.60}; passages must be non-empty strings (drop empty ones first)."
+            )
+        _check_text(doc, f"contexts[{i}][{j}]")
+
+
 def fill_template(template: str, fields: dict[str, list[Part]]) -> list[Part]:
     """Expand a ``str.format``-style template whose fields are lists of parts."""
     parts: list[Part] = []

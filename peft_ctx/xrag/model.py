@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..methods import ContextMethod, register_method
-from ..prompting import Slots
+from ..prompting import Slots, check_documents
 from .config import XRAGConfig
 from .layer import XRAGProjector
 
@@ -63,11 +63,10 @@ class XRAGMethod(ContextMethod):
                 raise ValueError(f"Example {i} has an empty document list; xRAG needs at least one document.")
             if all(isinstance(d, torch.Tensor) for d in docs):
                 prepared[i] = torch.stack([d.reshape(-1) for d in docs])
-            elif all(isinstance(d, str) for d in docs):
+            else:
+                check_documents(i, docs)
                 texts.extend(docs)
                 owners.extend([i] * len(docs))
-            else:
-                raise ValueError(f"contexts[{i}] mixes strings and vectors; give one kind per example.")
         if texts:
             if encoder is None:
                 raise ValueError(

@@ -5,10 +5,13 @@
 """
 
 from . import _registration
+from .cocom import CocomConfig, CompressedIndex, adapter_size, compress
 from .config import ContextConfig
 from .encoders import Encoder
+from .hub import load, push_to_hub
 from .index import load_vectors, save_vectors
 from .inference import generate, prepare_inputs
+from .spring import SpringConfig
 from .tuner import ContextEmbedding, ContextModel
 from .version import __version__
 from .xrag import XRAGConfig
@@ -16,14 +19,21 @@ from .xrag import XRAGConfig
 _registration.register(ContextConfig, ContextModel)
 
 __all__ = [
+    "CocomConfig",
+    "CompressedIndex",
     "ContextConfig",
     "ContextEmbedding",
     "ContextModel",
     "Encoder",
+    "SpringConfig",
     "XRAGConfig",
     "__version__",
+    "adapter_size",
+    "compress",
     "generate",
+    "load",
     "load_vectors",
     "prepare_inputs",
+    "push_to_hub",
     "save_vectors",
 ]

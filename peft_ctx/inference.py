@@ -37,15 +37,25 @@ def _context_length(model) -> Optional[int]:
     return None
 
 
+def with_resources(config: ContextConfig, options: dict[str, Any], tokenizer=None, model=None) -> dict[str, Any]:
+    """The method's options plus the shared objects it asked for (``ContextMethod.option_resources``)."""
+    resources = {"tokenizer": tokenizer, "model": model}
+    wanted = get_method(config.method).option_resources
+    return {**{name: resources[name] for name in wanted if resources.get(name) is not None}, **options}
+
+
 def build_examples(
     config: ContextConfig,
     tokenizer,
     questions: Sequence[str],
     contexts: Optional[Sequence] = None,
     answers: Optional[Sequence[str]] = None,
+    model=None,
     **options: Any,
 ) -> list[Example]:
-    """Tokenise a batch of (question, documents[, answer]) with the adapter's prompt; no padding yet."""
+    """Tokenise a batch of (question, documents[, answer]) with the adapter's prompt; no padding yet.
+
+    ``model`` (the PeftModel) is passed on to methods that need it to read documents (COCOM-light's tokenizer)."""
     if isinstance(questions, str):
         raise ValueError("questions must be a list of strings, got a single string; wrap it in a list.")
     questions = list(questions)
@@ -55,6 +65,7 @@ def build_examples(
     if answers is not None and len(answers) != len(questions):
         raise ValueError(f"Got {len(answers)} answers for {len(questions)} questions; give one answer per question.")
     method = get_method(config.method)
+    options = with_resources(config, options, tokenizer=tokenizer, model=model)
     if contexts is not None:
         if isinstance(contexts, torch.Tensor) and contexts.dim() == 2:
             contexts = [row.unsqueeze(0) for row in contexts]  # one vector per question
@@ -160,7 +171,9 @@ def prepare_inputs(
         options: method options, e.g. ``num_virtual_tokens`` for SPRING.
     """
     config = active_config(model)
-    examples = build_examples(config, tokenizer, questions, contexts, answers=answers, encoder=encoder, **options)
+    examples = build_examples(
+        config, tokenizer, questions, contexts, answers=answers, model=model, encoder=encoder, **options
+    )
     return collate(
         config,
         examples,

@@ -24,10 +24,33 @@ class ContextMethod:
     name: str = ""
     # Extra forward / generate keyword arguments that carry this method's context (besides ``context_mask``).
     input_names: tuple[str, ...] = ()
+    # Shared objects that prompt building adds to this method's options (``prepare_docs`` / ``prompt_fields``):
+    # "tokenizer" (the LLM's) and "model" (the PeftModel the prompts are for, when known). Only listed names are added.
+    option_resources: tuple[str, ...] = ()
 
     def create_module(self, config: ContextConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         """The adapter's trainable module, stored under the adapter's name in the embedding wrapper."""
         raise NotImplementedError
+
+    def inject(self, tuner: nn.Module, model: nn.Module, adapter_name: str, config: ContextConfig,
+               low_cpu_mem_usage: bool = False) -> None:
+        """Add the adapter's layers beyond its context module (e.g. LoRA on the LLM's linear layers); called once the
+        context module exists. Such layers must be PEFT ``BaseTunerLayer``s, so that ``set_adapter``,
+        ``disable_adapter`` and ``unload`` reach them."""
+
+    def companion_roles(self, config: ContextConfig) -> tuple[str, ...]:
+        """Roles of extra weight sets this adapter keeps in PEFT layers next to its own (a separate compressor LoRA:
+        ``("compressor",)``); they live under ``tuner.companion_name(adapter_name, role)`` and are saved, loaded,
+        frozen and deleted together with the adapter, but never active in PEFT's sense."""
+        return ()
+
+    def before_forward(
+        self, tuner: nn.Module, adapter_name: str, config: ContextConfig, context_mask: torch.Tensor,
+        inputs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Runs once per forward / generate call of an enabled adapter, before the model and outside the slot
+        filling; returns the inputs ``slot_embeddings`` reads (e.g. passages compressed by the model itself)."""
+        return inputs
 
     def check_base_model(self, config: ContextConfig, model: nn.Module) -> None:
         """Raise ``ValueError`` when the adapter cannot sit on ``model`` (for example another hidden size)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
 from .config import ContextConfig
-from .inference import build_examples, collate, text_examples
+from .inference import build_examples, collate, text_examples, with_resources
 from .methods import get_method
 from .prompting import IGNORE_INDEX, Slots, pad_examples, pad_token_id, tokenize_parts
 
@@ -70,6 +70,9 @@ class ContextDataCollator:
     max_length: Optional[int] = None
     seed: int = 0
     method_options: dict = field(default_factory=dict)
+    # The PeftModel, for methods that read documents with the adapter's own parts (COCOM-light's encoder tokenizer);
+    # ContextSFTTrainer fills it in when left None.
+    model: Any = None
 
     def __post_init__(self):
         if self.task not in ("qa", "paraphrase"):
@@ -97,6 +100,7 @@ class ContextDataCollator:
                 [row["question"] for row in rows],
                 [_tensor_docs(row[self.context_column]) for row in rows],
                 answers=answers,
+                model=self.model,
                 **self._options(),
             )
         batch = collate(self.config, examples, self.tokenizer, padding_side="right", max_length=self.max_length)
@@ -114,8 +118,9 @@ class ContextDataCollator:
 
     def _paraphrase_example(self, row: dict):
         method = get_method(self.config.method)
-        docs = method.prepare_docs(self.config, [_tensor_docs(row[self.context_column])], self._options())[0]
-        fields, payload = method.prompt_fields(self.config, docs, self._options())
+        options = with_resources(self.config, self._options(), tokenizer=self.tokenizer, model=self.model)
+        docs = method.prepare_docs(self.config, [_tensor_docs(row[self.context_column])], options)[0]
+        fields, payload = method.prompt_fields(self.config, docs, options)
         template = self._rng.choice(PARAPHRASE_TEMPLATES)
         before, after = template.split("{context}")
         parts = [before, *fields["context"], after]
@@ -233,6 +238,8 @@ class ContextSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if hasattr(self.data_collator, "model") and self.data_collator.model is None:
+            self.data_collator.model = self.model
         if self.args.a_kl > 0 and not getattr(self.data_collator, "distill", False):
             raise ValueError("a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True).")
 

@@ -27,6 +27,13 @@ _MERGE_MESSAGE = (
     "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time and "
     "have no weight delta. Use model.unload() to get the unchanged base model back, or keep the PeftModel."
 )
+# An adapter's companion weight sets (see ContextMethod.companion_roles) sit in PEFT layers as "<adapter>__<role>";
+# in the saved file they become "<role>", so an adapter loads under any name.
+COMPANION_SEP = "__"
+
+
+def companion_name(adapter_name: str, role: str) -> str:
+    return f"{adapter_name}{COMPANION_SEP}{role}"
 
 
 class ContextEmbedding(nn.Module, BaseTunerLayer):
@@ -111,7 +118,9 @@ class ContextModel(BaseTuner):
     """PEFT tuner for every peft_ctx method (``peft_type`` ``PEFT_CTX``)."""
 
     prefix: str = PREFIX
-    tuner_layer_cls = ContextEmbedding
+    # Every tuner layer in the model is ours: the context embedding and the layers methods inject (LoRA for COCOM),
+    # so PEFT's set_adapter / delete_adapter reach all of them.
+    tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict = {}
 
     # ---- injection ---------------------------------------------------------------------------------------------
@@ -138,6 +147,15 @@ class ContextModel(BaseTuner):
             )
         embedding = model.get_input_embeddings()
         hidden_size = int(embedding.weight.shape[-1])
+        vocab_size = int(embedding.weight.shape[0])
+        if config.base_vocab_size is None:
+            config.base_vocab_size = vocab_size
+        elif config.base_vocab_size != vocab_size:
+            raise ValueError(
+                f"This adapter was made for a base model with a {config.base_vocab_size}-token vocabulary "
+                f"({config.base_model_name_or_path!r}), but {type(model).__name__} has {vocab_size} embedding rows; "
+                "its prompts would be tokenised for another model. Load it onto the base model it was trained on."
+            )
         if config.base_hidden_size is None:
             config.base_hidden_size = hidden_size
         elif config.base_hidden_size != hidden_size:
@@ -165,22 +183,109 @@ class ContextModel(BaseTuner):
             model.set_input_embeddings(layer)
             if model.get_input_embeddings() is not layer:
                 raise ValueError(f"{type(model).__name__}.set_input_embeddings did not install the peft_ctx layer.")
-        self.targeted_module_names = [name for name, module in model.named_modules() if module is layer]
+        method.inject(self, model, adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        # Injected PEFT layers come up with the new adapter active; the active adapters stay what they were.
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and module is not layer:
+                module.set_adapter(self.active_adapters)
+        self.targeted_module_names = [n for n, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
         self._mark_only_adapters_as_trainable(model)
         if not first_injection:
             # Adding an adapter must not change what was trainable before (PEFT's own rule).
             for param in model.parameters():
                 if id(param) in previous_grad:
                     param.requires_grad_(previous_grad[id(param)])
+        self._sync_companion_grads()
         if config.inference_mode:
-            for param in layer.ctx_modules[adapter_name].parameters():
+            for param in self._adapter_parameters(adapter_name):
                 param.requires_grad_(False)
         self._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    # ---- companions: extra weight sets of one adapter (a separate compressor LoRA) --------------------------------
+    def _companions(self, adapter_name: str) -> list[str]:
+        config = self.peft_config.get(adapter_name)
+        if config is None:
+            return []
+        return [companion_name(adapter_name, role) for role in get_method(config.method).companion_roles(config)]
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """All parameters of one adapter: its entries in every tuner layer, companions included."""
+        names = [adapter_name, *self._companions(adapter_name)]
+        params = []
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for attr in module.adapter_layer_names:
+                    entries = getattr(module, attr)
+                    params.extend(p for name in names if name in entries for p in entries[name].parameters())
+        return params
+
+    def _sync_companion_grads(self) -> None:
+        # PEFT switches requires_grad by adapter name; a companion follows its adapter's entry in the same layer.
+        for adapter_name in self.peft_config:
+            for companion in self._companions(adapter_name):
+                for module in self.model.modules():
+                    if not isinstance(module, BaseTunerLayer):
+                        continue
+                    for attr in module.adapter_layer_names:
+                        entries = getattr(module, attr)
+                        if companion in entries and adapter_name in entries:
+                            trainable = any(p.requires_grad for p in entries[adapter_name].parameters())
+                            entries[companion].requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_companion_grads()
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if enabled:
+            self._sync_companion_grads()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._sync_companion_grads()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        companions = self._companions(adapter_name)
+        super().delete_adapter(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for companion in companions:
+                    if companion in module._all_available_adapter_names():
+                        module.delete_adapter(companion)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # PEFT dropped the other adapters' own entries; their companions ("<other>__<role>") are dropped here.
+        others = tuple(f".{name}{COMPANION_SEP}" for name in unwanted_adapter_names)
+        return {key: value for key, value in to_return.items() if not any(o in key for o in others)}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        roles = get_method(config.method).companion_roles(config)
+        if roles:
+            model_state = model.state_dict()
+            checkpoint_to_model = {}
+            for role in roles:
+                prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=companion_name(adapter_name, role))
+                for model_key in _filter_state_dict_by_key_prefixes(model_state, prefixes):
+                    checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
+                    checkpoint_to_model[checkpoint_key] = model_key
+                    checkpoint_to_model[checkpoint_key.removeprefix("base_model.model.")] = model_key
+            state_dict = {checkpoint_to_model.get(key, key): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # Adapter modules are nested (ctx_modules.<name>.projector.0.weight), deeper than PEFT's default assumes.
-        return key.replace(f".ctx_modules.{adapter_name}.", ".ctx_modules.", 1)
+        if f".ctx_modules.{adapter_name}." in key:
+            return key.replace(f".ctx_modules.{adapter_name}.", ".ctx_modules.", 1)
+        companion = f".{adapter_name}{COMPANION_SEP}"
+        if companion in key:  # q_proj.lora_A.<name>__compressor.weight -> q_proj.lora_A.compressor.weight
+            return key.replace(companion, ".", 1)
+        # Layers that methods inject (LoRA: q_proj.lora_A.<name>.weight) follow PEFT's own key format.
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _context_layer(self) -> ContextEmbedding:
         layer = self.model.get_input_embeddings()
@@ -217,7 +322,10 @@ class ContextModel(BaseTuner):
         if not layer.disable_adapters:
             adapter_name = layer.active_method_adapter()
             config = self.peft_config[adapter_name]
-            get_method(config.method).check_inputs(config, context_mask, inputs)
+            method = get_method(config.method)
+            method.check_inputs(config, context_mask, inputs)
+            # Before the slots are pending, so that a method running the model itself (COCOM) fills no slots there.
+            inputs = method.before_forward(self, adapter_name, config, context_mask, inputs)
         layer._pending, layer._consumed = (context_mask, inputs), False
         try:
             yield

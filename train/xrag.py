@@ -16,6 +16,7 @@ Any option of the YAML file can be given on the command line too (``--max_steps 
 ``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available.
 Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id, with columns
 ``text`` (stage 1) or ``question``, ``answer``, ``contexts`` (a list of passages; stage 2).
+``--push_to_hub --hub_model_id org/name`` uploads the adapter and its model card at the end (peft_ctx.push_to_hub).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
+from peft_ctx.hub import push_after_training, take_push_settings
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
 
 STAGES = ("paraphrase", "instruct")
@@ -137,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         max_length=training_args.max_length,
         seed=training_args.seed,
     )
+    hub_settings = take_push_settings(training_args)  # the Trainer's own push would upload PEFT's / trl's card
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
@@ -146,6 +149,9 @@ def main(argv: Optional[list[str]] = None) -> str:
     save_adapter(model, training_args.output_dir, overwrite=script_args.overwrite_output_dir)
     tokenizer.save_pretrained(training_args.output_dir)
     print(f"Saved the xRAG adapter to {training_args.output_dir}")
+    push_after_training(
+        trainer, hub_settings, training_config={"script": script_args}, retriever=script_args.encoder_name_or_path
+    )
     return training_args.output_dir
 
 

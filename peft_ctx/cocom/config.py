@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..config import ContextConfig
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class CocomConfig(ContextConfig):
+    """COCOM: each passage becomes k = ceil(n / compression_rate) context embeddings that the LLM reads instead of it.
+
+    With ``compressor=None`` (COCOM) the LLM itself compresses: the passage's n tokens, after an ``<ENC>`` marker and
+    followed by k memory tokens, run through the LLM with its LoRA on; the last hidden states at the memory positions
+    are the k embeddings. With ``compressor`` a BERT-style encoder (COCOM-light), every ``compression_rate``
+    consecutive encoder states are concatenated and projected into the LLM's embedding space. The trainable parts are
+    LoRA on the LLM, the memory / marker embeddings and, for COCOM-light, the whole encoder and the projection; all of
+    them are in the saved adapter.
+    """
+
+    method_name = "cocom"
+
+    compression_rate: int = field(
+        default=16,
+        metadata={"help": "xi: a passage of n tokens becomes ceil(n / xi) context embeddings (the paper: 4, 16, 128)."},
+    )
+    compressor: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "None: the LLM compresses (COCOM). A folder or Hub id of a BERT-style encoder: COCOM-light; its "
+            "weights are copied into the adapter when it is created, so loading the adapter never reads this path."
+        },
+    )
+    max_passage_tokens: int = field(
+        default=128, metadata={"help": "Passages are truncated to this many tokens (compressor tokens) before compression."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on the LLM's linear layers; 0 keeps the LLM frozen."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: Union[str, list[str]] = field(
+        default="all-linear",
+        metadata={"help": "LoRA target modules as in peft.LoraConfig: 'all-linear', a list of names, or a regex."},
+    )
+    separate_compressor_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "COCOM only: one LoRA for compressing and another for decoding (as PISCO does) instead of one "
+            "shared LoRA."
+        },
+    )
+    passage_separator: str = field(
+        default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
+    )
+    compressor_config: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "COCOM-light: the encoder's transformers config, filled in when the adapter is created; loading "
+            "builds the encoder from it and takes its weights (and tokenizer) from the adapter file."
+        },
+    )
+
+    def default_prompt_template(self) -> str:
+        return "Answer the question using the background passages.\nBackground: {context}\nQuestion: {question}"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _is_int(self.compression_rate) or self.compression_rate < 1:
+            raise ValueError(
+                f"compression_rate={self.compression_rate!r}: give an integer >= 1 (tokens per context embedding; "
+                "the paper uses 4, 16 or 128)."
+            )
+        if not _is_int(self.max_passage_tokens) or self.max_passage_tokens < 1:
+            raise ValueError(f"max_passage_tokens={self.max_passage_tokens!r}: give a positive int, e.g. 128.")
+        if self.compressor is not None and (not isinstance(self.compressor, str) or not self.compressor.strip()):
+            raise ValueError(
+                f"compressor={self.compressor!r}: give None (the LLM compresses) or the folder / Hub id of a "
+                "BERT-style encoder."
+            )
+        if not _is_int(self.lora_r) or self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r!r}: give a LoRA rank >= 0 (0 keeps the LLM frozen).")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: give a positive number, e.g. 32.")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+            0 <= self.lora_dropout < 1
+        ):
+            raise ValueError(f"lora_dropout={self.lora_dropout!r}: give a probability in [0, 1).")
+        targets = self.lora_target_modules
+        if isinstance(targets, (list, tuple, set)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"lora_target_modules={targets!r}: give module names (non-empty strings).")
+            self.lora_target_modules = list(targets)
+        elif not isinstance(targets, str) or not targets:
+            raise ValueError(
+                f"lora_target_modules={targets!r}: give 'all-linear', a list of module names or a regex string."
+            )
+        if self.separate_compressor_adapter and self.compressor is not None:
+            raise ValueError(
+                "separate_compressor_adapter=True is for COCOM (compressor=None), where the LLM compresses; "
+                f"COCOM-light's compressor is the encoder {self.compressor!r}, trained on its own."
+            )
+        if self.separate_compressor_adapter and self.lora_r == 0:
+            raise ValueError("separate_compressor_adapter=True needs LoRA adapters: set lora_r >= 1.")
+        if not isinstance(self.passage_separator, str):
+            raise ValueError(f"passage_separator={self.passage_separator!r}: give a string, e.g. '\\n'.")
+        if self.compressor_config is not None and (
+            not isinstance(self.compressor_config, dict) or "model_type" not in self.compressor_config
+        ):
+            raise ValueError(
+                "compressor_config must be the encoder's transformers config as a dict (with 'model_type'); it is "
+                "filled in automatically, leave it None when creating an adapter."
+            )
+        # Whether this config object still has to copy the pretrained encoder in. A config read from a saved adapter
+        # (compressor_config already filled) builds the encoder from its config and takes the weights from the file.
+        self._fresh_compressor = self.compressor is not None and self.compressor_config is None
+
+    @property
+    def is_light(self) -> bool:
+        return self.compressor is not None
+
+    def memory_tokens(self, n_tokens: int) -> int:
+        """k = ceil(n / compression_rate) context embeddings for a passage of n (truncated) tokens."""
+        return -(-min(n_tokens, self.max_passage_tokens) // self.compression_rate)

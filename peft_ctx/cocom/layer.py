@@ -1,0 +1,90 @@
+"""COCOM's adapter modules: learned memory / marker embeddings (COCOM) or an encoder plus projection (COCOM-light)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class CocomTokens(nn.Module):
+    """COCOM with the LLM as compressor: k_max memory-token embeddings, the <ENC> marker that opens a passage in the
+    compressor's input and the <AE> marker that asks the decoder to reconstruct (auto-encoding pretraining).
+
+    They are trained embeddings held here, not new vocabulary entries: the LLM's embedding matrix is never resized.
+    """
+
+    def __init__(self, initial: torch.Tensor, max_memory_tokens: int) -> None:
+        super().__init__()
+        # initial: [k_max + 2, hidden], embeddings of random vocabulary tokens (the scale the LLM expects)
+        self.memory = nn.Parameter(initial[:max_memory_tokens].clone())  # [k_max, hidden]
+        self.enc_marker = nn.Parameter(initial[max_memory_tokens : max_memory_tokens + 1].clone())  # [1, hidden]
+        self.ae_marker = nn.Parameter(initial[max_memory_tokens + 1 :].clone())  # [1, hidden]
+
+
+class CocomLightCompressor(nn.Module):
+    """COCOM-light: a fine-tuned encoder; each ``rate`` consecutive hidden states are concatenated and projected by
+    Linear(h * rate -> d) into one context embedding.
+
+    The encoder's tokenizer travels in the adapter file too (``tokenizer_blob``: its ``tokenizer.json`` and pad id as
+    UTF-8 bytes), so a saved adapter needs neither the original encoder folder nor the network.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, encoder_hidden_size: int, rate: int, hidden_size: int, ae_initial: torch.Tensor,
+        tokenizer_blob: Optional[bytes] = None,
+    ) -> None:
+        super().__init__()
+        self.rate = rate
+        self.encoder = encoder
+        self.projection = nn.Linear(encoder_hidden_size * rate, hidden_size)
+        self.ae_marker = nn.Parameter(ae_initial.clone())  # [1, hidden]
+        blob = torch.frombuffer(bytearray(tokenizer_blob), dtype=torch.uint8) if tokenizer_blob else torch.zeros(0)
+        self.register_buffer("tokenizer_blob", blob.to(torch.uint8))
+        self._tokenizer = None
+
+    # The blob's length is only known from the saved file: take its shape when loading.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        saved = state_dict.get(prefix + "tokenizer_blob")
+        if saved is not None and saved.shape != self.tokenizer_blob.shape:
+            self.tokenizer_blob = torch.zeros(saved.shape, dtype=torch.uint8, device=self.tokenizer_blob.device)
+        self._tokenizer = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    @property
+    def tokenizer(self):
+        """The encoder's fast tokenizer (a ``tokenizers.Tokenizer``) and its pad id, rebuilt from the blob."""
+        if self._tokenizer is None:
+            if self.tokenizer_blob.numel() == 0 or self.tokenizer_blob.device.type == "meta":
+                raise ValueError(
+                    "This COCOM-light adapter holds no encoder tokenizer (its weights were not loaded); load it with "
+                    "PeftModel.from_pretrained or create it with get_peft_model."
+                )
+            from tokenizers import Tokenizer
+
+            data = json.loads(self.tokenizer_blob.cpu().numpy().tobytes().decode("utf-8"))
+            tokenizer = Tokenizer.from_str(data["tokenizer"])
+            tokenizer.no_padding()
+            self._tokenizer = (tokenizer, int(data["pad_token_id"]))
+        return self._tokenizer
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Context embeddings of right-padded passages, all passages' rows concatenated.  # [sum k_i, hidden]
+
+        input_ids: [n_passages, max_len]; lengths: [n_passages] (real tokens, special tokens included).
+        """
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [n_passages, max_len]
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # [n, len, h]
+        # States past a passage's end are zeroed, not padding-token outputs: a passage compresses the same alone or
+        # in a batch.
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        n_passages, length, h = hidden.shape
+        groups = -(-length // self.rate)
+        hidden = nn.functional.pad(hidden, (0, 0, 0, groups * self.rate - length))
+        chunks = hidden.reshape(n_passages, groups, self.rate * h)  # [n, groups, rate * h]
+        counts = -(-lengths // self.rate)  # [n_passages] k_i
+        keep = torch.arange(groups, device=lengths.device).unsqueeze(0) < counts.unsqueeze(1)  # [n, groups]
+        return self.projection(chunks[keep].to(self.projection.weight.dtype))  # [sum k_i, hidden]

@@ -1,0 +1,5 @@
+from .config import SpringConfig
+from .layer import SpringTokens
+from .model import SpringMethod
+
+__all__ = ["SpringConfig", "SpringMethod", "SpringTokens"]

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SpringTokens(nn.Module):
+    """SPRING's whole adapter: N virtual-token embeddings, of which a call uses the first k."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        # The parameter name is unusual on purpose: PEFT re-inserts the adapter name into saved keys by string
+        # replacement, so it must not occur elsewhere in a module path (as "weight" or "embeddings" can).
+        self.virtual_tokens = nn.Parameter(initial)  # [N, hidden]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.virtual_tokens.shape[0]
+
+    def forward(self, k: int) -> torch.Tensor:
+        return self.virtual_tokens[:k]  # [k, hidden]

@@ -1,0 +1,139 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft-ctx"]
+# ///
+"""Train SPRING virtual tokens with trl (the LLM stays frozen; only the [N, d] token matrix learns).
+
+    python train/spring.py --config train/configs/spring.yaml
+
+Each batch draws k uniformly from ``min_virtual_tokens``..``max_virtual_tokens`` (default 1..N) and puts the first k
+tokens between the passages ("[i] passage" lines, at most ``max_passages`` of them) and the question; the loss is on
+the answer tokens only. Any option of the YAML file can be given on the command line too (``--max_steps 50``); all of
+``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available.
+Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id, with columns ``question``,
+``answer`` and ``contexts`` (a list of retrieved passages, best first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+import peft_ctx
+from peft_ctx.assets import resolve
+from peft_ctx.spring.model import check_range
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+
+COLUMNS = ("question", "answer", "contexts")
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    adapter_init: Optional[str] = field(
+        default=None, metadata={"help": "Continue training this saved SPRING adapter instead of a new one."}
+    )
+    num_virtual_tokens: int = field(default=50, metadata={"help": "N, the number of virtual tokens of a new adapter."})
+    min_virtual_tokens: int = field(default=1, metadata={"help": "Smallest k drawn per batch."})
+    max_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Largest k drawn per batch (None: N)."})
+    max_passages: Optional[int] = field(
+        default=5, metadata={"help": "Keep at most this many passages per example, best first (None: all)."}
+    )
+    init_text: Optional[str] = field(
+        default=None,
+        metadata={"help": "Initialise a new adapter's tokens from this text's token embeddings (default: random)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
+    )
+
+
+def load_rows(name: str, split: str) -> Dataset:
+    if os.path.isfile(name):
+        return load_dataset("json", data_files=name, split="train")
+    if os.path.isdir(name):
+        data = load_from_disk(name)
+        return data[split] if hasattr(data, "keys") else data
+    return load_dataset(name, split=split)
+
+
+def build_model(script_args: ScriptArguments, base_path: str):
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if script_args.adapter_init:
+        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
+        if not isinstance(model.active_peft_config, peft_ctx.SpringConfig):
+            raise ValueError(
+                f"adapter_init={script_args.adapter_init!r} is a {type(model.active_peft_config).__name__} adapter; "
+                "give a SPRING adapter folder."
+            )
+        return model
+    config = peft_ctx.SpringConfig(
+        num_virtual_tokens=script_args.num_virtual_tokens,
+        init_text=script_args.init_text,
+        tokenizer_name_or_path=base_path if script_args.init_text else None,
+        base_model_name_or_path=script_args.model_name_or_path,
+    )
+    return get_peft_model(base, config)
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = TrlParser((ScriptArguments, ContextSFTConfig))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    if (
+        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
+        and not script_args.overwrite_output_dir
+    ):
+        raise FileExistsError(
+            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
+            "--output_dir."
+        )
+    base_path = resolve(script_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split)
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"The dataset lacks the column(s) {missing}; SPRING trains on rows with {list(COLUMNS)}.")
+    if script_args.max_examples is not None:
+        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    model = build_model(script_args, base_path)
+    config = model.active_peft_config
+    # Checked now rather than at the first batch.
+    virtual_tokens_range = check_range(
+        config, (script_args.min_virtual_tokens, script_args.max_virtual_tokens or config.num_virtual_tokens)
+    )
+    collator = ContextDataCollator(
+        config,
+        tokenizer,
+        task="qa",
+        context_column="contexts",
+        text_column="contexts",
+        distill=training_args.a_kl > 0,
+        max_length=training_args.max_length,
+        seed=training_args.seed,
+        method_options={
+            "virtual_tokens_range": virtual_tokens_range,
+            "max_passages": script_args.max_passages,
+        },
+    )
+    trainer = ContextSFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    model.save_pretrained(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    print(f"Saved the SPRING adapter to {training_args.output_dir}")
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Property tests: any mix of document counts, lengths, padding sides and batch sizes equals one-by-one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import get_peft_model
+
+import peft_ctx
+from tests.helpers import RETRIEVER_DIM, tiny_model
+
+WORDS = ["river", "lighthouse", "report", "who", "when", "1874", "Ada", "spring", "flood", "north", "é", "日本", "?"]
+
+questions = st.lists(st.sampled_from(WORDS), min_size=1, max_size=25).map(" ".join)
+example = st.tuples(questions, st.integers(min_value=1, max_value=4), st.integers(min_value=0, max_value=10_000))
+batches = st.lists(example, min_size=1, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def xrag(tokenizer):
+    model = get_peft_model(tiny_model("llama", tokenizer, seed=4), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    return model.eval()
+
+
+def vectors(n_docs, seed):
+    return torch.randn(n_docs, RETRIEVER_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=batches, padding_side=st.sampled_from(["left", "right"]))
+def test_batched_forward_equals_one_by_one(xrag, tokenizer, batch, padding_side):
+    qs = [q for q, _, _ in batch]
+    docs = [vectors(n, seed) for _, n, seed in batch]
+    inputs = peft_ctx.prepare_inputs(xrag, tokenizer, qs, docs, padding_side=padding_side)
+    assert inputs["context_mask"].sum(1).tolist() == [n for _, n, _ in batch]
+    with torch.no_grad():
+        logits = xrag(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        for i, (q, d) in enumerate(zip(qs, docs)):
+            one = peft_ctx.prepare_inputs(xrag, tokenizer, [q], [d])
+            valid = inputs["attention_mask"][i].bool()
+            assert torch.equal(inputs["input_ids"][i][valid], one["input_ids"][0])
+            assert torch.equal(inputs["context_mask"][i][valid], one["context_mask"][0])
+            expected = xrag(**one).logits[0]
+            torch.testing.assert_close(logits[i][valid], expected, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=batches)
+def test_batched_generation_equals_one_by_one(xrag, tokenizer, batch):
+    qs = [q for q, _, _ in batch]
+    docs = [vectors(n, seed) for _, n, seed in batch]
+    together = peft_ctx.generate(xrag, tokenizer, qs, docs, max_new_tokens=4, batch_size=len(qs))
+    alone = [peft_ctx.generate(xrag, tokenizer, [q], [d], max_new_tokens=4)[0] for q, d in zip(qs, docs)]
+    assert together == alone

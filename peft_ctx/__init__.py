@@ -10,7 +10,7 @@ from .config import ContextConfig
 from .encoders import Encoder
 from .hub import load, push_to_hub
 from .index import load_vectors, save_vectors
-from .inference import generate, prepare_inputs
+from .inference import generate, generate_baseline, prepare_inputs
 from .spring import SpringConfig
 from .tuner import ContextEmbedding, ContextModel
 from .version import __version__
@@ -31,6 +31,7 @@ __all__ = [
     "adapter_size",
     "compress",
     "generate",
+    "generate_baseline",
     "load",
     "load_vectors",
     "prepare_inputs",

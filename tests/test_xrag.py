@@ -286,3 +286,28 @@ def test_projector_depth_follows_projector_type(tokenizer):
     model = get_peft_model(base, peft_ctx.XRAGConfig(retriever_hidden_size=8, projector_type="mlp3x_gelu"))
     projector = model.get_base_model().get_input_embeddings().ctx_modules["default"].projector
     assert [type(m).__name__ for m in projector] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+
+
+def test_a_bfloat16_base_keeps_an_fp32_projector_and_runs(tokenizer):
+    base = tiny_model("mistral", tokenizer).to(torch.bfloat16)
+    model = get_peft_model(base, peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    projector = model.get_base_model().get_input_embeddings().ctx_modules["default"]
+    assert projector.projector[0].weight.dtype == torch.float32
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS[:2], random_vectors([1, 2]))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_peft_internals_that_changed_give_a_clear_error(monkeypatch):
+    import aenum
+
+    from peft_ctx import _registration
+
+    def refuse(*args, **kwargs):
+        raise TypeError("enum is frozen")
+
+    monkeypatch.setattr(aenum, "extend_enum", refuse)
+    monkeypatch.setattr(_registration, "PEFT_TYPE_NAME", "PEFT_CTX_NEXT")
+    with pytest.raises(RuntimeError, match="could not add its adapter type 'PEFT_CTX_NEXT' .* enum is frozen"):
+        _registration._extend_peft_type()

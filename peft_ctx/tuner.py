@@ -58,7 +58,9 @@ class ContextEmbedding(nn.Module, BaseTunerLayer):
         method = get_method(config.method)
         module = method.create_module(config, self.base_layer, model_config)
         weight = self.base_layer.weight
-        if weight.device.type != "meta":
+        on_meta = any(p.device.type == "meta" for p in module.parameters())
+        # low_cpu_mem_usage creates the module on the meta device; PEFT materialises it when the weights load.
+        if weight.device.type != "meta" and not on_meta:
             module.to(weight.device)
         self.ctx_modules[adapter_name] = module
         self.configs[adapter_name] = config
@@ -184,10 +186,13 @@ class ContextModel(BaseTuner):
             if model.get_input_embeddings() is not layer:
                 raise ValueError(f"{type(model).__name__}.set_input_embeddings did not install the peft_ctx layer.")
         method.inject(self, model, adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        # Injected PEFT layers come up with the new adapter active; the active adapters stay what they were.
         for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and module is not layer:
-                module.set_adapter(self.active_adapters)
+            if isinstance(module, BaseTunerLayer):
+                # New modules (dropout in LoRA, an encoder) start in training mode; they follow the model's mode.
+                module.train(model.training)
+                if module is not layer:
+                    # Injected PEFT layers come up with the new adapter active; the active adapters stay as they were.
+                    module.set_adapter(self.active_adapters)
         self.targeted_module_names = [n for n, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
         self._mark_only_adapters_as_trainable(model)
         if not first_injection:

@@ -247,8 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json"}, head=head)
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        return self._request_body
 
     def _authorized(self) -> bool:
         if self.hub.token is None:
@@ -263,6 +262,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
         self.hub.requests.append((method, path))
+        # read the whole body first: an error answered before reading it would leave it to be parsed as the next
+        # request on this keep-alive connection
+        length = int(self.headers.get("Content-Length") or 0)
+        self._request_body = self.rfile.read(length) if length else b""
         try:
             for pattern, verbs, handler in _ROUTES:
                 match = re.fullmatch(pattern, path)
@@ -270,14 +273,18 @@ class _Handler(BaseHTTPRequestHandler):
                     handler(self, method, query, **{k: v for k, v in match.groupdict().items() if v is not None})
                     return
             raise HubError(404, f"No route for {method} {path}")
-        except HubError as err:
-            headers = {"Content-Type": "application/json", "X-Error-Message": err.message}
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception as exc:  # a bug or a malformed request: answer 500 rather than dropping the connection
+            err = exc if isinstance(exc, HubError) else HubError(500, f"{type(exc).__name__}: {exc}")
+            headers = {"Content-Type": "application/json", "X-Error-Message": err.message.splitlines()[0][:200]}
             if err.code:
                 headers["X-Error-Code"] = err.code
             body = json.dumps({"error": err.message}).encode()
-            self._send(err.status, body, headers, head=method == "HEAD")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            try:
+                self._send(err.status, body, headers, head=method == "HEAD")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
     def do_GET(self):
         self._dispatch("GET")

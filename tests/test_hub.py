@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import types
 
@@ -29,6 +31,9 @@ from peft_ctx import hub as peft_hub
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 from tests.helpers import RETRIEVER_DIM, tiny_model
 from tests.hub_server import HubServer, OlahServer
+
+if shutil.which("git") is None:
+    pytest.skip("the test Hub server keeps repositories in git: install git", allow_module_level=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "hf_PeftCtxTestToken7Qz3XwLm9RtY2bNc"
@@ -110,19 +115,27 @@ def vectors(counts, seed=0):
     return [torch.randn(n, RETRIEVER_DIM, generator=generator) for n in counts]
 
 
-def train_xrag(tokenizer, tmp_path, steps=2, seed=0, **trainer_args):
-    """A tiny xRAG adapter after a few real optimiser steps; returns (trainer, model)."""
-    torch.manual_seed(seed)
+def xrag_model(tokenizer, seed=0):
+    """A tiny xRAG adapter whose projector is not at its initial values (stands in for a trained one)."""
     model = get_peft_model(
         tiny_model("llama", tokenizer),
-        peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM, retriever_pooling="mean", retriever_normalize=False),
+        peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM, retriever_pooling="mean", retriever_normalize=True),
     )
-    rows = [
-        {"question": f"What colour is item {i}?", "answer": colour, "retrieval_embeds": v.tolist()}
-        for i, (colour, v) in enumerate(zip(["blue", "green", "red", "black"], vectors([1, 1, 1, 1], seed)))
-    ]
-    args = ContextSFTConfig(
-        output_dir=str(tmp_path / f"run{seed}"),
+    shift(model, seed)
+    return model
+
+
+def shift(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def training_args(tmp_path, steps=2, **kwargs):
+    return ContextSFTConfig(
+        output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=2,
         max_steps=steps,
         learning_rate=1e-2,
@@ -132,17 +145,26 @@ def train_xrag(tokenizer, tmp_path, steps=2, seed=0, **trainer_args):
         bf16=False,
         save_strategy="no",
         disable_tqdm=True,
-        seed=seed,
-        **trainer_args,
+        **kwargs,
     )
+
+
+def train_xrag(tokenizer, tmp_path, steps=2):
+    """A tiny xRAG adapter after a few real optimiser steps; returns (trainer, model)."""
+    model = xrag_model(tokenizer)
+    rows = [
+        {"question": f"What colour is item {i}?", "answer": colour, "retrieval_embeds": v.tolist()}
+        for i, (colour, v) in enumerate(zip(["blue", "green", "red", "black"], vectors([1, 1, 1, 1])))
+    ]
     collator = ContextDataCollator(model.active_peft_config, tokenizer, context_column="retrieval_embeds")
     trainer = ContextSFTTrainer(
         model=model,
-        args=args,
+        args=training_args(tmp_path, steps),
         train_dataset=Dataset.from_list(rows),
         data_collator=collator,
         processing_class=tokenizer,
     )
+    trainer.train()
     return trainer, model
 
 
@@ -173,9 +195,7 @@ def test_trained_adapter_pushed_in_one_commit_loads_with_plain_peft_and_gives_id
 ):
     hub = olah
     trainer, model = train_xrag(tokenizer, tmp_path)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer.train()
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), xrag_model(tokenizer).parameters()))
     expected = logits(model, tokenizer)
     info = push(hub, model, "org/xrag-roundtrip", training_config=trainer.args, eval_results=EVAL)
     # the repository's initial commit, then ONE commit with adapter, card and training configuration
@@ -195,15 +215,14 @@ def test_trained_adapter_pushed_in_one_commit_loads_with_plain_peft_and_gives_id
 
 def test_card_parses_and_carries_the_metadata_and_the_sections(olah, tokenizer, tmp_path):
     hub = olah
-    trainer, model = train_xrag(tokenizer, tmp_path, steps=1)
-    trainer.train()
+    model, args = xrag_model(tokenizer), training_args(tmp_path, steps=1)
     push(
         hub,
         model,
         "org/xrag-card",
         datasets=["org/colours"],
         license="apache-2.0",
-        training_config={"training_arguments": trainer.args, "script": {"dataset_name": "org/colours"}},
+        training_config={"training_arguments": args, "script": {"dataset_name": "org/colours"}},
         eval_results=EVAL,
     )
     before = downloads_from_our_server(hub)
@@ -240,10 +259,10 @@ def test_card_parses_and_carries_the_metadata_and_the_sections(olah, tokenizer, 
 def test_peft_ctx_load_fetches_the_base_model_tokenizer_and_encoder_named_in_the_config(
     published, tokenizer, encoder, tmp_path
 ):
-    trainer, model = train_xrag(tokenizer, tmp_path, steps=1)
-    trainer.train()
+    model = xrag_model(tokenizer)
     push(published, model, "org/xrag-load")
-    loaded, loaded_tokenizer, loaded_encoder = peft_ctx.load("org/xrag-load")
+    # model kwargs reach from_pretrained; the tiny models are built with eager attention
+    loaded, loaded_tokenizer, loaded_encoder = peft_ctx.load("org/xrag-load", attn_implementation="eager")
     assert torch.equal(logits(loaded, loaded_tokenizer), logits(model, tokenizer))
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert loaded_tokenizer.chat_template == tokenizer.chat_template
@@ -256,27 +275,45 @@ def test_peft_ctx_load_fetches_the_base_model_tokenizer_and_encoder_named_in_the
     ) == (peft_ctx.generate(model, tokenizer, QUESTIONS, contexts, encoder=encoder, max_new_tokens=4))
 
 
+def test_readme_publishing_section_runs_as_written(published, tokenizer, tmp_path):
+    text = open(os.path.join(REPO, "README.md")).read()
+    start = text.index("## Publishing to the Hub\n")
+    end = text.find("\n## ", start + 1)
+    (code,) = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+    code = code.replace("HuggingFaceTB/SmolLM2-135M-Instruct", BASE_ID)
+    code = code.replace("sentence-transformers/all-MiniLM-L6-v2", ENCODER_ID)
+    trained = xrag_model(tokenizer)
+    namespace = {
+        "model": trained,
+        "base": tiny_model("llama", tokenizer),
+        "training_args": training_args(tmp_path),
+        "eval_results": EVAL,
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["info"].oid == HfApi().model_info("org/xrag-smollm2", revision="main").sha
+    assert isinstance(namespace["model"].active_peft_config, peft_ctx.XRAGConfig)
+    assert namespace["encoder"].name_or_path == ENCODER_ID
+    card = ModelCard(remote_text(published, "org/xrag-smollm2", "README.md"))
+    assert card.data.datasets == ["org/my-qa-data"] and card.data.base_model == BASE_ID
+
+
 # ---- revisions ------------------------------------------------------------------------------------------------------
 
 
 def test_second_push_and_a_branch_keep_every_version_loadable(olah, tokenizer, tmp_path):
     hub = olah
     repo = "org/xrag-versions"
-    trainer, model = train_xrag(tokenizer, tmp_path, steps=1)
-    trainer.train()
+    model = xrag_model(tokenizer)
     first_logits = logits(model, tokenizer)
     first = push(hub, model, repo, eval_results=EVAL[:1])
     first_card = remote_text(hub, repo, "README.md")
-    trainer.train()  # more steps: new weights
+    shift(model, seed=1)  # new weights
     second_logits = logits(model, tokenizer)
     assert not torch.equal(first_logits, second_logits)
     second = push(hub, model, repo, eval_results=EVAL)  # our own unedited card is updated without any flag
     assert remote_text(hub, repo, "README.md") != first_card
     assert hub.server.commit_count(repo) == 3
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.5)
+    shift(model, seed=2)
     branch_logits = logits(model, tokenizer)
     third = push(hub, model, repo, revision="experiment")
     assert len({first.oid, second.oid, third.oid}) == 3
@@ -304,10 +341,7 @@ def test_card_edited_on_the_hub_is_not_overwritten_without_the_flag(hub, tokeniz
         push(hub, model, repo)
     assert hub.server.commit_count(repo) == commits and remote_text(hub, repo, "README.md") == edited
 
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(1.0)
+    shift(model, seed=3)
     push(hub, model, repo, card=False)  # new weights, the hand-edited card stays
     assert remote_text(hub, repo, "README.md") == edited
     loaded = PeftModel.from_pretrained(tiny_model("llama", tokenizer), repo)
@@ -343,8 +377,7 @@ def test_token_from_the_environment_is_used_but_never_uploaded_printed_or_logged
 ):
     repo = "org/xrag-token"
     caplog.set_level(logging.DEBUG)
-    trainer, model = train_xrag(tokenizer, tmp_path, steps=1, hub_token=TOKEN)
-    trainer.train()
+    model, args = xrag_model(tokenizer), training_args(tmp_path, hub_token=TOKEN)
     settings = peft_hub.HubSettings(repo_id=repo, token=TOKEN)
     assert TOKEN not in repr(settings)
     push(
@@ -352,7 +385,7 @@ def test_token_from_the_environment_is_used_but_never_uploaded_printed_or_logged
         model,
         repo,
         private=True,
-        training_config={"training_arguments": trainer.args, "notes": {"api_key": TOKEN, "pad_token": "<|im_end|>"}},
+        training_config={"training_arguments": args, "notes": {"api_key": TOKEN, "pad_token": "<|im_end|>"}},
     )
     assert repo in hub.server.private  # created private
     blobs = hub.server.all_blobs(repo)

@@ -311,3 +311,14 @@ def test_peft_internals_that_changed_give_a_clear_error(monkeypatch):
     monkeypatch.setattr(_registration, "PEFT_TYPE_NAME", "PEFT_CTX_NEXT")
     with pytest.raises(RuntimeError, match="could not add its adapter type 'PEFT_CTX_NEXT' .* enum is frozen"):
         _registration._extend_peft_type()
+
+
+def test_low_cpu_mem_usage_loading_gives_identical_logits(tokenizer, tmp_path):
+    model, reference = xrag_model("qwen2", tokenizer)
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, random_vectors([1, 2, 1]))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clone(reference), tmp_path, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)

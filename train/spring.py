@@ -57,6 +57,12 @@ class ScriptArguments:
         default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
     )
 
+    def __post_init__(self):
+        if self.max_passages is not None and self.max_passages < 1:
+            raise ValueError(
+                f"max_passages={self.max_passages}; give a positive number, or None to keep all passages."
+            )
+
 
 def load_rows(name: str, split: str) -> Dataset:
     if os.path.isfile(name):
@@ -105,6 +111,10 @@ def main(argv: Optional[list[str]] = None) -> str:
         raise ValueError(f"The dataset lacks the column(s) {missing}; SPRING trains on rows with {list(COLUMNS)}.")
     if script_args.max_examples is not None:
         dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    if script_args.max_passages is not None:
+        # Cut here rather than in the collator, so that a distillation teacher (a_kl > 0) reads the same passages.
+        limit = script_args.max_passages
+        dataset = dataset.map(lambda row: {"contexts": row["contexts"][:limit]}, desc="Keeping the top passages")
     model = build_model(script_args, base_path)
     config = model.active_peft_config
     # Checked now rather than at the first batch.
@@ -120,10 +130,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         distill=training_args.a_kl > 0,
         max_length=training_args.max_length,
         seed=training_args.seed,
-        method_options={
-            "virtual_tokens_range": virtual_tokens_range,
-            "max_passages": script_args.max_passages,
-        },
+        method_options={"virtual_tokens_range": virtual_tokens_range},
     )
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer

@@ -236,15 +236,22 @@ def compress(
     if show_progress is None:
         show_progress = len(passages) > 4 * batch_size
     rows, counts = [], []
-    for start in tqdm(range(0, len(passages), batch_size), desc="Compressing", disable=not show_progress):
-        chunk = passages[start : start + batch_size]
-        options = with_resources(config, {}, tokenizer=tokenizer, model=model)
-        docs = method.prepare_docs(config, [chunk], options)[0]
-        batch = method.collate_context(config, [{"passages": docs, "autoencode": [False]}], None)
-        embeddings = method.compress(tuner, adapter_name, config, batch["cocom_passage_ids"],
-                                     batch["cocom_passage_lengths"])
-        rows.append(embeddings.detach().cpu())
-        counts.extend(p.k for p in docs)
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one: they may differ
+    model.eval()  # an index must not depend on dropout
+    try:
+        for start in tqdm(range(0, len(passages), batch_size), desc="Compressing", disable=not show_progress):
+            chunk = passages[start : start + batch_size]
+            options = with_resources(config, {}, tokenizer=tokenizer, model=model)
+            docs = method.prepare_docs(config, [chunk], options)[0]
+            batch = method.collate_context(config, [{"passages": docs, "autoencode": [False]}], None)
+            embeddings = method.compress(
+                tuner, adapter_name, config, batch["cocom_passage_ids"], batch["cocom_passage_lengths"]
+            )
+            rows.append(embeddings.detach().cpu())
+            counts.extend(p.k for p in docs)
+    finally:
+        for module, training in modes:
+            module.training = training
     hidden = config.base_hidden_size
     embeddings = torch.cat(rows) if rows else torch.empty(0, hidden)
     offsets = torch.tensor([0] + counts, dtype=torch.long).cumsum(0)

@@ -84,13 +84,16 @@ class CocomMethod(ContextMethod):
                 inference_mode=config.inference_mode,
             )
             # PEFT's own LoRA tuner puts its layers in place (the peft_ctx layer's insides are skipped: they sit in a
-            # tuner layer already); the temporary tuner would also re-point model.peft_config at itself.
-            saved = model.__dict__.get("peft_config")
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: PEFT sets it
-                LoraModel(model, lora, name, low_cpu_mem_usage=low_cpu_mem_usage)
-            if saved is not None:
-                model.peft_config = saved
+            # tuner layer already). Hidden from it: model.peft_config, which it would add its LoraConfig to.
+            saved = model.__dict__.pop("peft_config", None)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: PEFT sets it
+                    LoraModel(model, lora, name, low_cpu_mem_usage=low_cpu_mem_usage)
+            finally:
+                model.__dict__.pop("peft_config", None)
+                if saved is not None:
+                    model.peft_config = saved
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def check_inputs(self, config: CocomConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:
@@ -223,7 +226,9 @@ class CocomMethod(ContextMethod):
     def prompt_fields(self, config: CocomConfig, docs: list[Passage], options: dict[str, Any]):
         _check_options(options)
         if not docs:
-            raise ValueError("COCOM needs at least one passage per question (contexts=[[passage, ...], ...]).")
+            raise ValueError(
+                "COCOM answers from passages: give at least one per question (contexts=[[passage, ...], ...])."
+            )
         parts: list = []
         for j, passage in enumerate(docs):
             if j and config.passage_separator:

@@ -1,0 +1,563 @@
+"""Evaluate peft_ctx adapters against no retrieval and text RAG on a QA test split.
+
+    python -m peft_ctx.eval --adapter DIR_OR_REPO --data NAME_OR_FILE [--n_test 100] [--output results.json]
+
+``--data`` is ``cpkc`` (BIG-bench contextual_parametric_knowledge_conflicts, offline), ``bigbench:TASK``, a JSON /
+JSONL file of rows (see ``peft_ctx.data.load_qa``) or a Hub dataset id. The base model and the encoder are the ones
+the adapter's config names (``--base_model`` / ``--encoder`` override them; ``smollm2`` and ``all-minilm-l6-v2`` are
+the offline assets). Rows without a gold passage get the encoder's top-k passages from ``--corpus``.
+
+Every row of the table reads the same test questions:
+
+- choice accuracy: where the dataset lists candidate answers, the share of questions whose right candidate has the
+  highest length-normalised log-likelihood (mean log-probability per answer token) after the prompt;
+- accuracy (a reference answer contained in the greedy generation), exact match and token F1 (first line);
+- prompt tokens (mean, context slots included), time to first token and end-to-end latency (median over
+  ``--timing_examples`` single questions, batch size 1, a fixed number of new tokens for every method), and the
+  speed-up of the end-to-end latency over text RAG. Document vectors and compressed passages are computed before
+  timing, as an index would hold them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .inference import _context_length, build_examples, collate, text_examples
+from .prompting import Example, fill_template, pad_token_id, tokenize_parts
+
+RAG_TEMPLATE = "Refer to the background document and answer the question.\nBackground: {context}\nQuestion: {question}"
+TABLE_COLUMNS = (
+    ("method", "method"),
+    ("choice acc", "choice_accuracy"),
+    ("accuracy", "accuracy"),
+    ("EM", "em"),
+    ("F1", "f1"),
+    ("prompt tokens", "prompt_tokens"),
+    ("TTFT (s)", "ttft_s"),
+    ("e2e latency (s)", "e2e_s"),
+    ("speed-up vs RAG", "speedup_vs_rag"),
+)
+
+
+@dataclass
+class EvalSettings:
+    """What the harness measures and how much of it."""
+
+    n_test: Optional[int] = 100
+    n_generate: Optional[int] = None  # questions for the generation metrics (None: all n_test)
+    max_new_tokens: int = 12
+    batch_size: int = 8
+    timing_examples: int = 10
+    timing_new_tokens: int = 12
+    show_progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "timing_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.timing_examples < 0:
+            raise ValueError(f"timing_examples={self.timing_examples} must be >= 0.")
+
+
+# ---- runners: how one row of the table turns questions into model inputs -----------------------------------------
+@dataclass
+class Runner:
+    """One row of the table. Subclasses build the prompts; ``activate`` puts the model in the right state."""
+
+    name: str
+    label: str
+
+    def activate(self, model) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def examples(self, model, tokenizer, rows: Sequence[dict], answers: Optional[Sequence[str]] = None) -> list:
+        raise NotImplementedError
+
+    @property
+    def config(self):
+        return None
+
+
+@dataclass
+class TextRunner(Runner):
+    """The frozen base model: no retrieval, or the passages as text (text RAG). With ``adapter_config`` the prompt
+    is that adapter's own template with the passages as text (the distillation teacher's prompt)."""
+
+    use_context: bool = True
+    prompt_template: str = RAG_TEMPLATE
+    system_prompt: Optional[str] = None
+    use_chat_template: bool = True
+    adapter_config: Any = None
+
+    def activate(self, model):
+        disable = getattr(model, "disable_adapter", None)
+        return disable() if disable is not None and getattr(model, "peft_config", None) else contextlib.nullcontext()
+
+    def examples(self, model, tokenizer, rows, answers=None):
+        questions = [r["question"] for r in rows]
+        contexts = [r["contexts"] for r in rows] if self.use_context else None
+        if self.use_context:
+            _require_contexts(rows)
+        if self.adapter_config is not None:
+            return text_examples(self.adapter_config, tokenizer, questions, contexts, answers)
+        out = []
+        for i, question in enumerate(questions):
+            if contexts is None:
+                parts = [question]
+            else:
+                parts = fill_template(self.prompt_template, {"context": ["\n".join(contexts[i])], "question": [question]})
+            out.append(
+                tokenize_parts(
+                    tokenizer,
+                    parts,
+                    system_prompt=self.system_prompt,
+                    use_chat_template=self.use_chat_template,
+                    answer=None if answers is None else answers[i],
+                )
+            )
+        return out
+
+
+@dataclass
+class AdapterRunner(Runner):
+    """A peft_ctx adapter loaded on the model under ``adapter_name``.
+
+    ``prepare`` turns a row's passages into what the method reads at question time (xRAG: the encoder's vectors),
+    once per row before anything is timed; without it the passages go in as text (``encoder`` is passed along).
+    """
+
+    adapter_name: str = "default"
+    encoder: Any = None
+    options: dict = field(default_factory=dict)
+    prepare: Optional[Callable[[Any, Sequence[dict]], list]] = None
+    _prepared: dict = field(default_factory=dict, repr=False)
+    _config: Any = field(default=None, repr=False)
+
+    def activate(self, model):
+        model.set_adapter(self.adapter_name)
+        self._config = model.peft_config[self.adapter_name]
+        return contextlib.nullcontext()
+
+    @property
+    def config(self):
+        return self._config
+
+    def precompute(self, model, rows: Sequence[dict]) -> None:
+        _require_contexts(rows)
+        if self.prepare is None:
+            return
+        todo = [r for r in rows if r["id"] not in self._prepared]
+        if todo:
+            for row, docs in zip(todo, self.prepare(self, todo)):
+                self._prepared[row["id"]] = docs
+
+    def contexts(self, rows):
+        if self.prepare is None:
+            return [r["contexts"] for r in rows]
+        return [self._prepared[r["id"]] for r in rows]
+
+    def examples(self, model, tokenizer, rows, answers=None):
+        _require_contexts(rows)
+        config = model.peft_config[self.adapter_name]
+        return build_examples(
+            config,
+            tokenizer,
+            [r["question"] for r in rows],
+            self.contexts(rows),
+            answers=answers,
+            model=model,
+            encoder=self.encoder,
+            **self.options,
+        )
+
+
+def encoder_vectors(runner: AdapterRunner, rows: Sequence[dict]) -> list[torch.Tensor]:
+    """``AdapterRunner.prepare`` for xRAG: every passage encoded once.  # per row [n_docs, d_r]"""
+    flat = [doc for r in rows for doc in r["contexts"]]
+    vectors = runner.encoder.encode(flat, show_progress=False)
+    out, start = [], 0
+    for r in rows:
+        out.append(vectors[start : start + len(r["contexts"])])
+        start += len(r["contexts"])
+    return out
+
+
+def _require_contexts(rows) -> None:
+    for r in rows:
+        if not r["contexts"]:
+            raise ValueError(
+                f"Question {r['id']!r} has no passages: retrieve them first (peft_ctx.eval.add_retrieved_passages, "
+                "or --corpus on the command line)."
+            )
+
+
+# ---- measurements -----------------------------------------------------------------------------------------------
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch(runner: Runner, model, tokenizer, examples: list[Example], padding_side: str):
+    return collate(
+        runner.config, examples, tokenizer, padding_side=padding_side, max_length=_context_length(model),
+        device=_device(model),
+    )
+
+
+@torch.no_grad()
+def choice_scores(model, tokenizer, runner: Runner, rows: Sequence[dict], batch_size: int = 8, progress=False):
+    """Length-normalised log-likelihood of every candidate answer of every row.  # list of [n_choices] floats"""
+    pairs = [(i, choice) for i, r in enumerate(rows) for choice in r["choices"]]
+    flat: list[float] = []
+    with runner.activate(model):
+        for start in tqdm(range(0, len(pairs), batch_size), desc=f"Choices: {runner.label}", disable=not progress):
+            chunk = pairs[start : start + batch_size]
+            examples = runner.examples(model, tokenizer, [rows[i] for i, _ in chunk], answers=[c for _, c in chunk])
+            batch = _batch(runner, model, tokenizer, examples, padding_side="left")
+            labels = batch.pop("labels")
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            has = (labels != -100).any(0)
+            keep = labels.shape[1] - int(has.nonzero()[0]) + 1
+            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+            flat.extend(metrics.answer_log_likelihood(logits, labels[:, labels.shape[1] - keep :]).tolist())
+    out: list[list[float]] = [[] for _ in rows]
+    for (i, _), score in zip(pairs, flat):
+        out[i].append(score)
+    return out
+
+
+def _decode(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, runner: Runner, rows: Sequence[dict], max_new_tokens: int = 12, batch_size: int = 8,
+    progress=False,
+) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    answers: list[str] = []
+    gen = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
+    with runner.activate(model):
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"Generating: {runner.label}", disable=not progress):
+            examples = runner.examples(model, tokenizer, rows[start : start + batch_size])
+            batch = _batch(runner, model, tokenizer, examples, padding_side="left")
+            output = model.generate(**batch, **gen)
+            answers.extend(_decode(tokenizer, output, batch["input_ids"].shape[1]))
+    return answers
+
+
+@torch.no_grad()
+def latency(
+    model, tokenizer, runner: Runner, rows: Sequence[dict], new_tokens: int = 12
+) -> tuple[Optional[float], Optional[float]]:
+    """Median time to first token and end-to-end latency of single questions (batch 1), in seconds.
+
+    Prompt building and tokenisation are included; the passages' offline work (vectors, compression) is not.
+    Every method generates exactly ``new_tokens`` tokens so that end-to-end times compare like with like.
+    """
+    if not rows:
+        return None, None
+    ttft, e2e = [], []
+    pad = pad_token_id(tokenizer)
+    with runner.activate(model):
+
+        def once(row, n):
+            start = time.perf_counter()
+            batch = _batch(runner, model, tokenizer, runner.examples(model, tokenizer, [row]), "left")
+            model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+            return time.perf_counter() - start
+
+        once(rows[0], 2)  # warm-up: first-call allocations
+        for row in rows:
+            ttft.append(once(row, 1))
+            e2e.append(once(row, new_tokens))
+    return statistics.median(ttft), statistics.median(e2e)
+
+
+def prompt_tokens(model, tokenizer, runner: Runner, rows: Sequence[dict]) -> float:
+    with runner.activate(model):
+        lengths = [len(e.input_ids) for e in runner.examples(model, tokenizer, rows)]
+    return sum(lengths) / len(lengths)
+
+
+def evaluate_runner(model, tokenizer, runner: Runner, rows: Sequence[dict], settings: EvalSettings) -> dict[str, Any]:
+    """One row of the results table (see the module docstring for what each number means)."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("No test rows to evaluate.")
+    if isinstance(runner, AdapterRunner):
+        runner.precompute(model, rows)
+    result: dict[str, Any] = {"method": runner.name, "label": runner.label, "n_test": len(rows)}
+    with_choices = [r for r in rows if len(r["choices"]) >= 2]
+    if with_choices:
+        scores = choice_scores(model, tokenizer, runner, with_choices, settings.batch_size, settings.show_progress)
+        result["choice_accuracy"] = metrics.choice_accuracy(scores, [r["label"] for r in with_choices])
+        result["n_choice"] = len(with_choices)
+    else:
+        result["choice_accuracy"] = None
+    gen_rows = rows[: settings.n_generate] if settings.n_generate else rows
+    predictions = generate_answers(
+        model, tokenizer, runner, gen_rows, settings.max_new_tokens, settings.batch_size, settings.show_progress
+    )
+    result.update(metrics.generation_scores(predictions, [r["answers"] for r in gen_rows]))
+    result["n_generate"] = len(gen_rows)
+    result["prompt_tokens"] = prompt_tokens(model, tokenizer, runner, rows)
+    result["ttft_s"], result["e2e_s"] = latency(
+        model, tokenizer, runner, rows[: settings.timing_examples], settings.timing_new_tokens
+    )
+    result["examples"] = [
+        {"question": r["question"], "answer": r["answer"], "prediction": p} for r, p in zip(gen_rows[:5], predictions)
+    ]
+    return result
+
+
+def evaluate(model, tokenizer, runners: Sequence[Runner], rows: Sequence[dict], settings: EvalSettings) -> list[dict]:
+    """All rows of the table, then the speed-up of each over the text-RAG row (named ``rag``) where there is one."""
+    results = []
+    for runner in runners:
+        start = time.perf_counter()
+        results.append(evaluate_runner(model, tokenizer, runner, rows, settings))
+        results[-1]["eval_seconds"] = round(time.perf_counter() - start, 1)
+        if settings.show_progress:
+            print(f"  {runner.label}: {_summary(results[-1])}", flush=True)
+    add_speedups(results)
+    return results
+
+
+def add_speedups(results: list[dict]) -> None:
+    rag = next((r for r in results if r["method"] == "rag"), None)
+    for r in results:
+        r["speedup_vs_rag"] = (rag["e2e_s"] / r["e2e_s"]) if rag and rag.get("e2e_s") and r.get("e2e_s") else None
+
+
+def _summary(result: dict) -> str:
+    parts = []
+    for title, key in TABLE_COLUMNS[1:6]:
+        parts.append(f"{title} {_fmt(key, result.get(key))}")
+    return ", ".join(parts)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key in ("choice_accuracy", "accuracy", "em", "f1"):
+        return f"{100 * value:.1f}%"
+    if key == "prompt_tokens":
+        return f"{value:.1f}"
+    if key in ("ttft_s", "e2e_s"):
+        return f"{value:.3f}"
+    if key == "speedup_vs_rag":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    lines = [
+        "| " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
+    ]
+    for r in results:
+        cells = [r.get("label", r["method"])] + [_fmt(key, r.get(key)) for _, key in TABLE_COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+JSON_KEYS = ("method", "choice_accuracy", "accuracy", "em", "f1", "prompt_tokens", "ttft_s", "e2e_s", "n_test")
+
+
+def json_rows(results: Sequence[dict]) -> list[dict]:
+    """The committed rows: the fixed keys first, then the rest (label, speed-up, counts, sample answers)."""
+    out = []
+    for r in results:
+        row = {key: _round(r.get(key)) for key in JSON_KEYS}
+        row.update({k: _round(v) for k, v in r.items() if k not in row})
+        out.append(row)
+    return out
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def environment() -> dict[str, Any]:
+    """The machine and the versions a result was measured with."""
+    import peft
+    import transformers
+    import trl
+
+    from .version import __version__
+
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "trl": trl.__version__,
+            "peft_ctx": __version__,
+        },
+    }
+
+
+def plot(results: Sequence[dict], path: str, title: str = "") -> str:
+    """Accuracy (choice and generation) against mean prompt tokens, one point per method, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for key, marker, name in (("choice_accuracy", "o", "choice accuracy"), ("accuracy", "s", "generation accuracy")):
+        points = [(r["prompt_tokens"], 100 * r[key], r.get("label", r["method"])) for r in results if r.get(key) is not None]
+        if not points:
+            continue
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=50, label=name)
+        for x, y, text in points:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("prompt tokens (mean per question)")
+    ax.set_ylabel("accuracy on the test split (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def add_retrieved_passages(rows: list[dict], encoder, corpus: Sequence[str], k: int = 1) -> float:
+    """Give rows without passages the encoder's top-k corpus passages (in place); returns the answer hit rate@k."""
+    missing = [r for r in rows if not r["contexts"]]
+    if not missing:
+        return float("nan")
+    corpus_vectors = encoder.encode(list(corpus))
+    query_vectors = encoder.encode([r["question"] for r in missing], show_progress=False)
+    indices, _ = metrics.retrieve(query_vectors, corpus_vectors, k=k)
+    for row, idx in zip(missing, indices.tolist()):
+        row["contexts"] = [corpus[i] for i in idx]
+    return metrics.retrieval_hit_rate([r["contexts"] for r in missing], [r["answers"] for r in missing])
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m peft_ctx.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="saved peft_ctx adapter: a folder or a Hub repo id")
+    parser.add_argument("--data", required=True, help="cpkc, bigbench:TASK, a JSON/JSONL file, or a Hub dataset id")
+    parser.add_argument("--base_model", default=None, help="base model (default: the one the adapter names)")
+    parser.add_argument("--encoder", default=None, help="document encoder (default: the one the adapter names)")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--n_test", type=int, default=100, help="questions from the split (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split")
+    parser.add_argument("--max_context_chars", type=int, default=None, help="drop rows with longer passages")
+    parser.add_argument("--corpus", default="wiki", help="retrieval corpus for rows without a passage")
+    parser.add_argument("--top_k", type=int, default=1, help="passages retrieved per question")
+    parser.add_argument("--max_new_tokens", type=int, default=12)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--timing_examples", type=int, default=10)
+    parser.add_argument("--no_baselines", action="store_true", help="skip the no-retrieval and text-RAG rows")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option for prepare_inputs, e.g. num_virtual_tokens=20 (repeatable)")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    args = parser.parse_args(argv)
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        parser.error(f"{args.output} exists; pass --overwrite to replace it.")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option {item!r}: write KEY=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+
+    import peft_ctx  # noqa: F401  (registers the adapter type with PEFT)
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve
+    from .data import load_corpus, load_qa
+    from .encoders import Encoder
+
+    config = PeftConfig.from_pretrained(args.adapter)
+    base_name = args.base_model or config.base_model_name_or_path or "smollm2"
+    base_path = resolve(base_name)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, args.adapter, adapter_name="adapter").eval()
+    encoder_name = args.encoder or getattr(config, "retriever_name_or_path", None)
+    encoder = Encoder(resolve(encoder_name)) if encoder_name else None
+    dataset = load_qa(args.data, seed=args.seed, max_context_chars=args.max_context_chars)
+    rows = list(dataset[args.split])
+    rows = rows[: args.n_test] if args.n_test else rows
+    if not rows:
+        raise ValueError(f"The {args.split} split of {args.data!r} is empty.")
+    if any(not r["contexts"] for r in rows):
+        retriever = encoder or Encoder(resolve("all-minilm-l6-v2"))
+        hit = add_retrieved_passages(rows, retriever, load_corpus(args.corpus), k=args.top_k)
+        print(f"Retrieved top-{args.top_k} passages from {args.corpus!r}: answer in them for {100 * hit:.1f}%")
+    runner = AdapterRunner(
+        name=config.method,
+        label=f"{config.method} ({os.path.basename(os.path.normpath(args.adapter))})",
+        adapter_name="adapter",
+        encoder=encoder,
+        options=options,
+        prepare=encoder_vectors if config.method == "xrag" and encoder is not None else None,
+    )
+    runners: list[Runner] = []
+    if not args.no_baselines:
+        runners += [
+            TextRunner("no_retrieval", "no retrieval", use_context=False, adapter_config=config),
+            TextRunner("rag", "text RAG", use_context=True, adapter_config=config),
+        ]
+    runners.append(runner)
+    settings = EvalSettings(
+        n_test=len(rows),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        timing_examples=args.timing_examples,
+    )
+    results = evaluate(model, tokenizer, runners, rows, settings)
+    print(markdown_table(results))
+    if args.output:
+        payload = {
+            "adapter": args.adapter,
+            "data": args.data,
+            "split": args.split,
+            "base_model": base_name,
+            "encoder": encoder_name,
+            "rows": json_rows(results),
+            **environment(),
+        }
+        with open(args.output, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"Wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

@@ -1,0 +1,205 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft-ctx"]
+# ///
+"""Train a COCOM or COCOM-light adapter with trl.
+
+Stage 1, pretraining: passages are compressed into context embeddings and the LLM learns to read them, by
+auto-encoding (write the passage back after the <AE> marker) and continuation (compress the first part, write what
+follows), mixed by --autoencode_ratio (default 0.5):
+
+    python train/cocom.py --config train/configs/cocom_pretrain.yaml
+
+Stage 2, QA fine-tuning on the top-k passages of each question, starting from stage 1:
+
+    python train/cocom.py --config train/configs/cocom_qa.yaml --adapter_init outputs/cocom-pretrain
+
+COCOM-light compresses with a BERT-style encoder instead of the LLM (--compressor all-minilm-l6-v2, or any encoder
+folder / Hub id): train/configs/cocom_light_pretrain.yaml. Any compression rate works (--compression_rate 4, 16,
+128 ...). Any option of the YAML file can be given on the command line too (--max_steps 50); all of
+``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available; a_kl > 0 in stage
+2 distils from the frozen LLM reading the passages as text.
+
+Data: stage 1 takes "wiki" (10,033 Wikipedia lead paragraphs, offline), a text file (one passage a line), a JSON /
+JSONL file or a ``datasets`` folder with a ``text`` column; stage 2 a JSON / JSONL file or ``datasets`` folder with
+``question``, ``answer`` and ``contexts`` (the retrieved passages, best first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import TrlParser
+
+import peft_ctx
+from peft_ctx import assets
+from peft_ctx.assets import resolve
+from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
+
+STAGES = ("pretrain", "qa")
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    dataset_name: str = field(
+        metadata={"help": "Stage 1: 'wiki', a text / JSON / JSONL file or datasets folder; stage 2: QA rows."}
+    )
+    stage: str = field(default="pretrain", metadata={"help": "'pretrain' (stage 1) or 'qa' (stage 2)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a datasets folder or Hub dataset."})
+    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    adapter_init: Optional[str] = field(
+        default=None, metadata={"help": "Start from this saved COCOM adapter (stage 2 starts from stage 1)."}
+    )
+    compression_rate: int = field(default=16, metadata={"help": "New adapter: tokens per context embedding (xi)."})
+    compressor: Optional[str] = field(
+        default=None,
+        metadata={"help": "New adapter: None = the LLM compresses (COCOM); an encoder folder / Hub id / asset alias "
+                  "('all-minilm-l6-v2') = COCOM-light."},
+    )
+    max_passage_tokens: int = field(default=128, metadata={"help": "New adapter: passages are cut to this length."})
+    lora_r: int = field(default=16, metadata={"help": "New adapter: LoRA rank on the LLM (0: LLM frozen)."})
+    lora_alpha: float = field(default=32, metadata={"help": "New adapter: LoRA alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "New adapter: LoRA dropout."})
+    separate_compressor_adapter: bool = field(
+        default=False, metadata={"help": "New COCOM adapter: separate compressor and decoder LoRAs (as PISCO)."}
+    )
+    autoencode_ratio: float = field(
+        default=0.5, metadata={"help": "Stage 1: fraction of auto-encoding examples (the rest is continuation)."}
+    )
+    max_target_tokens: int = field(default=128, metadata={"help": "Stage 1: at most this many target tokens."})
+    top_k: int = field(default=5, metadata={"help": "Stage 2: compress the first k passages of each question."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
+    )
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}; give a positive number of passages per question.")
+
+
+def load_rows(name: str, split: str, stage: str) -> Dataset:
+    if name == "wiki":
+        with open(assets.wiki_summaries_path()) as f:
+            entries = json.load(f)
+        texts = [entry["extract"].strip() for _, entry in sorted(entries.items()) if entry.get("extract", "").strip()]
+        return Dataset.from_dict({"text": texts})
+    if os.path.isfile(name) and stage == "pretrain" and not name.endswith((".json", ".jsonl")):
+        with open(name) as f:
+            return Dataset.from_dict({"text": [line.strip() for line in f if line.strip()]})
+    if os.path.isfile(name):
+        return load_dataset("json", data_files=name, split="train")
+    if os.path.isdir(name):
+        data = load_from_disk(name)
+        return data[split] if hasattr(data, "keys") else data
+    return load_dataset(name, split=split)
+
+
+def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
+    needed = ("text",) if stage == "pretrain" else ("question", "answer", "contexts")
+    missing = [c for c in needed if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Stage {stage!r} needs the columns {needed}; the dataset lacks {missing}.")
+    if stage == "pretrain":
+        return dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    dataset = dataset.map(lambda row: {"contexts": [c for c in row["contexts"] if c and c.strip()][:top_k]})
+    kept = dataset.filter(lambda row: len(row["contexts"]) > 0)
+    if len(kept) < len(dataset):
+        print(f"Dropped {len(dataset) - len(kept)} QA rows without passages (COCOM answers from passages).")
+    return kept
+
+
+def build_model(script_args: ScriptArguments):
+    base = AutoModelForCausalLM.from_pretrained(resolve(script_args.model_name_or_path), dtype=torch.float32)
+    if script_args.adapter_init:
+        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
+        if not isinstance(model.active_peft_config, CocomConfig):
+            raise ValueError(f"--adapter_init {script_args.adapter_init} is not a COCOM adapter.")
+        return model
+    config = CocomConfig(
+        compression_rate=script_args.compression_rate,
+        compressor=resolve(script_args.compressor) if script_args.compressor else None,
+        max_passage_tokens=script_args.max_passage_tokens,
+        lora_r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        lora_dropout=script_args.lora_dropout,
+        separate_compressor_adapter=script_args.separate_compressor_adapter,
+        base_model_name_or_path=script_args.model_name_or_path,
+    )
+    return get_peft_model(base, config)
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = TrlParser((ScriptArguments, ContextSFTConfig))
+    script_args, training_args = parser.parse_args_and_config(args=argv)
+    if (
+        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
+        and not script_args.overwrite_output_dir
+    ):
+        raise FileExistsError(
+            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
+            "--output_dir."
+        )
+    if script_args.stage == "pretrain" and training_args.a_kl > 0:
+        raise ValueError("a_kl > 0 is for stage 2 (qa); pretraining has no text-RAG teacher.")
+    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.stage)
+    if script_args.max_examples is not None:
+        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    dataset = prepare_rows(dataset, script_args.stage, script_args.top_k)
+    set_seed(training_args.seed)  # the new adapter's initialisation is part of the run's reproducibility
+    model = build_model(script_args)
+    config = model.active_peft_config
+    if script_args.stage == "pretrain":
+        collator = CocomPretrainingCollator(
+            config,
+            tokenizer,
+            autoencode_ratio=script_args.autoencode_ratio,
+            max_target_tokens=script_args.max_target_tokens,
+            max_length=training_args.max_length,
+            seed=training_args.seed,
+        )
+    else:
+        collator = ContextDataCollator(
+            config,
+            tokenizer,
+            task="qa",
+            context_column="contexts",
+            text_column="contexts",
+            distill=training_args.a_kl > 0,
+            max_length=training_args.max_length,
+            seed=training_args.seed,
+        )
+    size = peft_ctx.adapter_size(model)
+    print(
+        f"COCOM{'-light' if config.is_light else ''} adapter: compression rate {config.compression_rate}, "
+        f"{size['parameters']:,} parameters, {size['bytes'] / 2**20:.2f} MiB"
+    )
+    trainer = ContextSFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir))
+    if not trainer.is_world_process_zero():
+        return training_args.output_dir
+    save_adapter(model, training_args.output_dir, overwrite=script_args.overwrite_output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    on_disk = os.path.getsize(os.path.join(training_args.output_dir, "adapter_model.safetensors"))
+    print(
+        f"Saved the COCOM adapter to {training_args.output_dir} ({size['parameters']:,} parameters, "
+        f"adapter_model.safetensors {on_disk / 2**20:.2f} MiB)"
+    )
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,9 @@ def perturb(model, seed=1, scale=0.1):
 
 
 def cocom_model(arch, tokenizer, seed=0, **config_kwargs):
-    base = tiny_model(arch, tokenizer, seed=seed)
+    """A COCOM adapter with random weights (``seed``) on the tiny base model (always the same one)."""
+    base = tiny_model(arch, tokenizer)
+    torch.manual_seed(seed)
     reference = clone(base)
     config = CocomConfig(**{"compression_rate": RATE, "max_passage_tokens": MAX_TOKENS, **config_kwargs})
     return perturb(get_peft_model(base, config), seed=seed + 1), reference

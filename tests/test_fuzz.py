@@ -50,6 +50,36 @@ def test_batched_forward_equals_one_by_one(xrag, tokenizer, batch, padding_side)
             torch.testing.assert_close(logits[i][valid], expected, atol=1e-4, rtol=1e-4)
 
 
+PASSAGE = st.lists(st.sampled_from(WORDS), min_size=1, max_size=40).map(" ".join)
+
+
+@pytest.fixture(scope="module")
+def spring(tokenizer):
+    model = get_peft_model(tiny_model("gemma", tokenizer, seed=5), peft_ctx.SpringConfig(num_virtual_tokens=6))
+    return model.eval()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.lists(st.tuples(questions, st.lists(PASSAGE, min_size=0, max_size=3)), min_size=1, max_size=4),
+    k=st.integers(min_value=0, max_value=6),
+    padding_side=st.sampled_from(["left", "right"]),
+)
+def test_spring_batches_with_any_passages_and_k_equal_one_by_one(spring, tokenizer, batch, k, padding_side):
+    qs = [q for q, _ in batch]
+    docs = [d for _, d in batch]
+    inputs = peft_ctx.prepare_inputs(spring, tokenizer, qs, docs, padding_side=padding_side, num_virtual_tokens=k)
+    mask = inputs.get("context_mask", torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
+    assert mask.sum(1).tolist() == [k if d else 0 for d in docs]
+    with torch.no_grad():
+        logits = spring(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        for i, (q, d) in enumerate(batch):
+            one = peft_ctx.prepare_inputs(spring, tokenizer, [q], [d], num_virtual_tokens=k)
+            valid = inputs["attention_mask"][i].bool()
+            assert torch.equal(inputs["input_ids"][i][valid], one["input_ids"][0])
+            torch.testing.assert_close(logits[i][valid], spring(**one).logits[0], atol=1e-4, rtol=1e-4)
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=batches)
 def test_batched_generation_equals_one_by_one(xrag, tokenizer, batch):

@@ -276,7 +276,8 @@ def test_peft_ctx_load_fetches_the_base_model_tokenizer_and_encoder_named_in_the
 
 
 def test_readme_publishing_section_runs_as_written(published, tokenizer, tmp_path):
-    text = open(os.path.join(REPO, "README.md")).read()
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
     start = text.index("## Publishing to the Hub\n")
     end = text.find("\n## ", start + 1)
     (code,) = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)

@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from .config import ContextConfig
 from .inference import build_examples, collate, text_examples, with_resources
 from .methods import get_method
-from .prompting import IGNORE_INDEX, Slots, pad_examples, pad_token_id, tokenize_parts
+from .prompting import IGNORE_INDEX, pad_examples, pad_token_id, tokenize_parts
 
 # Stage-1 paraphrase instructions (our wording); "{context}" is where the document's slots go.
 PARAPHRASE_TEMPLATES = (
@@ -45,7 +45,8 @@ PARAPHRASE_TEMPLATES = (
 
 def _tensor_docs(value: Any) -> Any:
     # datasets hands stored vectors back as nested lists
-    if isinstance(value, list) and value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], float):
+    is_matrix = isinstance(value, list) and value and isinstance(value[0], list) and value[0]
+    if is_matrix and isinstance(value[0][0], float):
         return torch.tensor(value, dtype=torch.float32)
     return value
 
@@ -225,7 +226,11 @@ def save_adapter(model, output_dir: str, overwrite: bool = False, **kwargs) -> s
 
 
 class ContextSFTTrainer(SFTTrainer):
-    """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG."""
+    """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG.
+
+    With ``push_to_hub=True`` the adapter is published by ``peft_ctx.push_to_hub`` with peft_ctx's model card when
+    ``push_to_hub()`` is called (the Trainer's own push would upload trl's card over ours at every save).
+    """
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -237,11 +242,25 @@ class ContextSFTTrainer(SFTTrainer):
             os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
 
     def __init__(self, *args, **kwargs):
+        from .hub import take_push_settings
+
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self.hub_settings = take_push_settings(training_args) if training_args is not None else None
         super().__init__(*args, **kwargs)
         if hasattr(self.data_collator, "model") and self.data_collator.model is None:
             self.data_collator.model = self.model
         if self.args.a_kl > 0 and not getattr(self.data_collator, "distill", False):
-            raise ValueError("a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True).")
+            raise ValueError(
+                "a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True)."
+            )
+
+    def push_to_hub(self, commit_message: Optional[str] = None, blocking: bool = True, **kwargs):
+        """Publish the adapter with peft_ctx's card; a no-op unless the arguments asked for ``push_to_hub``."""
+        from .hub import push_after_training
+
+        if commit_message is not None:
+            kwargs["commit_message"] = commit_message
+        return push_after_training(self, self.hub_settings, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

@@ -3,6 +3,7 @@
 # dependencies = ["peft-ctx"]
 # ///
 """Train SPRING virtual tokens with trl (the LLM stays frozen; only the [N, d] token matrix learns).
+``--push_to_hub --hub_model_id org/name`` uploads the adapter and its model card at the end.
 
     python train/spring.py --config train/configs/spring.yaml
 
@@ -16,18 +17,17 @@ Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
+from peft_ctx.scripts import load_rows, refuse_existing_adapter, require_columns, train_and_save
 from peft_ctx.spring.model import check_range
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 
@@ -64,15 +64,6 @@ class ScriptArguments:
             )
 
 
-def load_rows(name: str, split: str) -> Dataset:
-    if os.path.isfile(name):
-        return load_dataset("json", data_files=name, split="train")
-    if os.path.isdir(name):
-        data = load_from_disk(name)
-        return data[split] if hasattr(data, "keys") else data
-    return load_dataset(name, split=split)
-
-
 def build_model(script_args: ScriptArguments, base_path: str):
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if script_args.adapter_init:
@@ -95,26 +86,16 @@ def build_model(script_args: ScriptArguments, base_path: str):
 def main(argv: Optional[list[str]] = None) -> str:
     parser = TrlParser((ScriptArguments, ContextSFTConfig))
     script_args, training_args = parser.parse_args_and_config(args=argv)
-    if (
-        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
-        and not script_args.overwrite_output_dir
-    ):
-        raise FileExistsError(
-            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
-            "--output_dir."
-        )
+    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     base_path = resolve(script_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split)
-    missing = [column for column in COLUMNS if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"The dataset lacks the column(s) {missing}; SPRING trains on rows with {list(COLUMNS)}.")
-    if script_args.max_examples is not None:
-        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+    require_columns(dataset, COLUMNS, "SPRING training")
     if script_args.max_passages is not None:
         # Cut here rather than in the collator, so that a distillation teacher (a_kl > 0) reads the same passages.
         limit = script_args.max_passages
         dataset = dataset.map(lambda row: {"contexts": row["contexts"][:limit]}, desc="Keeping the top passages")
+    set_seed(training_args.seed)  # the new tokens' initialisation is part of the run's reproducibility
     model = build_model(script_args, base_path)
     config = model.active_peft_config
     # Checked now rather than at the first batch.
@@ -135,11 +116,9 @@ def main(argv: Optional[list[str]] = None) -> str:
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    model.save_pretrained(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    print(f"Saved the SPRING adapter to {training_args.output_dir}")
-    return training_args.output_dir
+    return train_and_save(
+        trainer, tokenizer, overwrite=script_args.overwrite_output_dir, script_args=script_args, method_title="SPRING"
+    )
 
 
 if __name__ == "__main__":

@@ -21,20 +21,19 @@ Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
-from peft_ctx.hub import push_after_training, take_push_settings
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
+from peft_ctx.scripts import load_rows, refuse_existing_adapter, train_and_save
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 
 STAGES = ("paraphrase", "instruct")
 
@@ -43,7 +42,7 @@ STAGES = ("paraphrase", "instruct")
 class ScriptArguments:
     model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
     encoder_name_or_path: str = field(
-        metadata={"help": "Frozen retriever: sentence-transformers / transformers folder, Hub id or 'all-minilm-l6-v2'."}
+        metadata={"help": "Frozen retriever: sentence-transformers / transformers folder, Hub id, 'all-minilm-l6-v2'."}
     )
     dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
     stage: str = field(default="instruct", metadata={"help": "'paraphrase' (stage 1) or 'instruct' (stage 2)."})
@@ -64,15 +63,6 @@ class ScriptArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
-
-
-def load_rows(name: str, split: str) -> Dataset:
-    if os.path.isfile(name):
-        return load_dataset("json", data_files=name, split="train")
-    if os.path.isdir(name):
-        data = load_from_disk(name)
-        return data[split] if hasattr(data, "keys") else data
-    return load_dataset(name, split=split)
 
 
 def encode_documents(dataset: Dataset, encoder: peft_ctx.Encoder, stage: str, batch_size: int) -> Dataset:
@@ -111,19 +101,10 @@ def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
 def main(argv: Optional[list[str]] = None) -> str:
     parser = TrlParser((ScriptArguments, ContextSFTConfig))
     script_args, training_args = parser.parse_args_and_config(args=argv)
-    if (
-        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
-        and not script_args.overwrite_output_dir
-    ):
-        raise FileExistsError(
-            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
-            "--output_dir."
-        )
+    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
     encoder = peft_ctx.Encoder(resolve(script_args.encoder_name_or_path), pooling=script_args.encoder_pooling)
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split)
-    if script_args.max_examples is not None:
-        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     dataset = encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
     set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
     model = build_model(script_args, encoder)
@@ -139,20 +120,17 @@ def main(argv: Optional[list[str]] = None) -> str:
         max_length=training_args.max_length,
         seed=training_args.seed,
     )
-    hub_settings = take_push_settings(training_args)  # the Trainer's own push would upload PEFT's / trl's card
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir))
-    if not trainer.is_world_process_zero():
-        return training_args.output_dir
-    save_adapter(model, training_args.output_dir, overwrite=script_args.overwrite_output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    print(f"Saved the xRAG adapter to {training_args.output_dir}")
-    push_after_training(
-        trainer, hub_settings, training_config={"script": script_args}, retriever=script_args.encoder_name_or_path
+    return train_and_save(
+        trainer,
+        tokenizer,
+        overwrite=script_args.overwrite_output_dir,
+        script_args=script_args,
+        method_title="xRAG",
+        retriever=script_args.encoder_name_or_path,
     )
-    return training_args.output_dir
 
 
 if __name__ == "__main__":

@@ -16,13 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
-def xrag_args(base_dir, encoder_dir, output_dir, per_device_batch):
-    return [
-        "train/xrag.py", "--config", "train/configs/xrag_stage2.yaml", "--model_name_or_path", str(base_dir),
-        "--encoder_name_or_path", encoder_dir, "--adapter_init", "", "--output_dir", str(output_dir),
-        "--max_steps", "4", "--per_device_train_batch_size", str(per_device_batch), "--learning_rate", "0.01",
-        "--disable_tqdm", "true",
+def script_args(script, base_dir, encoder_dir, output_dir, per_device_batch):
+    common = [
+        "--model_name_or_path", str(base_dir), "--output_dir", str(output_dir), "--max_steps", "4",
+        "--per_device_train_batch_size", str(per_device_batch), "--learning_rate", "0.01", "--disable_tqdm", "true",
+        "--dataset_name", "train/data/example_stage2.jsonl",
     ]  # fmt: skip
+    if script == "xrag":
+        return ["train/xrag.py", "--config", "train/configs/xrag_stage2.yaml", "--encoder_name_or_path", encoder_dir,
+                "--adapter_init", "", *common]  # fmt: skip
+    # A fixed k: the per-batch draw depends on each process's rows, which differ from the one-process batches.
+    return ["train/spring.py", "--config", "train/configs/spring.yaml", "--num_virtual_tokens", "4",
+            "--min_virtual_tokens", "3", "--max_virtual_tokens", "3", *common]  # fmt: skip
 
 
 @pytest.fixture()
@@ -33,15 +38,16 @@ def base_dir(tokenizer, tmp_path):
     return path
 
 
-def test_two_process_ddp_training_gives_the_one_process_adapter(base_dir, encoder_dir, tmp_path):
+@pytest.mark.parametrize("script", ["xrag", "spring"])
+def test_two_process_ddp_training_gives_the_one_process_adapter(script, base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"
-    subprocess.run([sys.executable, *xrag_args(base_dir, encoder_dir, one, 2)], cwd=REPO, env=env, check=True,
+    subprocess.run([sys.executable, *script_args(script, base_dir, encoder_dir, one, 2)], cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
     two = tmp_path / "two"
     launched = subprocess.run(
         [ACCELERATE, "launch", "--config_file", "train/configs/accelerate/ddp.yaml", "--num_processes", "2",
-         *xrag_args(base_dir, encoder_dir, two, 1)],
+         *script_args(script, base_dir, encoder_dir, two, 1)],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]

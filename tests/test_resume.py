@@ -18,14 +18,19 @@ from tests.helpers import tiny_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def script_command(base_dir, encoder_dir, output_dir, *extra):
-    return [
-        sys.executable, os.path.join(REPO, "train", "xrag.py"), "--config", "train/configs/xrag_stage2.yaml",
-        "--model_name_or_path", str(base_dir), "--encoder_name_or_path", encoder_dir, "--adapter_init", "",
-        "--dataset_name", "train/data/example_stage2.jsonl", "--output_dir", str(output_dir),
-        "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size", "2",
-        "--learning_rate", "0.01", "--disable_tqdm", "true", "--dataloader_num_workers", "0", *extra,
+def script_command(script, base_dir, encoder_dir, output_dir, *extra):
+    common = [
+        "--model_name_or_path", str(base_dir), "--dataset_name", "train/data/example_stage2.jsonl",
+        "--output_dir", str(output_dir), "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2",
+        "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--disable_tqdm", "true",
+        "--dataloader_num_workers", "0", *extra,
     ]  # fmt: skip
+    if script == "xrag":
+        return [sys.executable, "train/xrag.py", "--config", "train/configs/xrag_stage2.yaml",
+                "--encoder_name_or_path", encoder_dir, "--adapter_init", "", *common]  # fmt: skip
+    # SPRING draws k per batch: the resumed run must draw what the uninterrupted one drew.
+    return [sys.executable, "train/spring.py", "--config", "train/configs/spring.yaml", "--num_virtual_tokens", "6",
+            *common]  # fmt: skip
 
 
 def adapter_weights(folder):
@@ -40,14 +45,15 @@ def base_dir(tokenizer, tmp_path):
     return path
 
 
-def test_a_sigkilled_run_resumes_to_the_same_adapter(base_dir, encoder_dir, tmp_path):
+@pytest.mark.parametrize("script", ["xrag", "spring"])
+def test_a_sigkilled_run_resumes_to_the_same_adapter(script, base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "uninterrupted"
-    subprocess.run(script_command(base_dir, encoder_dir, reference), cwd=REPO, env=env, check=True,
+    subprocess.run(script_command(script, base_dir, encoder_dir, reference), cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(script_command(base_dir, encoder_dir, killed), cwd=REPO, env=env,
+    process = subprocess.Popen(script_command(script, base_dir, encoder_dir, killed), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.isfile(killed / "checkpoint-4" / COMPLETE_MARKER):
@@ -57,7 +63,7 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(base_dir, encoder_dir, tmp_
     assert last_complete_checkpoint(str(killed)) is not None, "the run never wrote a checkpoint"
     assert not (killed / "adapter_config.json").exists(), "the run finished before it was killed"
 
-    subprocess.run(script_command(base_dir, encoder_dir, killed, "--resume_from_checkpoint", "auto"), cwd=REPO,
+    subprocess.run(script_command(script, base_dir, encoder_dir, killed, "--resume_from_checkpoint", "auto"), cwd=REPO,
                    env=env, check=True, capture_output=True)  # fmt: skip
     expected, resumed = adapter_weights(reference), adapter_weights(killed)
     assert expected.keys() == resumed.keys()

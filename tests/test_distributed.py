@@ -42,8 +42,8 @@ def base_dir(tokenizer, tmp_path):
 def test_two_process_ddp_training_gives_the_one_process_adapter(script, base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"
-    subprocess.run([sys.executable, *script_args(script, base_dir, encoder_dir, one, 2)], cwd=REPO, env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    command = [sys.executable, *script_args(script, base_dir, encoder_dir, one, 2)]
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
     two = tmp_path / "two"
     launched = subprocess.run(
         [ACCELERATE, "launch", "--config_file", "train/configs/accelerate/ddp.yaml", "--num_processes", "2",

@@ -84,8 +84,9 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
 
 
 def test_saving_an_adapter_never_leaves_a_complete_looking_half(tokenizer, tmp_path, monkeypatch):
-    import peft_ctx
     from peft import get_peft_model
+
+    import peft_ctx
 
     model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=8))
     out = tmp_path / "adapter"

@@ -55,7 +55,10 @@ def register(config_cls: type, model_cls: type) -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_CTX) is config_cls and PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_CTX) is model_cls:
+    if (
+        PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_CTX) is config_cls
+        and PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_CTX) is model_cls
+    ):
         return
     try:
         register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)

@@ -32,8 +32,8 @@ def check_adapter_weights(folder: str) -> None:
         pickled = [name for name in _PICKLE_NAMES if os.path.isfile(os.path.join(folder, name))]
         if pickled:
             raise ValueError(
-                f"{os.path.join(folder, pickled[0])} is a pickle file; peft_ctx adapters are safetensors and a pickle is "
-                "never unpickled here (it can run code). Re-save the adapter with save_pretrained (safetensors)."
+                f"{os.path.join(folder, pickled[0])} is a pickle file; peft_ctx adapters are safetensors and a "
+                "pickle is never unpickled here (it can run code). Re-save the adapter with save_pretrained (safetensors)."
             )
         raise ValueError(f"{folder} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
     try:
@@ -44,7 +44,8 @@ def check_adapter_weights(folder: str) -> None:
     except Exception as exc:
         raise ValueError(
             f"{path} is not a valid safetensors file ({exc}); it is truncated, corrupted or was not written by "
-            "save_pretrained (a pickle renamed to .safetensors is refused, never unpickled). Re-save or re-download it."
+            "save_pretrained (a pickle renamed to .safetensors is refused, never unpickled). Re-save or re-download "
+            "it."
         ) from exc
 
 
@@ -114,7 +115,9 @@ class ContextConfig(PeftConfig):
             self.task_type = "CAUSAL_LM"
         super().__post_init__()
         if self.task_type != "CAUSAL_LM":
-            raise ValueError(f"task_type={self.task_type!r} is not supported: peft_ctx adapts causal LMs, use 'CAUSAL_LM'.")
+            raise ValueError(
+                f"task_type={self.task_type!r} is not supported: peft_ctx adapts causal LMs, use 'CAUSAL_LM'."
+            )
         if self.method is None:
             self.method = self.method_name
         if self.method != self.method_name:
@@ -148,7 +151,8 @@ class ContextConfig(PeftConfig):
         if saved.release[:2] > ours.release[:2]:
             raise ValueError(
                 f"This adapter was written by peft_ctx {self.peft_ctx_version}, newer than the installed "
-                f"{__version__}; its format may have changed. Upgrade: pip install -U 'peft-ctx>={saved.base_version}'."
+                f"{__version__}; its format may have changed. Upgrade: "
+                f"pip install -U 'peft-ctx>={saved.base_version}'."
             )
 
     def _check_template(self) -> None:

@@ -1,6 +1,6 @@
 """Convert official research checkpoints into peft_ctx adapters.
 
-    python -m peft_ctx.convert xrag CHECKPOINT_DIR OUTPUT_DIR [--base_model ID] [--embedding_module PATH]
+python -m peft_ctx.convert xrag CHECKPOINT_DIR OUTPUT_DIR [--base_model ID] [--embedding_module PATH]
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("source", help="the official checkpoint (folder or tensor file)")
     parser.add_argument("output_dir", help="where to write the peft_ctx adapter")
     parser.add_argument("--base_model", default=None, help="base model id / folder recorded in the adapter config")
-    parser.add_argument("--embedding_module", default=None, help="input-embedding module path in the base model (default: read from the checkpoint / base config)")
+    parser.add_argument(
+        "--embedding_module",
+        default=None,
+        help="input-embedding module path in the base model (default: read from the checkpoint / base config)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an adapter already in output_dir")
     args = parser.parse_args(argv)
     module_name, function_name = CONVERTERS[args.method]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -57,7 +58,9 @@ def read_sentence_transformers_settings(name_or_path: str, **hub_kwargs) -> Opti
             pooling_cfg = _read_json(name_or_path, f"{module['path']}/config.json", **hub_kwargs) or {}
             modes = [mode for key, mode in _ST_POOLING_KEYS.items() if pooling_cfg.get(key)]
             if len(modes) != 1:
-                raise ValueError(f"{name_or_path!r}: cannot read one pooling mode from its Pooling config {pooling_cfg}.")
+                raise ValueError(
+                    f"{name_or_path!r}: cannot read one pooling mode from its Pooling config {pooling_cfg}."
+                )
             settings["pooling"] = modes[0]
         elif kind == "Normalize":
             settings["normalize"] = True
@@ -163,5 +166,6 @@ class Encoder:
         if expected is not None and expected != self.hidden_size:
             raise ValueError(
                 f"The encoder {self.name_or_path!r} makes {self.hidden_size}-d vectors but the adapter was trained "
-                f"with {expected}-d vectors from {getattr(config, 'retriever_name_or_path', None)!r}; use that encoder."
+                f"with {expected}-d vectors from {getattr(config, 'retriever_name_or_path', None)!r}; use that "
+                "encoder."
             )

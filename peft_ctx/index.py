@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 _KEY = "vectors"
 
 
-def save_vectors(path: str, vectors: torch.Tensor, encoder=None, metadata: Optional[dict] = None,
-                 overwrite: bool = False) -> None:
+def save_vectors(
+    path: str, vectors: torch.Tensor, encoder=None, metadata: Optional[dict] = None, overwrite: bool = False
+) -> None:
     """Write ``vectors`` ([n_docs, d_r]) to a safetensors file, recording the encoder that made them."""
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")

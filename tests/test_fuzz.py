@@ -20,7 +20,9 @@ batches = st.lists(example, min_size=1, max_size=4)
 
 @pytest.fixture(scope="module")
 def xrag(tokenizer):
-    model = get_peft_model(tiny_model("llama", tokenizer, seed=4), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    model = get_peft_model(
+        tiny_model("llama", tokenizer, seed=4), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM)
+    )
     return model.eval()
 
 

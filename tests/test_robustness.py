@@ -113,8 +113,8 @@ def test_adapter_config_from_a_newer_peft_ctx_is_refused(saved_xrag):
 def test_yaml_config_with_unknown_keys_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(
-        "model_name_or_path: x\nencoder_name_or_path: y\ndataset_name: z\noutput_dir: out\nuse_cpu: true\nbf16: false\n"
-        "learning_rat: 0.1\n"
+        "model_name_or_path: x\nencoder_name_or_path: y\ndataset_name: z\noutput_dir: out\n"
+        "use_cpu: true\nbf16: false\nlearning_rat: 0.1\n"
     )
     result = subprocess.run([sys.executable, "train/xrag.py", "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True)  # fmt: skip

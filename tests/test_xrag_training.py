@@ -59,7 +59,11 @@ def make_trainer(model, tokenizer, tmp_path, rows, *, a_kl=0.0, task="qa", steps
         distill=a_kl > 0,
     )
     return ContextSFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
     )
 
 
@@ -191,9 +195,12 @@ def test_converted_official_projector_gives_the_same_embeddings(tokenizer, tmp_p
     convert_official_xrag(str(tmp_path / "official"), str(tmp_path / "adapter"))
     model = PeftModel.from_pretrained(clone(base), tmp_path / "adapter")
     vectors = torch.randn(2, RETRIEVER_DIM)
-    expected = torch.nn.functional.gelu(vectors @ projector["model.projector.projector.0.weight"].T
-                                        + projector["model.projector.projector.0.bias"])
-    expected = expected @ projector["model.projector.projector.2.weight"].T + projector["model.projector.projector.2.bias"]
+    expected = torch.nn.functional.gelu(
+        vectors @ projector["model.projector.projector.0.weight"].T + projector["model.projector.projector.0.bias"]
+    )
+    expected = (
+        expected @ projector["model.projector.projector.2.weight"].T + projector["model.projector.projector.2.bias"]
+    )
     module = model.get_base_model().get_input_embeddings().ctx_modules["default"]
     torch.testing.assert_close(module(vectors), expected)
     assert peft_ctx.generate(model, tokenizer, ["q?"], [vectors], max_new_tokens=2)
@@ -207,8 +214,10 @@ def test_converter_cli_refuses_to_overwrite_and_pickled_objects(tokenizer, tmp_p
     evil = tmp_path / "evil"
     evil.mkdir()
     (evil / "config.json").write_text((tmp_path / "official" / "config.json").read_text())
-    torch.save({"model.projector.projector.0.weight": torch.zeros(1), "payload": object.__new__(Dataset)},
-               evil / "pytorch_model.bin")
+    torch.save(
+        {"model.projector.projector.0.weight": torch.zeros(1), "payload": object.__new__(Dataset)},
+        evil / "pytorch_model.bin",
+    )
     with pytest.raises(ValueError, match="will not unpickle"):
         convert_official_xrag(str(evil), str(tmp_path / "out"))
 

@@ -41,8 +41,10 @@ class XRAGConfig(ContextConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.retriever_hidden_size, int) or isinstance(self.retriever_hidden_size, bool) or (
-            self.retriever_hidden_size < 1
+        if (
+            not isinstance(self.retriever_hidden_size, int)
+            or isinstance(self.retriever_hidden_size, bool)
+            or (self.retriever_hidden_size < 1)
         ):
             raise ValueError(
                 f"retriever_hidden_size={self.retriever_hidden_size!r}: give the encoder's vector size as a positive "

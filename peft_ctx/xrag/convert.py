@@ -41,7 +41,9 @@ def convert_official_xrag(
     if missing:
         raise ValueError(f"{config_path} lacks {missing}: it is not an xRAG checkpoint (no projector settings).")
     if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(
+            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
+        )
 
     tensors = read_checkpoint_tensors(checkpoint_dir, lambda key: _PROJECTOR_KEY.search(key) is not None)
     if not tensors:

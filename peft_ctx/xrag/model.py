@@ -18,7 +18,9 @@ class XRAGMethod(ContextMethod):
     input_names = ("retrieval_embeds",)
 
     def create_module(self, config: XRAGConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
-        return XRAGProjector(config.retriever_hidden_size, int(base_embedding.weight.shape[-1]), config.projector_depth)
+        return XRAGProjector(
+            config.retriever_hidden_size, int(base_embedding.weight.shape[-1]), config.projector_depth
+        )
 
     def check_inputs(self, config: XRAGConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:
         vectors = inputs.get("retrieval_embeds")

@@ -33,7 +33,8 @@ def check_adapter_weights(folder: str) -> None:
         if pickled:
             raise ValueError(
                 f"{os.path.join(folder, pickled[0])} is a pickle file; peft_ctx adapters are safetensors and a "
-                "pickle is never unpickled here (it can run code). Re-save the adapter with save_pretrained (safetensors)."
+                "pickle is never unpickled here (it can run code). Re-save the adapter with save_pretrained "
+                "(safetensors)."
             )
         raise ValueError(f"{folder} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
     try:

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.peft-ctx-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-all lint demo reproduce bench clean
+.PHONY: install test test-all lint demo reproduce bench bench-check clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ reproduce: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# A fresh run compared with the committed baseline by speed-up ratios; fails on a regression.
+bench-check: install
+	$(PY) -m benchmarks.run --out build/bench
+	$(PY) -m benchmarks.check build/bench/bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -62,7 +62,9 @@ def main(argv=None) -> dict:
     from peft_ctx.inference import text_examples
 
     prompts = {
-        "rag_5docs": _inputs(text_examples(template, tokenizer, work.questions[:1], [work.docs_for(0, 5)]), tokenizer, device),
+        "rag_5docs": _inputs(
+            text_examples(template, tokenizer, work.questions[:1], [work.docs_for(0, 5)]), tokenizer, device
+        ),
         "instruction_only": _inputs(text_examples(template, tokenizer, work.questions[:1]), tokenizer, device),
     }
     setups = [(w, c) for w in ("fp32", "bf16", "int8") for c in ("static", "dynamic")] + [("fp32", "generate")]
@@ -114,7 +116,9 @@ def main(argv=None) -> dict:
     for weights in ("bf16", "int8"):
         same, first, max_diff = 0, 0, 0.0
         for i in range(n_acc):
-            inputs = _inputs(text_examples(template, tokenizer, [work.questions[i]], [work.docs_for(i, 1)]), tokenizer, device)
+            inputs = _inputs(
+                text_examples(template, tokenizer, [work.questions[i]], [work.docs_for(i, 1)]), tokenizer, device
+            )
             ref = greedy_generate(fp32, inputs, args.new_tokens).tokens
             got = greedy_generate(variants[weights], inputs, args.new_tokens).tokens
             same += int(torch.equal(ref, got))
@@ -165,7 +169,11 @@ def markdown(result: dict) -> str:
             f"| {r['weights']} | {r['cache']} | {r['prompt']} | {r['prompt_tokens']} | {ttft} | {r['e2e_s']:.3f} | "
             f"{per_token} | {r['weight_bytes'] / 1e6:.0f} |"
         )
-    lines += ["", "| weights | greedy answers identical to fp32 | first token identical | max logit diff |", "|---|---|---|---:|"]
+    lines += [
+        "",
+        "| weights | greedy answers identical to fp32 | first token identical | max logit diff |",
+        "|---|---|---|---:|",
+    ]
     for weights, acc in result["accuracy_vs_fp32"].items():
         lines.append(
             f"| {weights} | {acc['greedy_answers_identical']}/{acc['prompts']} | "

@@ -17,7 +17,8 @@ import json
 import os
 import random
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict
 
@@ -102,7 +103,9 @@ def normalise_rows(records: Iterable[dict[str, Any]], source: str) -> list[dict[
             answers = _as_list(record["answers"].get("text"))
         answers = [a for a in answers if isinstance(a, str) and a.strip()]
         if not answers:
-            raise ValueError(f"{source}: row {i} has no 'answer' / 'answers' text; every row needs a reference answer.")
+            raise ValueError(
+                f"{source}: row {i} has no 'answer' / 'answers' text; every row needs a reference answer."
+            )
         contexts = _as_list(record.get("contexts", record.get("context", record.get("passages"))))
         contexts = [c["text"] if isinstance(c, dict) else c for c in contexts]
         choices = _as_list(record.get("choices"))
@@ -115,7 +118,9 @@ def normalise_rows(records: Iterable[dict[str, Any]], source: str) -> list[dict[
                     f"{source}: row {i} has choices {choices} but no valid 'label' index and its answer "
                     f"{answers[0]!r} is not among them."
                 )
-        row = _row(str(record.get("id", f"{i}")), question.strip(), answers, contexts, choices, label if choices else -1)
+        row = _row(
+            str(record.get("id", f"{i}")), question.strip(), answers, contexts, choices, label if choices else -1
+        )
         if "split" in record:
             row["split"] = record["split"]
         rows.append(row)
@@ -205,7 +210,9 @@ def load_qa(
             name: [r for r in split if sum(len(c) for c in r["contexts"]) <= max_context_chars]
             for name, split in splits.items()
         }
-    return DatasetDict({name: Dataset.from_list(split, features=None) if split else _empty() for name, split in splits.items()})
+    return DatasetDict(
+        {name: Dataset.from_list(split, features=None) if split else _empty() for name, split in splits.items()}
+    )
 
 
 def _empty() -> Dataset:

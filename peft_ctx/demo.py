@@ -23,13 +23,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from . import eval as harness
-from .recipes import StageReport, StageSettings, as_dict, train_qa, train_xrag
+from .recipes import StageReport, StageSettings, as_dict, cut_passage, run_stage, train_qa, train_xrag
 
 DEMO_MARKER = ".peft_ctx_demo"
 
@@ -56,14 +57,14 @@ class Profile:
 PROFILES = {
     "demo": Profile(
         name="demo",
-        n_test=100,
-        n_generate=100,
-        timing_examples=5,
+        n_test=60,
+        n_generate=60,
+        timing_examples=3,
         max_context_chars=1000,
-        xrag_stage1=StageSettings(steps=25, batch_size=8, learning_rate=3e-3, max_chars=200),
-        xrag_stage2=StageSettings(steps=60, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
-        spring=StageSettings(steps=30, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
-        cocom=StageSettings(steps=30, batch_size=4, learning_rate=1e-3),
+        xrag_stage1=StageSettings(steps=20, batch_size=8, learning_rate=3e-3, max_chars=200),
+        xrag_stage2=StageSettings(steps=40, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
+        spring=StageSettings(steps=20, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
+        cocom=StageSettings(steps=20, batch_size=4, learning_rate=1e-3),
         cocom_pretrain=StageSettings(steps=0, batch_size=4, learning_rate=1e-3, max_chars=300),
     ),
     "reproduce": Profile(
@@ -73,9 +74,7 @@ PROFILES = {
         timing_examples=10,
         max_context_chars=1000,
         xrag_stage1=StageSettings(steps=300, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=100),
-        xrag_stage2=StageSettings(
-            steps=600, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=100
-        ),
+        xrag_stage2=StageSettings(steps=600, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=100),
         spring=StageSettings(
             steps=200, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=100
         ),
@@ -96,6 +95,9 @@ class DemoContext:
     corpus: list
     output_dir: str
     profile: Profile
+    # What adapter configs record as their base model and encoder (asset aliases that peft_ctx.assets.resolve knows).
+    base_name: str = "smollm2"
+    encoder_name: str = "all-minilm-l6-v2"
 
     def base_model(self):
         from transformers import AutoModelForCausalLM
@@ -129,14 +131,17 @@ class MethodEntry:
 def _xrag_config(ctx: DemoContext):
     from .xrag import XRAGConfig
 
-    return XRAGConfig(base_model_name_or_path="smollm2", **{**ctx.encoder.describe(), "retriever_name_or_path": "all-minilm-l6-v2"})
+    return XRAGConfig(
+        base_model_name_or_path=ctx.base_name, **{**ctx.encoder.describe(), "retriever_name_or_path": ctx.encoder_name}
+    )
 
 
 def _train_xrag(model, ctx: DemoContext):
     p = ctx.profile
     work = os.path.join(ctx.output_dir, "work", "xrag")
-    return train_xrag(model, ctx.tokenizer, ctx.encoder, ctx.train_rows, ctx.corpus, p.xrag_stage1, p.xrag_stage2,
-                      work, seed=p.seed)
+    return train_xrag(
+        model, ctx.tokenizer, ctx.encoder, ctx.train_rows, ctx.corpus, p.xrag_stage1, p.xrag_stage2, work, seed=p.seed
+    )
 
 
 def _xrag_runner(ctx: DemoContext):
@@ -148,41 +153,79 @@ def _spring_config(ctx: DemoContext):
 
     return SpringConfig(
         num_virtual_tokens=8,
-        base_model_name_or_path="smollm2",
+        base_model_name_or_path=ctx.base_name,
         prompt_template=harness.RAG_TEMPLATE.replace("\nQuestion:", "\n{virtual}Question:"),
     )
 
 
 def _train_spring(model, ctx: DemoContext):
-    return train_qa(model, ctx.tokenizer, ctx.train_rows, ctx.profile.spring,
-                    os.path.join(ctx.output_dir, "work", "spring"), "SPRING (QA)", seed=ctx.profile.seed)
+    return train_qa(
+        model,
+        ctx.tokenizer,
+        ctx.train_rows,
+        ctx.profile.spring,
+        os.path.join(ctx.output_dir, "work", "spring"),
+        "SPRING (QA)",
+        seed=ctx.profile.seed,
+    )
 
 
 def _cocom_config(rate: Optional[int], light: bool = False):
     def make(ctx: DemoContext):
         from .cocom import CocomConfig
 
-        kwargs: dict[str, Any] = {"base_model_name_or_path": "smollm2"}
+        kwargs: dict[str, Any] = {"base_model_name_or_path": ctx.base_name}
         if rate is not None:
             kwargs["compression_rate"] = rate
         if light:
-            kwargs["compressor"] = "all-minilm-l6-v2"
+            kwargs["compressor"] = ctx.encoder.name_or_path  # its weights are copied into the adapter
         return CocomConfig(**kwargs)
 
     return make
 
 
 def _train_cocom(model, ctx: DemoContext):
-    return train_qa(model, ctx.tokenizer, ctx.train_rows, ctx.profile.cocom,
-                    os.path.join(ctx.output_dir, "work", model.active_peft_config.method), "COCOM (QA)",
-                    seed=ctx.profile.seed)
+    """COCOM's two stages: pretraining on Wikipedia text (auto-encoding + continuation), then QA."""
+    from .cocom import CocomPretrainingCollator
+
+    p, config = ctx.profile, model.active_peft_config
+    work = os.path.join(
+        ctx.output_dir, "work", f"cocom-{config.compression_rate}-{'light' if config.is_light else 'llm'}"
+    )
+    reports = []
+    if p.cocom_pretrain.steps > 0:
+        n = min(len(ctx.corpus), p.cocom_pretrain.steps * p.cocom_pretrain.batch_size)
+        rows = [{"text": cut_passage(t, p.cocom_pretrain.max_chars)} for t in ctx.corpus[:n]]
+        collator = CocomPretrainingCollator(config, ctx.tokenizer, seed=p.seed)
+        reports.append(
+            run_stage(
+                model,
+                ctx.tokenizer,
+                rows,
+                p.cocom_pretrain,
+                task="paraphrase",
+                context_column="text",
+                text_column="text",
+                output_dir=os.path.join(work, "pretrain"),
+                name="COCOM pretraining",
+                seed=p.seed,
+                collator=collator,
+            )
+        )
+    return reports + train_qa(model, ctx.tokenizer, ctx.train_rows, p.cocom, work, "COCOM (QA)", seed=p.seed)
 
 
 # The registry: one entry per trained method, in table order. A method plugs in with one entry here.
 METHODS: list[MethodEntry] = [
     MethodEntry("xrag", "xRAG (1 token)", "peft_ctx.xrag", _xrag_config, _train_xrag, _xrag_runner),
-    MethodEntry("spring", "SPRING + RAG", "peft_ctx.spring", _spring_config, _train_spring,
-                lambda ctx: {"options": {"num_virtual_tokens": 8}}),
+    MethodEntry(
+        "spring",
+        "SPRING + RAG",
+        "peft_ctx.spring",
+        _spring_config,
+        _train_spring,
+        lambda ctx: {"options": {"num_virtual_tokens": 8}},
+    ),
     MethodEntry("cocom_xi4", "COCOM xi=4", "peft_ctx.cocom", _cocom_config(4), _train_cocom),
     MethodEntry("cocom_xi16", "COCOM xi=16", "peft_ctx.cocom", _cocom_config(16), _train_cocom),
     MethodEntry("cocom_light", "COCOM-light xi=4", "peft_ctx.cocom", _cocom_config(4, light=True), _train_cocom),
@@ -244,15 +287,25 @@ def _card(model, name: str, entry: MethodEntry, reports: list[StageReport], resu
     except ImportError:
         return
     records = []
-    for setting, row in (("no_retrieval", result["no_retrieval"]), ("text_rag", result["rag"]), ("adapter", result[name])):
+    for setting, row in (
+        ("no_retrieval", result["no_retrieval"]),
+        ("text_rag", result["rag"]),
+        ("adapter", result[name]),
+    ):
         for metric in ("choice_accuracy", "accuracy"):
             if row.get(metric) is not None:
-                records.append({
-                    "dataset": "BIG-bench contextual_parametric_knowledge_conflicts",
-                    "split": "test", "setting": setting, "metric": metric, "score": round(row[metric], 4),
-                    "prompt_tokens": round(row["prompt_tokens"], 1), "seconds": row.get("e2e_s"),
-                    "n": row["n_test"],
-                })
+                records.append(
+                    {
+                        "dataset": "BIG-bench contextual_parametric_knowledge_conflicts",
+                        "split": "test",
+                        "setting": setting,
+                        "metric": metric,
+                        "score": round(row[metric], 4),
+                        "prompt_tokens": round(row["prompt_tokens"], 1),
+                        "seconds": row.get("e2e_s"),
+                        "n": row["n_test"],
+                    }
+                )
     card = make_card(
         model,
         f"peft-ctx-demo/smollm2-135m-instruct-{name.replace('_', '-')}",
@@ -270,6 +323,7 @@ def run(
     methods: Optional[list[str]] = None,
     results_path: Optional[str] = None,
     overwrite: bool = False,
+    overrides: Optional[list[str]] = None,
 ) -> dict:
     from peft import PeftModel, get_peft_model
 
@@ -304,9 +358,12 @@ def run(
             print(f"!! {entry.label} failed and is left out of the table: {failures[entry.name]}", flush=True)
             continue
         for report in reports:
-            print(f"{report.name}: {report.steps} steps x batch {report.batch_size}, lr {report.learning_rate}, "
-                  f"{report.examples} examples, {report.seconds_per_step:.2f} s/step, {report.seconds:.0f} s "
-                  f"(+{report.cache_seconds:.0f} s caching the teacher), final loss {report.final_loss}", flush=True)
+            print(
+                f"{report.name}: {report.steps} steps x batch {report.batch_size}, lr {report.learning_rate}, "
+                f"{report.examples} examples, {report.seconds_per_step:.2f} s/step, {report.seconds:.0f} s "
+                f"(+{report.cache_seconds:.0f} s caching the teacher), final loss {report.final_loss}",
+                flush=True,
+            )
         print(f"saved {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
         trained[entry.name] = (entry, reports, folder)
         del model
@@ -363,7 +420,8 @@ def run(
 
     payload = {
         "profile": profile.name,
-        "task": "BIG-bench contextual_parametric_knowledge_conflicts (test split, seed %d)" % profile.seed,
+        "profile_overrides": list(overrides or []),
+        "task": f"BIG-bench contextual_parametric_knowledge_conflicts (test split, seed {profile.seed})",
         "wall_time_s": round(wall, 1),
         "rows": harness.json_rows(results),
         "controls": harness.json_rows(controls),
@@ -385,10 +443,11 @@ def run(
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     png = harness.plot(
-        results, os.path.join(output_dir, "accuracy_vs_prompt_tokens.png"),
+        results,
+        os.path.join(output_dir, "accuracy_vs_prompt_tokens.png"),
         title=f"SmolLM2-135M-Instruct, contextual_parametric_knowledge_conflicts ({profile.name} profile)",
     )
-    print(f"\nwrote {os.path.join(output_dir, 'results.json')}, {png}, adapters in {os.path.join(output_dir, 'adapters')}")
+    print(f"\nwrote {os.path.join(output_dir, 'results.json')}, {png}; adapters in {output_dir}/adapters")
     if results_path:
         os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
         with open(results_path, "w") as f:
@@ -401,7 +460,9 @@ def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunne
     """xRAG given the NEXT test question's passage: a score this high without the right passage is a shortcut
     (the data always swaps the answer, so "not the remembered answer" is learnable without reading anything)."""
     rows = ctx.test_rows
-    shifted = [dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-shifted") for i, r in enumerate(rows)]
+    shifted = [
+        dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-shifted") for i, r in enumerate(rows)
+    ]
     with_choices = [r for r in shifted if len(r["choices"]) >= 2]
     runner.precompute(model, with_choices)
     scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
@@ -413,24 +474,91 @@ def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunne
     }
 
 
+def auto_threads() -> int:
+    """All cores on an idle machine; one thread when the load already fills the cores. Several threads that compete
+    with other busy processes wait on each other at every operation: on a loaded 2-core machine a 135M model ran
+    10-20x slower with 2 threads than with 1."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return 1 if load >= 0.75 * cores else cores
+
+
+def override(profile: Profile, assignments: list[str]) -> Profile:
+    """A copy of ``profile`` with ``field=value`` / ``stage.field=value`` changes (values are JSON or plain text)."""
+    profile = dataclasses.replace(
+        profile,
+        **{
+            f.name: dataclasses.replace(getattr(profile, f.name))
+            for f in dataclasses.fields(profile)
+            if isinstance(getattr(profile, f.name), StageSettings)
+        },
+    )
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *path, last = key.split(".")
+        target = profile
+        for part in path:
+            target = getattr(target, part, None)
+        if (
+            not sep
+            or target is None
+            or not dataclasses.is_dataclass(target)
+            or last not in {f.name for f in dataclasses.fields(target)}
+        ):
+            stages = [
+                f.name for f in dataclasses.fields(profile) if isinstance(getattr(profile, f.name), StageSettings)
+            ]
+            raise ValueError(
+                f"--set {assignment!r}: write FIELD=VALUE with a Profile field or STAGE.FIELD with STAGE one of "
+                f"{', '.join(stages)} and FIELD a StageSettings field (e.g. xrag_stage2.steps=200)."
+            )
+        setattr(target, last, value)
+    return profile
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m peft_ctx.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--output_dir", default=None, help="default: outputs/<profile>")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(e.name for e in METHODS))
-    parser.add_argument("--results", default=None,
-                        help="also write the results JSON here (reproduce default: benchmarks/results/demo.json)")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of: " + ", ".join(e.name for e in METHODS)
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="also write the results JSON here (reproduce default: benchmarks/results/demo.json)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="reuse an --output_dir the demo did not create")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change the profile, e.g. --set n_test=200 --set xrag_stage2.steps=300 (recorded in the results)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores, or 1 when other processes already keep the cores busy)",
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    profile = PROFILES[args.profile]
+    torch.set_num_threads(args.threads or auto_threads())
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    profile = override(PROFILES[args.profile], args.set)
     results = args.results
     if results is None and profile.name == "reproduce":
         results = os.path.join("benchmarks", "results", "demo.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    return run(profile, args.output_dir or os.path.join("outputs", profile.name), methods, results, args.overwrite)
+    output_dir = args.output_dir or os.path.join("outputs", profile.name)
+    return run(profile, output_dir, methods, results, args.overwrite, overrides=args.set)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -118,7 +119,9 @@ class TextRunner(Runner):
             if contexts is None:
                 parts = [question]
             else:
-                parts = fill_template(self.prompt_template, {"context": ["\n".join(contexts[i])], "question": [question]})
+                parts = fill_template(
+                    self.prompt_template, {"context": ["\n".join(contexts[i])], "question": [question]}
+                )
             out.append(
                 tokenize_parts(
                     tokenizer,
@@ -170,7 +173,7 @@ class AdapterRunner(Runner):
         return [self._prepared[r["id"]] for r in rows]
 
     def examples(self, model, tokenizer, rows, answers=None):
-        _require_contexts(rows)
+        self.precompute(model, rows)  # no-op for rows prepared before timing
         config = model.peft_config[self.adapter_name]
         return build_examples(
             config,
@@ -211,7 +214,11 @@ def _device(model) -> torch.device:
 
 def _batch(runner: Runner, model, tokenizer, examples: list[Example], padding_side: str):
     return collate(
-        runner.config, examples, tokenizer, padding_side=padding_side, max_length=_context_length(model),
+        runner.config,
+        examples,
+        tokenizer,
+        padding_side=padding_side,
+        max_length=_context_length(model),
         device=_device(model),
     )
 
@@ -244,7 +251,12 @@ def _decode(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, runner: Runner, rows: Sequence[dict], max_new_tokens: int = 12, batch_size: int = 8,
+    model,
+    tokenizer,
+    runner: Runner,
+    rows: Sequence[dict],
+    max_new_tokens: int = 12,
+    batch_size: int = 8,
     progress=False,
 ) -> list[str]:
     """Greedy answers, batched with left padding."""
@@ -428,7 +440,9 @@ def plot(results: Sequence[dict], path: str, title: str = "") -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for key, marker, name in (("choice_accuracy", "o", "choice accuracy"), ("accuracy", "s", "generation accuracy")):
-        points = [(r["prompt_tokens"], 100 * r[key], r.get("label", r["method"])) for r in results if r.get(key) is not None]
+        points = [
+            (r["prompt_tokens"], 100 * r[key], r.get("label", r["method"])) for r in results if r.get(key) is not None
+        ]
         if not points:
             continue
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=50, label=name)
@@ -478,8 +492,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--timing_examples", type=int, default=10)
     parser.add_argument("--no_baselines", action="store_true", help="skip the no-retrieval and text-RAG rows")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="method option for prepare_inputs, e.g. num_virtual_tokens=20 (repeatable)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option for prepare_inputs, e.g. num_virtual_tokens=20 (repeatable)",
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
@@ -495,9 +514,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         except json.JSONDecodeError:
             options[key] = value
 
-    import peft_ctx  # noqa: F401  (registers the adapter type with PEFT)
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_ctx  # noqa: F401  (registers the adapter type with PEFT)
 
     from .assets import resolve
     from .data import load_corpus, load_qa

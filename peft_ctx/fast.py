@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,6 +61,7 @@ def greedy_generate(
     cache: str = "static",
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
+    on_token: Optional[Callable[[int], None]] = None,
 ) -> GenerationResult:
     """Greedy decoding with a KV cache; the same tokens as ``model.generate(**inputs, do_sample=False)``.
 
@@ -70,7 +72,10 @@ def greedy_generate(
         max_new_tokens: tokens to generate. With ``eos_token_id`` None every row gets exactly this many (what a
             benchmark wants: all methods then decode the same number of tokens).
         cache: "static" (preallocated, written in place) or "dynamic" (grows by concatenation).
-        eos_token_id: stop a row at this token (later positions hold ``pad_token_id``); stop when all rows have.
+        eos_token_id: stop a row at this token (later positions hold ``pad_token_id``, by default the eos token);
+            stop when all rows have.
+        on_token: called with the step number (0 = the prefill) as soon as each token is chosen, e.g. to read a FLOP
+            counter between prefill and decoding.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
@@ -112,10 +117,11 @@ def greedy_generate(
     n_new = max_new_tokens
     for step in range(max_new_tokens):
         if eos_token_id is not None:
-            if pad_token_id is not None:
-                token = token.masked_fill(finished, pad_token_id)
+            token = token.masked_fill(finished, eos_token_id if pad_token_id is None else pad_token_id)
             finished |= token == eos_token_id
         out[:, step] = token
+        if on_token is not None:
+            on_token(step)
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             n_new = step + 1
             break
@@ -157,9 +163,7 @@ def quantize_int8(model: nn.Module, *, include_lm_head: bool = True) -> nn.Modul
     names = {
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and not _is_adapter_module(name)
-        and (include_lm_head or module is not output)
+        if type(module) is nn.Linear and not _is_adapter_module(name) and (include_lm_head or module is not output)
     }
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize.")

@@ -32,8 +32,14 @@ class ContextMethod:
         """The adapter's trainable module, stored under the adapter's name in the embedding wrapper."""
         raise NotImplementedError
 
-    def inject(self, tuner: nn.Module, model: nn.Module, adapter_name: str, config: ContextConfig,
-               low_cpu_mem_usage: bool = False) -> None:
+    def inject(
+        self,
+        tuner: nn.Module,
+        model: nn.Module,
+        adapter_name: str,
+        config: ContextConfig,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         """Add the adapter's layers beyond its context module (e.g. LoRA on the LLM's linear layers); called once the
         context module exists. Such layers must be PEFT ``BaseTunerLayer``s, so that ``set_adapter``,
         ``disable_adapter`` and ``unload`` reach them."""
@@ -45,7 +51,11 @@ class ContextMethod:
         return ()
 
     def before_forward(
-        self, tuner: nn.Module, adapter_name: str, config: ContextConfig, context_mask: torch.Tensor,
+        self,
+        tuner: nn.Module,
+        adapter_name: str,
+        config: ContextConfig,
+        context_mask: torch.Tensor,
         inputs: dict[str, Any],
     ) -> dict[str, Any]:
         """Runs once per forward / generate call of an enabled adapter, before the model and outside the slot

@@ -9,7 +9,8 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,9 @@ def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, skip_last:
 def choice_accuracy(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
     """Share of questions whose right candidate has the highest score (ties count as wrong)."""
     if len(scores) != len(labels) or not scores:
-        raise ValueError(f"Need one score list per label and at least one question, got {len(scores)} / {len(labels)}.")
+        raise ValueError(
+            f"Need one score list per label and at least one question, got {len(scores)} / {len(labels)}."
+        )
     right = 0
     for row, label in zip(scores, labels):
         if not 0 <= label < len(row):
@@ -135,7 +138,9 @@ def retrieve(
     return indices, scores
 
 
-def retrieval_hit_rate(retrieved: Sequence[Sequence[str]], answers: Sequence, gold: Optional[Sequence] = None) -> float:
+def retrieval_hit_rate(
+    retrieved: Sequence[Sequence[str]], answers: Sequence, gold: Optional[Sequence] = None
+) -> float:
     """Share of questions whose top-k passages contain a reference answer (or, given ``gold`` passage ids per
     question, include one of them)."""
     if not retrieved:

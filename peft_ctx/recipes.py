@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +212,7 @@ class StageReport:
 
 
 def cut_passage(text: str, max_chars: Optional[int]) -> str:
-    """The passage's first sentences, at most ``max_chars`` characters (one cut word-wise if one sentence is longer)."""
+    """The passage's first sentences, at most ``max_chars`` characters (cut word-wise if one sentence is longer)."""
     if max_chars is None or len(text) <= max_chars:
         return text
     head = text[:max_chars]
@@ -234,15 +235,20 @@ def run_stage(
     name: str,
     seed: int = 0,
     teacher_cache_s: float = 0.0,
+    collator=None,
 ) -> StageReport:
-    """Train the active adapter of ``model`` for ``settings.steps`` steps on ``rows`` with the cheaper step."""
+    """Train the active adapter of ``model`` for ``settings.steps`` steps on ``rows`` with the cheaper step.
+
+    ``collator`` replaces the default ``CachedContextCollator`` (e.g. COCOM's pretraining collator); the step computes
+    logits from the first answer position on whatever the padding side.
+    """
     args = ContextSFTConfig(
         output_dir=output_dir,
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="linear",
-        warmup_ratio=settings.warmup_ratio,
+        warmup_steps=int(round(settings.warmup_ratio * settings.steps)),
         a_nll=settings.a_nll,
         a_kl=settings.a_kl,
         kl_temperature=settings.kl_temperature,
@@ -258,7 +264,7 @@ def run_stage(
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    collator = CachedContextCollator(
+    collator = collator or CachedContextCollator(
         model.active_peft_config,
         tokenizer,
         task=task,
@@ -269,7 +275,11 @@ def run_stage(
         method_options=dict(settings.options),
     )
     trainer = CachedContextTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
     )
     from .training import last_complete_checkpoint
 
@@ -317,7 +327,9 @@ def encode_column(encoder, texts: Sequence[str], batch_size: int = 64, desc: str
     """One ``[[d_r floats]]`` entry per text: the retriever's vectors, computed once for every epoch."""
     vectors = []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc):
-        vectors.append(encoder.encode(list(texts[start : start + batch_size]), batch_size=batch_size, show_progress=False))
+        vectors.append(
+            encoder.encode(list(texts[start : start + batch_size]), batch_size=batch_size, show_progress=False)
+        )
     if not vectors:
         return []
     return [[row.tolist()] for row in torch.cat(vectors)]

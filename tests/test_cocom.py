@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
@@ -26,6 +27,7 @@ from peft_ctx.tuner import ContextEmbedding
 from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = "adapter_model.safetensors"
 RATE, MAX_TOKENS = 4, 16
 QUESTIONS = ["Who wrote the report?", "Where is the lighthouse?", "When did the river flood?"]
 PASSAGES = [
@@ -77,14 +79,14 @@ def captured_embeddings(model, inputs):
 
 
 def saved_keys(folder):
-    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(os.path.join(folder, WEIGHTS), framework="pt") as f:
         return set(f.keys())
 
 
 def assert_batch_equals_single(model, tokenizer, questions, contexts):
-    batched = peft_ctx.generate(model, tokenizer, questions, contexts, max_new_tokens=5, batch_size=len(questions))
+    batched = peft_ctx.generate(model, tokenizer, questions, contexts, max_new_tokens=3, batch_size=len(questions))
     single = [
-        peft_ctx.generate(model, tokenizer, [q], [c], max_new_tokens=5, batch_size=1)[0]
+        peft_ctx.generate(model, tokenizer, [q], [c], max_new_tokens=3, batch_size=1)[0]
         for q, c in zip(questions, contexts)
     ]
     assert batched == single
@@ -154,6 +156,7 @@ def test_save_and_load_round_trip_gives_identical_logits(arch, tokenizer, tmp_pa
     assert not any(".default" in k for k in keys)
     assert isinstance(PeftConfig.from_pretrained(tmp_path), CocomConfig)
     loaded = PeftModel.from_pretrained(clone(reference), tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference: LoRA frozen too
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
 
@@ -238,7 +241,9 @@ def test_separate_compressor_and_decoder_loras(tokenizer, tmp_path):
     keys = saved_keys(tmp_path)
     assert any(k.endswith(".lora_A.compressor.weight") for k in keys) and not any("default" in k for k in keys)
     loaded = PeftModel.from_pretrained(clone(reference), tmp_path, adapter_name="other", is_trainable=True)
-    assert set(loaded.get_base_model().model.layers[0].self_attn.q_proj.lora_A) == {"other", "other__compressor"}
+    loaded_q = loaded.get_base_model().model.layers[0].self_attn.q_proj
+    assert set(loaded_q.lora_A) == {"other", "other__compressor"}
+    assert loaded_q.lora_A["other__compressor"].weight.requires_grad  # is_trainable reaches the companion
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
     loaded.delete_adapter("other")
@@ -263,11 +268,12 @@ def test_two_cocom_adapters_on_one_model_switch_with_set_adapter_and_save_apart(
         model.set_adapter("a")
         assert torch.equal(model(**inputs_a).logits, expected_a)
     model.save_pretrained(tmp_path / "both")  # each adapter keeps only its own weights
-    assert saved_keys(tmp_path / "both") == saved_keys(tmp_path / "a")
-    assert saved_keys(tmp_path / "both" / "b") == saved_keys(tmp_path / "b")
+    for name in ("a", "b"):
+        alone, together = load_file(tmp_path / name / WEIGHTS), load_file(tmp_path / "both" / name / WEIGHTS)
+        assert alone.keys() == together.keys() and all(torch.equal(alone[k], together[k]) for k in alone)
 
 
-@pytest.mark.parametrize("rate", [1, 4, 16, 128, 7])
+@pytest.mark.parametrize("rate", [1, 7, 16, 128])  # 4: every other test
 def test_any_compression_rate_gives_ceil_n_over_rate_embeddings_per_passage(rate, tokenizer):
     model, _ = cocom_model("qwen2", tokenizer, compression_rate=rate, max_passage_tokens=128)
     inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES)
@@ -364,16 +370,21 @@ def test_cocom_light_projects_each_group_of_rate_encoder_states(tokenizer, light
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cocom_light_loads_from_the_adapter_alone_after_the_encoder_folder_is_deleted(arch, tokenizer, light_dir,
-                                                                                      tmp_path):
+def test_cocom_light_loads_from_the_adapter_alone_after_the_encoder_folder_is_deleted(
+    arch, tokenizer, light_dir, tmp_path
+):
     model, reference = light_model(arch, tokenizer, str(light_dir))
     inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES)
     with torch.no_grad():
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path / "adapter")
     shutil.rmtree(light_dir)
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    loaded = PeftModel.from_pretrained(clone(reference), tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = PeftModel.from_pretrained(clone(reference), tmp_path / "adapter", low_cpu_mem_usage=arch == "gpt2")
     reloaded = peft_ctx.prepare_inputs(loaded, tokenizer, QUESTIONS, PASSAGES)  # the encoder's tokenizer came along
     for key in inputs:
         assert torch.equal(inputs[key], reloaded[key]), key
@@ -386,8 +397,10 @@ def test_cocom_light_batched_generation_matches_one_by_one_and_its_index_works(t
     assert_batch_equals_single(model, tokenizer, QUESTIONS, PASSAGES)
     index = peft_ctx.compress(model, tokenizer, [p for ps in PASSAGES for p in ps], batch_size=2)
     from_text = peft_ctx.generate(model, tokenizer, QUESTIONS, PASSAGES, max_new_tokens=5)
-    assert peft_ctx.generate(model, tokenizer, QUESTIONS, index.select([[0, 1], [2], [3, 4, 5]]),
-                             max_new_tokens=5) == from_text
+    assert (
+        peft_ctx.generate(model, tokenizer, QUESTIONS, index.select([[0, 1], [2], [3, 4, 5]]), max_new_tokens=5)
+        == from_text
+    )
 
 
 def test_a_config_object_used_twice_copies_the_pretrained_encoder_both_times(tokenizer, light_dir):
@@ -402,33 +415,54 @@ def test_a_config_object_used_twice_copies_the_pretrained_encoder_both_times(tok
 # ---- training -------------------------------------------------------------------------------------------------------
 
 
-def qa_rows(n=8):
+def qa_rows(n=4):
     colours = ["blue", "green", "red", "black"]
     return [
-        {"question": f"What colour is item {i}?", "answer": colours[i % 4],
-         "contexts": [f"Item {i} is {colours[i % 4]}.", f"Item {i} is round."]}
+        {
+            "question": f"What colour is item {i}?",
+            "answer": colours[i % 4],
+            "contexts": [f"Item {i} is {colours[i % 4]}.", f"Item {i} is round."],
+        }
         for i in range(n)
     ]
 
 
 def make_args(tmp_path, steps, lr=1e-2):
     return ContextSFTConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=steps, learning_rate=lr,
-        logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
     )
 
 
 @pytest.mark.parametrize("light", [False, True])
 def test_qa_training_lowers_the_loss_and_changes_only_adapter_parameters(light, tokenizer, light_dir, tmp_path):
     base = tiny_model("llama", tokenizer, initializer_range=0.2)
-    config = CocomConfig(compression_rate=RATE, max_passage_tokens=MAX_TOKENS, lora_dropout=0.0,
-                         compressor=str(light_dir) if light else None)
+    config = CocomConfig(
+        compression_rate=RATE,
+        max_passage_tokens=MAX_TOKENS,
+        lora_dropout=0.0,
+        compressor=str(light_dir) if light else None,
+    )
     model = get_peft_model(base, config)
     before = snapshot(model)
     rows = qa_rows()
     collator = ContextDataCollator(model.active_peft_config, tokenizer)  # the trainer hands it the model
-    trainer = ContextSFTTrainer(model=model, args=make_args(tmp_path, 6), train_dataset=Dataset.from_list(rows),
-                                data_collator=collator, processing_class=tokenizer)
+    trainer = ContextSFTTrainer(
+        model=model,
+        args=make_args(tmp_path, 4),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
     assert collator.model is model
 
     def objective():
@@ -448,14 +482,18 @@ def test_qa_training_lowers_the_loss_and_changes_only_adapter_parameters(light, 
 
 def test_pretraining_mixes_autoencoding_and_continuation_at_the_given_ratio(tokenizer, light_dir):
     model, _ = cocom_model("llama", tokenizer)
-    texts = [f"Passage {i}: the Verrin river floods each spring when the snow melts in the Aldor hills." for i in range(40)]
+    texts = [
+        f"Passage {i}: the Verrin river floods each spring when the snow melts in the Aldor hills." for i in range(40)
+    ]
     rows = [{"text": t} for t in texts]
     collator = CocomPretrainingCollator(model.active_peft_config, tokenizer, model=model, seed=0)
     ids = tokenizer(texts[0], add_special_tokens=False).input_ids
 
     def kinds(batch):
-        return ["autoencode" if (label != IGNORE_INDEX).sum() == MAX_TOKENS + 1 else "continuation"
-                for label in batch["labels"]]
+        return [
+            "autoencode" if (label != IGNORE_INDEX).sum() == MAX_TOKENS + 1 else "continuation"
+            for label in batch["labels"]
+        ]
 
     mixed = kinds(collator(rows))
     assert 8 <= mixed.count("autoencode") <= 32 and "continuation" in mixed
@@ -484,13 +522,55 @@ def test_train_script_pretrains_then_fine_tunes_on_qa(tokenizer, tmp_path, capsy
     passages = tmp_path / "passages.txt"
     passages.write_text("\n".join(p for ps in PASSAGES for p in ps))
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("\n".join(json.dumps({"question": q, "answer": "x", "contexts": c}) for q, c in zip(QUESTIONS, PASSAGES)))
-    common = ["--model_name_or_path", str(base_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
-              "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true"]
-    stage1 = script.main([*common, "--dataset_name", str(passages), "--stage", "pretrain", "--compression_rate", "4",
-                          "--max_passage_tokens", "16", "--output_dir", str(tmp_path / "stage1")])
-    stage2 = script.main([*common, "--dataset_name", str(qa), "--stage", "qa", "--top_k", "2",
-                          "--adapter_init", stage1, "--output_dir", str(tmp_path / "stage2")])
+    qa.write_text(
+        "\n".join(json.dumps({"question": q, "answer": "x", "contexts": c}) for q, c in zip(QUESTIONS, PASSAGES))
+    )
+    common = [
+        "--model_name_or_path",
+        str(base_dir),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+    ]
+    stage1 = script.main(
+        [
+            *common,
+            "--dataset_name",
+            str(passages),
+            "--stage",
+            "pretrain",
+            "--compression_rate",
+            "4",
+            "--max_passage_tokens",
+            "16",
+            "--output_dir",
+            str(tmp_path / "stage1"),
+        ]
+    )
+    stage2 = script.main(
+        [
+            *common,
+            "--dataset_name",
+            str(qa),
+            "--stage",
+            "qa",
+            "--top_k",
+            "2",
+            "--adapter_init",
+            stage1,
+            "--output_dir",
+            str(tmp_path / "stage2"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "adapter: compression rate 4," in out and "parameters" in out
     config = PeftConfig.from_pretrained(stage2)
@@ -527,8 +607,17 @@ def test_an_encoder_without_hidden_states_is_refused(tokenizer, light_dir, tmp_p
 
     folder = tmp_path / "t5"
     bert_tokenizer = AutoTokenizer.from_pretrained(light_dir)
-    T5Model(T5Config(vocab_size=bert_tokenizer.vocab_size, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-                     decoder_start_token_id=0)).save_pretrained(folder)
+    T5Model(
+        T5Config(
+            vocab_size=bert_tokenizer.vocab_size,
+            d_model=16,
+            d_ff=32,
+            d_kv=8,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+        )
+    ).save_pretrained(folder)
     bert_tokenizer.save_pretrained(folder)
     with pytest.raises(ValueError, match="gives no per-token hidden states"):
         get_peft_model(tiny_model("llama", tokenizer), CocomConfig(compressor=str(folder)))
@@ -558,3 +647,25 @@ def test_bad_passages_are_refused_with_the_fix(tokenizer, light_dir):
     collator = ContextDataCollator(light.active_peft_config, tokenizer)  # outside a trainer nobody gives it the model
     with pytest.raises(ValueError, match="pass the model"):
         collator(qa_rows(1))
+
+
+# ---- the README -----------------------------------------------------------------------------------------------------
+
+
+def test_readme_cocom_example_runs_as_written(tokenizer, encoder_dir, tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    text = open(os.path.join(REPO, "README.md")).read()
+    start = text.index("## COCOM\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace = {
+        "base_causal_lm": tiny_model("llama", tokenizer),
+        "other_causal_lm": tiny_model("gpt2", tokenizer),
+        "tokenizer": tokenizer,
+    }
+    exec(compile(code.replace('"path/to/all-MiniLM-L6-v2"', repr(encoder_dir)), "README.md", "exec"), namespace)
+    assert namespace["from_index"] == namespace["answers"] and len(namespace["answers"]) == 2
+    assert len(namespace["index"]) == 3 and os.path.isfile(tmp_path / "cocom-index.safetensors")
+    assert namespace["light_model"].active_peft_config.compressor_config["model_type"] == "bert"

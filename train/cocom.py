@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import TrlParser
@@ -42,7 +42,8 @@ import peft_ctx
 from peft_ctx import assets
 from peft_ctx.assets import resolve
 from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
+from peft_ctx.scripts import load_rows, refuse_existing_adapter, require_columns, train_and_save
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 
 STAGES = ("pretrain", "qa")
 
@@ -62,8 +63,10 @@ class ScriptArguments:
     compression_rate: int = field(default=16, metadata={"help": "New adapter: tokens per context embedding (xi)."})
     compressor: Optional[str] = field(
         default=None,
-        metadata={"help": "New adapter: None = the LLM compresses (COCOM); an encoder folder / Hub id / asset alias "
-                  "('all-minilm-l6-v2') = COCOM-light."},
+        metadata={
+            "help": "New adapter: None = the LLM compresses (COCOM); an encoder folder / Hub id / asset alias "
+            "('all-minilm-l6-v2') = COCOM-light."
+        },
     )
     max_passage_tokens: int = field(default=128, metadata={"help": "New adapter: passages are cut to this length."})
     lora_r: int = field(default=16, metadata={"help": "New adapter: LoRA rank on the LLM (0: LLM frozen)."})
@@ -88,28 +91,23 @@ class ScriptArguments:
             raise ValueError(f"top_k={self.top_k}; give a positive number of passages per question.")
 
 
-def load_rows(name: str, split: str, stage: str) -> Dataset:
+def load_passages(name: str, split: str, max_examples: Optional[int]) -> Dataset:
+    """Stage-1 rows: the offline Wikipedia paragraphs, a text file of passages, or rows with a ``text`` column."""
     if name == "wiki":
         with open(assets.wiki_summaries_path()) as f:
             entries = json.load(f)
         texts = [entry["extract"].strip() for _, entry in sorted(entries.items()) if entry.get("extract", "").strip()]
-        return Dataset.from_dict({"text": texts})
-    if os.path.isfile(name) and stage == "pretrain" and not name.endswith((".json", ".jsonl")):
+    elif os.path.isfile(name) and not name.endswith((".json", ".jsonl")):
         with open(name) as f:
-            return Dataset.from_dict({"text": [line.strip() for line in f if line.strip()]})
-    if os.path.isfile(name):
-        return load_dataset("json", data_files=name, split="train")
-    if os.path.isdir(name):
-        data = load_from_disk(name)
-        return data[split] if hasattr(data, "keys") else data
-    return load_dataset(name, split=split)
+            texts = [line.strip() for line in f if line.strip()]
+    else:
+        return load_rows(name, split, max_examples)
+    return Dataset.from_dict({"text": texts[:max_examples] if max_examples is not None else texts})
 
 
 def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
     needed = ("text",) if stage == "pretrain" else ("question", "answer", "contexts")
-    missing = [c for c in needed if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"Stage {stage!r} needs the columns {needed}; the dataset lacks {missing}.")
+    require_columns(dataset, needed, f"COCOM stage {stage!r}")
     if stage == "pretrain":
         return dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
     dataset = dataset.map(lambda row: {"contexts": [c for c in row["contexts"] if c and c.strip()][:top_k]})
@@ -142,20 +140,14 @@ def build_model(script_args: ScriptArguments):
 def main(argv: Optional[list[str]] = None) -> str:
     parser = TrlParser((ScriptArguments, ContextSFTConfig))
     script_args, training_args = parser.parse_args_and_config(args=argv)
-    if (
-        os.path.isfile(os.path.join(training_args.output_dir, "adapter_config.json"))
-        and not script_args.overwrite_output_dir
-    ):
-        raise FileExistsError(
-            f"{training_args.output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another "
-            "--output_dir."
-        )
+    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     if script_args.stage == "pretrain" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (qa); pretraining has no text-RAG teacher.")
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.stage)
-    if script_args.max_examples is not None:
-        dataset = dataset.select(range(min(script_args.max_examples, len(dataset))))
+    if script_args.stage == "pretrain":
+        dataset = load_passages(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+    else:
+        dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     dataset = prepare_rows(dataset, script_args.stage, script_args.top_k)
     set_seed(training_args.seed)  # the new adapter's initialisation is part of the run's reproducibility
     model = build_model(script_args)
@@ -188,17 +180,14 @@ def main(argv: Optional[list[str]] = None) -> str:
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir))
-    if not trainer.is_world_process_zero():
-        return training_args.output_dir
-    save_adapter(model, training_args.output_dir, overwrite=script_args.overwrite_output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    on_disk = os.path.getsize(os.path.join(training_args.output_dir, "adapter_model.safetensors"))
-    print(
-        f"Saved the COCOM adapter to {training_args.output_dir} ({size['parameters']:,} parameters, "
-        f"adapter_model.safetensors {on_disk / 2**20:.2f} MiB)"
+    title = "COCOM-light" if config.is_light else "COCOM"
+    output_dir = train_and_save(
+        trainer, tokenizer, overwrite=script_args.overwrite_output_dir, script_args=script_args, method_title=title
     )
-    return training_args.output_dir
+    weights = os.path.join(output_dir, "adapter_model.safetensors")
+    if os.path.isfile(weights):
+        print(f"{title} adapter file: {os.path.getsize(weights) / 2**20:.2f} MiB")
+    return output_dir
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ class CocomConfig(ContextConfig):
 
     compression_rate: int = field(
         default=16,
-        metadata={"help": "xi: a passage of n tokens becomes ceil(n / xi) context embeddings (the paper: 4, 16, 128)."},
+        metadata={
+            "help": "xi: a passage of n tokens becomes ceil(n / xi) context embeddings (the paper: 4, 16, 128)."
+        },
     )
     compressor: Optional[str] = field(
         default=None,
@@ -36,7 +38,8 @@ class CocomConfig(ContextConfig):
         },
     )
     max_passage_tokens: int = field(
-        default=128, metadata={"help": "Passages are truncated to this many tokens (compressor tokens) before compression."}
+        default=128,
+        metadata={"help": "Passages are truncated to this many tokens (compressor tokens) before compression."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on the LLM's linear layers; 0 keeps the LLM frozen."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
@@ -84,8 +87,10 @@ class CocomConfig(ContextConfig):
             raise ValueError(f"lora_r={self.lora_r!r}: give a LoRA rank >= 0 (0 keeps the LLM frozen).")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: give a positive number, e.g. 32.")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
-            0 <= self.lora_dropout < 1
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not (0 <= self.lora_dropout < 1)
         ):
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: give a probability in [0, 1).")
         targets = self.lora_target_modules

@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -128,7 +129,9 @@ def check_passage(passage: CompressedPassage, config: CocomConfig, model, where:
             "with this adapter (peft_ctx.compress)."
         )
     if config.base_hidden_size is not None and passage.embeddings.shape[-1] != config.base_hidden_size:
-        raise ValueError(f"{where} has {passage.embeddings.shape[-1]}-d embeddings; the LLM's are {config.base_hidden_size}-d.")
+        raise ValueError(
+            f"{where} has {passage.embeddings.shape[-1]}-d embeddings; the LLM's are {config.base_hidden_size}-d."
+        )
 
 
 class CompressedIndex:

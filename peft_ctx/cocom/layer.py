@@ -33,7 +33,12 @@ class CocomLightCompressor(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, encoder_hidden_size: int, rate: int, hidden_size: int, ae_initial: torch.Tensor,
+        self,
+        encoder: nn.Module,
+        encoder_hidden_size: int,
+        rate: int,
+        hidden_size: int,
+        ae_initial: torch.Tensor,
         tokenizer_blob: Optional[bytes] = None,
     ) -> None:
         super().__init__()
@@ -51,7 +56,9 @@ class CocomLightCompressor(nn.Module):
         if saved is not None and saved.shape != self.tokenizer_blob.shape:
             self.tokenizer_blob = torch.zeros(saved.shape, dtype=torch.uint8, device=self.tokenizer_blob.device)
         self._tokenizer = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     @property
     def tokenizer(self):

@@ -127,7 +127,9 @@ class CocomMethod(ContextMethod):
             rows += int((-(-lengths // config.compression_rate)).sum())
         embeds = inputs.get("cocom_context_embeds")
         if embeds is not None:
-            if embeds.dim() != 2 or (config.base_hidden_size is not None and embeds.shape[1] != config.base_hidden_size):
+            if embeds.dim() != 2 or (
+                config.base_hidden_size is not None and embeds.shape[1] != config.base_hidden_size
+            ):
                 raise ValueError(
                     f"cocom_context_embeds has shape {tuple(embeds.shape)}; expected [n, {config.base_hidden_size}] "
                     "(the LLM's hidden size)."
@@ -142,12 +144,14 @@ class CocomMethod(ContextMethod):
     def before_forward(self, tuner, adapter_name, config: CocomConfig, context_mask, inputs):
         if inputs.get("cocom_passage_ids") is None:
             return inputs
-        compressed = self.compress(tuner, adapter_name, config, inputs["cocom_passage_ids"],
-                                   inputs["cocom_passage_lengths"])
+        compressed = self.compress(
+            tuner, adapter_name, config, inputs["cocom_passage_ids"], inputs["cocom_passage_lengths"]
+        )
         return {**inputs, "cocom_compressed": compressed}
 
-    def compress(self, tuner, adapter_name: str, config: CocomConfig, ids: torch.Tensor,
-                 lengths: torch.Tensor) -> torch.Tensor:
+    def compress(
+        self, tuner, adapter_name: str, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
         """Context embeddings of right-padded passages, every passage's k rows in order.  # [sum k_i, hidden]"""
         module = tuner._context_layer().ctx_modules[adapter_name]
         if config.is_light:
@@ -191,8 +195,10 @@ class CocomMethod(ContextMethod):
         prepared: list[list[Optional[Passage]]] = []
         texts, owners = [], []
         for i, docs in enumerate(contexts):
-            if docs is None or isinstance(docs, (str, torch.Tensor, CompressedPassage)) or not isinstance(
-                docs, (list, tuple)
+            if (
+                docs is None
+                or isinstance(docs, (str, torch.Tensor, CompressedPassage))
+                or not isinstance(docs, (list, tuple))
             ):
                 raise ValueError(
                     f"contexts[{i}] must be a list of passages (strings, or index.select(...) entries), got "
@@ -339,8 +345,9 @@ def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, 
     return rows
 
 
-def _compress_with_llm(model: nn.Module, module: CocomTokens, config: CocomConfig, ids: torch.Tensor,
-                       lengths: torch.Tensor) -> torch.Tensor:
+def _compress_with_llm(
+    model: nn.Module, module: CocomTokens, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
     """COCOM: [<ENC>, passage tokens, k memory tokens] through the LLM; the last hidden states at the memory
     positions are the context embeddings.  # [sum k_i, hidden]"""
     layer = model.get_input_embeddings()

@@ -60,8 +60,10 @@ class CocomPretrainingCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts = [row[self.text_column] for row in rows]
         rng = self._rng(texts)
-        examples = [self.example(text, "autoencode" if rng.random() < self.autoencode_ratio else "continuation")
-                    for text in texts]
+        examples = [
+            self.example(text, "autoencode" if rng.random() < self.autoencode_ratio else "continuation")
+            for text in texts
+        ]
         return collate(self.config, examples, self.tokenizer, padding_side="right", max_length=self.max_length)
 
     def example(self, text: str, task: str):

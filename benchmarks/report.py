@@ -1,0 +1,170 @@
+"""The benchmark's markdown table, its verdict on the issue's targets, and its plot."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# The targets of issue 8, from the papers: xRAG's FLOPs reduction and COCOM's headline speed-up.
+XRAG_E2E_TARGET = 3.53
+COCOM16_TTFT_TARGET = 5.69
+TTFT_BOUND_TOLERANCE = 0.20
+
+
+def _fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    return format(value / scale, spec)
+
+
+def _row(rows: list[dict], method: str, docs: int, batch: int) -> Optional[dict]:
+    for row in rows:
+        if row["method"] == method and row["docs"] == docs and row["batch"] == batch:
+            return row
+    return None
+
+
+def targets(result: dict) -> list[dict]:
+    """Each target: what was asked, what was measured, met or not (None where the rows needed are missing)."""
+    rows = result["rows"]
+    out = []
+    xrag = _row(rows, "xrag", 5, 1)
+    out.append(
+        {
+            "target": f"xRAG end-to-end speed-up >= {XRAG_E2E_TARGET}x at 5 documents, batch 1",
+            "measured": None if xrag is None else f"{xrag['e2e_speedup_vs_rag']:.2f}x",
+            "met": None if xrag is None else xrag["e2e_speedup_vs_rag"] >= XRAG_E2E_TARGET,
+        }
+    )
+    bound = [r for r in rows if r["method"] not in ("rag", "no_retrieval") and r["prompt_token_ratio_vs_rag"] > 1.05]
+    misses = [
+        f"{r['method']} {r['docs']}d b{r['batch']}: {r['ttft_speedup_vs_rag']:.2f}x "
+        f"of {r['prompt_token_ratio_vs_rag']:.2f}x"
+        for r in bound
+        if r["ttft_speedup_vs_rag"] < (1 - TTFT_BOUND_TOLERANCE) * r["prompt_token_ratio_vs_rag"]
+    ]
+    out.append(
+        {
+            "target": "TTFT speed-up within 20% of the prompt-token ratio (rows with shorter prompts than text RAG)",
+            "measured": (
+                f"{len(bound) - len(misses)}/{len(bound)} rows" + (f"; below: {'; '.join(misses)}" if misses else "")
+            )
+            if bound
+            else None,
+            "met": None if not bound else not misses,
+        }
+    )
+    cocom = [r for r in rows if r["method"] == "cocom_xi16" and r["docs"] == 5]
+    out.append(
+        {
+            "target": f"COCOM xi=16 TTFT speed-up >= {COCOM16_TTFT_TARGET}x (5 documents)",
+            "measured": ", ".join(f"batch {r['batch']}: {r['ttft_speedup_vs_rag']:.2f}x" for r in cocom) or None,
+            "met": None if not cocom else all(r["ttft_speedup_vs_rag"] >= COCOM16_TTFT_TARGET for r in cocom),
+        }
+    )
+    batch8 = [r for r in rows if r["batch"] == 8 and r["method"] != "rag"]
+    slower = [
+        f"{r['method']} {r['docs']}d: {r['e2e_speedup_vs_rag']:.2f}x" for r in batch8 if r["e2e_speedup_vs_rag"] < 1
+    ]
+    out.append(
+        {
+            "target": "No method slower than text RAG end to end at batch 8",
+            "measured": ("slower: " + "; ".join(slower))
+            if slower
+            else (f"all {len(batch8)} rows >= 1x" if batch8 else None),
+            "met": None if not batch8 else not slower,
+        }
+    )
+    return out
+
+
+def markdown(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    lines = [
+        f"Model `{s['model']}`, {s['weights']} weights, {s['cache']} KV cache, {s['new_tokens']} generated tokens, "
+        f"{s['doc_tokens']}-token documents, {s['instruction_tokens']}-token instruction; median of {s['repeats']} "
+        f"interleaved runs after a warm-up. Machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} CPUs, "
+        f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before "
+        f"{_fmt_load(m.get('load_average_before'))}, after {_fmt_load(m.get('load_average'))}.",
+        "",
+        "| method | docs | batch | prompt tokens | GFLOPs | TTFT s | e2e s | tokens/s | peak MB | index B/passage "
+        "| encode passages/s | train samples/s | TTFT x | e2e x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        cells = [
+            r["method"],
+            r["docs"],
+            r["batch"],
+            f"{r['prompt_tokens']:.0f}",
+            _fmt(r["flops"], ".1f", 1e9),
+            f"{r['ttft_s']:.3f}",
+            f"{r['e2e_s']:.3f}",
+            f"{r['tokens_per_s']:.1f}",
+            _fmt(r["peak_mem_bytes"], ".0f", 1e6),
+            _fmt(r.get("index_bytes_per_passage"), ".0f"),
+            _fmt(r.get("encode_passages_per_s"), ".1f"),
+            _fmt(r.get("train_samples_per_s"), ".2f"),
+            f"{r['ttft_speedup_vs_rag']:.2f}",
+            f"{r['e2e_speedup_vs_rag']:.2f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "Targets (issue 8):", ""]
+    for t in targets(result):
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        lines.append(f"- {t['target']}: **{verdict}** ({t['measured'] or 'missing rows'})")
+    train = {r["method"]: r for r in result["rows"] if r.get("train_samples_per_s") is not None}
+    if train:
+        lines += ["", "Training throughput (one AdamW step, fp32; `rag` = LoRA SFT on text-RAG prompts):", ""]
+        for name, r in train.items():
+            ratio = r.get("train_speedup_vs_lora_sft")
+            lines.append(
+                f"- {name}: {r['train_samples_per_s']:.2f} samples/s ({_fmt(ratio)}x LoRA SFT), "
+                f"{r['trainable_parameters']:,} trainable parameters: {r['trains']}"
+            )
+    if result.get("skipped_methods"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped_methods"].items())]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in result.get("notes", [])]
+    timing = result.get("timing_s", {})
+    if timing:
+        lines.append(
+            f"- Set-up time, not in any row: model load {timing['load_model']:.1f} s; build + quantize per method "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in timing["build_and_quantize_per_method"].items())
+            + "; first (warm-up) generation per method "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in timing["first_generation_per_method"].items())
+            + f"; whole run {timing['total']:.0f} s."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_load(load) -> str:
+    return "-" if not load else "/".join(f"{x:.2f}" for x in load)
+
+
+def plot(result: dict, path: str) -> None:
+    """Speed-ups vs text RAG (TTFT and end to end) for every method, one panel per (docs, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    groups = sorted({(r["docs"], r["batch"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), sharey=True, squeeze=False)
+    for ax, (docs, batch) in zip(axes[0], groups):
+        xs = range(len(methods))
+        ttft = [(_row(rows, n, docs, batch) or {}).get("ttft_speedup_vs_rag", 0) for n in methods]
+        e2e = [(_row(rows, n, docs, batch) or {}).get("e2e_speedup_vs_rag", 0) for n in methods]
+        ax.bar([x - 0.2 for x in xs], ttft, width=0.4, label="TTFT")
+        ax.bar([x + 0.2 for x in xs], e2e, width=0.4, label="end to end")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(methods, rotation=45, ha="right")
+        ax.set_title(f"{docs} doc{'s' if docs > 1 else ''}, batch {batch}")
+    axes[0][0].set_ylabel("speed-up vs text RAG (x)")
+    axes[0][0].legend()
+    fig.suptitle(f"{result['settings']['model']}, {result['settings']['weights']} weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

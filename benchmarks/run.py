@@ -1,0 +1,422 @@
+"""Speed, memory and index size of every peft_ctx method against text RAG, measured side by side in one process.
+
+    python -m benchmarks.run                      # SmolLM2-135M-Instruct, the xRAG paper's profile (make bench)
+    python -m benchmarks.run --model PATH_OR_ID --methods rag xrag --repeats 5 --out /tmp/bench
+
+Profile (xRAG paper): 1 and 5 documents of 180 tokens, a 54-token instruction, 30 generated tokens, batch 1 and 8.
+Every method decodes with the same loop and the same weights (``peft_ctx.fast``: static KV cache; on CPU, dynamic
+int8 linear layers by default, chosen by ``benchmarks/decoding.py``), the text-RAG baseline included. Per row:
+prompt tokens, FLOPs (FlopCounterMode, checked against 2 x parameters x tokens), time to first token, end-to-end
+latency, tokens/s, peak memory, index bytes per passage and encode throughput; per method the training throughput
+against LoRA SFT on text-RAG prompts. Timings are medians over repetitions after a warm-up, with the methods
+interleaved in every repetition so that a busy machine slows all of them alike; ratios are against text RAG.
+Adapters are freshly initialised unless ``--adapter NAME=DIR`` loads trained ones: speed does not depend on the
+weights, the answers do. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from peft_ctx.fast import CACHES, greedy_generate, quantize_int8, weight_bytes
+
+from . import measure
+from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
+from .methods import REGISTRY, BenchMethod, Env, select
+from .workload import build_workload
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+WEIGHTS = ("auto", "fp32", "bf16", "int8")
+
+
+@dataclass
+class Settings:
+    model: str = DEFAULT_MODEL
+    encoder: Optional[str] = None
+    methods: Optional[list[str]] = None
+    docs: list[int] = field(default_factory=lambda: [1, 5])
+    batch: list[int] = field(default_factory=lambda: [1, 8])
+    doc_tokens: int = 180
+    instruction_tokens: int = 54
+    new_tokens: int = 30
+    repeats: int = 3
+    weights: str = "auto"
+    cache: str = "static"
+    device: str = "auto"
+    threads: Optional[int] = None
+    train_batch: int = 2
+    train_docs: int = 1
+    train_steps: int = 2
+    encode_passages: int = 16
+    skip_training: bool = False
+    skip_memory: bool = False
+    adapters: dict[str, str] = field(default_factory=dict)
+    out: str = RESULTS
+
+    def __post_init__(self):
+        for name in (
+            "doc_tokens",
+            "instruction_tokens",
+            "new_tokens",
+            "repeats",
+            "train_batch",
+            "train_docs",
+            "train_steps",
+            "encode_passages",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)}; give a positive number.")
+        if not self.docs or min(self.docs) < 1 or not self.batch or min(self.batch) < 1:
+            raise ValueError(f"--docs {self.docs} and --batch {self.batch} must be positive numbers.")
+        if self.new_tokens < 2:
+            raise ValueError("--new-tokens must be >= 2: end-to-end time then covers decoding, not only the prefill.")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"--weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}.")
+        if self.cache not in CACHES:
+            raise ValueError(f"--cache={self.cache!r}; choose one of {', '.join(CACHES)}.")
+        unknown = sorted(set(self.adapters) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"--adapter names {unknown} are no benchmark method; choose from {', '.join(REGISTRY)}.")
+
+
+def _weights_for(settings: Settings, device: torch.device) -> str:
+    if settings.weights != "auto":
+        if settings.weights == "int8" and device.type != "cpu":
+            raise ValueError("--weights int8 uses torch's CPU kernels; on a GPU use fp32 or bf16.")
+        return settings.weights
+    # benchmarks/results/decoding.md: int8 decodes fastest on CPU with the same greedy answers; GPUs run bf16.
+    return "int8" if device.type == "cpu" else "bf16"
+
+
+def _prepare_weights(model, weights: str):
+    if weights == "int8":
+        return quantize_int8(model)
+    if weights == "bf16":
+        return model.to(torch.bfloat16)
+    return model
+
+
+class Bench:
+    """One comparison: every method built from the same base model and measured in this process."""
+
+    def __init__(self, settings: Settings, base=None, tokenizer=None, passages=None):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.threads = set_threads(settings.threads) if self.device.type == "cpu" else None
+        start = time.perf_counter()
+        if base is None:
+            base, tokenizer = load_model(settings.model, self.device)
+        self.base, self.tokenizer = base.eval(), tokenizer
+        self.load_s = time.perf_counter() - start
+        self.weights = _weights_for(settings, self.device)
+        import peft_ctx
+
+        template = peft_ctx.XRAGConfig(retriever_hidden_size=1)  # only its prompt template: text RAG's, as in xRAG
+        self.env = Env(
+            tokenizer=tokenizer, template_config=template, device=self.device, encoder_path=settings.encoder
+        )
+        n_examples = max(max(settings.batch), settings.train_batch)
+        self.work = build_workload(
+            tokenizer,
+            template,
+            n_examples=n_examples,
+            max_docs=max(max(settings.docs), settings.train_docs),
+            doc_tokens=settings.doc_tokens,
+            instruction_tokens=settings.instruction_tokens,
+            passages=passages,
+        )
+        self.methods, self.skipped = select(settings.methods)
+        self.models: dict[str, object] = {}
+        self.setup_s: dict[str, float] = {}
+        self.warmup_s: dict[str, float] = {}
+
+    # ---- building -----------------------------------------------------------------------------------------------
+    def _load_adapter(self, method: BenchMethod, model) -> None:
+        path = self.settings.adapters.get(method.name)
+        if path is None:
+            return
+        if not method.adapter:
+            raise ValueError(f"--adapter {method.name}={path}: {method.name} has no adapter to load.")
+        model.load_adapter(path, adapter_name="trained")
+        model.set_adapter("trained")
+        model.delete_adapter(method.name)
+
+    def build(self) -> None:
+        for method in tqdm(self.methods, desc="Building models"):
+            start = time.perf_counter()
+            model = method.build(self.env, copy.deepcopy(self.base))
+            self._load_adapter(method, model)
+            self.models[method.name] = _prepare_weights(model, self.weights).eval()
+            self.setup_s[method.name] = time.perf_counter() - start
+
+    # ---- the index ----------------------------------------------------------------------------------------------
+    def index(self) -> dict[str, dict]:
+        """Per method: bytes per passage on disk and encode throughput, on ``encode_passages`` passages."""
+        passages = self.work.passages[: self.settings.encode_passages]
+        out = {}
+        for method in tqdm(self.methods, desc="Encoding passages"):
+            model = self.models[method.name]
+            method.encode(self.env, model, passages[:2])  # warm-up
+            seconds = []
+            for _ in range(max(1, min(3, self.settings.repeats))):
+                start = time.perf_counter()
+                encoded = method.encode(self.env, model, passages)
+                seconds.append(time.perf_counter() - start)
+            out[method.name] = {
+                "index_bytes_per_passage": encoded.bytes_on_disk() / len(passages),
+                "encode_passages_per_s": len(passages) / median(seconds) if method.encodes else None,
+            }
+        return out
+
+    def _entries(self, method: BenchMethod, docs: int, batch: int) -> tuple[list[str], list[list]]:
+        questions = self.work.questions[:batch]
+        texts = [self.work.docs_for(i, docs) for i in range(batch)]
+        flat = [t for row in texts for t in row]
+        encoded = method.encode(self.env, self.models[method.name], flat).entries
+        return questions, [encoded[i * docs : (i + 1) * docs] for i in range(batch)]
+
+    # ---- inference ----------------------------------------------------------------------------------------------
+    def _generate(self, name: str, inputs: dict):
+        return greedy_generate(self.models[name], inputs, self.settings.new_tokens, cache=self.settings.cache)
+
+    def group(self, docs: int, batch: int) -> list[dict]:
+        """All methods at one (docs, batch) point, timed interleaved."""
+        s = self.settings
+        inputs, rows = {}, {}
+        for method in self.methods:
+            questions, entries = self._entries(method, docs, batch)
+            inputs[method.name] = method.inputs(self.env, self.models[method.name], questions, entries)
+        for method in tqdm(self.methods, desc=f"FLOPs/memory, {docs} docs, batch {batch}", leave=False):
+            name, model, batch_inputs = method.name, self.models[method.name], inputs[method.name]
+            start = time.perf_counter()
+            flops = measure.count_generation_flops(model, batch_inputs, s.new_tokens)  # doubles as the warm-up
+            self.warmup_s.setdefault(name, time.perf_counter() - start)
+            prompt_total = int(batch_inputs["attention_mask"].sum())
+            estimate = measure.flops_estimate(model, prompt_total, batch, s.new_tokens)
+            peak = None
+            if not s.skip_memory:
+                peak = measure.peak_memory_bytes(lambda n=name, x=batch_inputs: self._generate(n, x), self.device)
+            rows[name] = {
+                "method": name,
+                "label": method.label,
+                "docs": docs,
+                "batch": batch,
+                "prompt_tokens": prompt_total / batch,
+                "padded_prompt_tokens": int(batch_inputs["input_ids"].shape[1]),
+                **flops,
+                "flops_estimate_2NT": estimate,
+                "flops_linear_vs_estimate": (flops["flops"] - flops["flops_attention"]) / estimate,
+                "weight_bytes": weight_bytes(model),
+                "peak_activation_bytes": peak,
+                "peak_mem_bytes": None if peak is None else weight_bytes(model) + peak,
+                "_ttft": [],
+                "_e2e": [],
+            }
+        order = list(self.methods)
+        for rep in tqdm(range(s.repeats), desc=f"Timing, {docs} docs, batch {batch}", leave=False):
+            # Rotate the order each repetition: a method never always runs right after the same neighbour.
+            shift = rep % len(order)
+            for method in order[shift:] + order[:shift]:
+                result = self._generate(method.name, inputs[method.name])
+                rows[method.name]["_ttft"].append(result.ttft_s)
+                rows[method.name]["_e2e"].append(result.e2e_s)
+        out = []
+        rag = rows["rag"]
+        for method in self.methods:
+            row = rows[method.name]
+            ttfts, e2es = row.pop("_ttft"), row.pop("_e2e")
+            row["ttft_s"], row["e2e_s"] = median(ttfts), median(e2es)
+            row["ttft_runs_s"], row["e2e_runs_s"] = ttfts, e2es
+            row["tokens_per_s"] = batch * s.new_tokens / row["e2e_s"]
+            row["decode_s_per_token"] = (row["e2e_s"] - row["ttft_s"]) / (s.new_tokens - 1)
+            out.append(row)
+        for row in out:
+            row["ttft_speedup_vs_rag"] = rag["ttft_s"] / row["ttft_s"]
+            row["e2e_speedup_vs_rag"] = rag["e2e_s"] / row["e2e_s"]
+            row["prompt_token_ratio_vs_rag"] = rag["prompt_tokens"] / row["prompt_tokens"]
+            row["flops_ratio_vs_rag"] = rag["flops"] / row["flops"]
+            # Paired ratios (same repetition) are steadier than ratios of medians when the machine's load drifts.
+            row["e2e_speedup_paired_median"] = median(r / m for r, m in zip(rag["e2e_runs_s"], row["e2e_runs_s"]))
+        return out
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def training(self) -> dict[str, dict]:
+        """Samples/s of one optimiser step per method (fp32), against LoRA SFT on text-RAG prompts (row ``rag``)."""
+        s = self.settings
+        questions = self.work.questions[: s.train_batch]
+        passages = [self.work.docs_for(i, s.train_docs) for i in range(s.train_batch)]
+        answers = [_answer(self.tokenizer, p[0], s.new_tokens) for p in passages]
+        steps = {}
+        for method in tqdm(self.methods, desc="Training set-up", leave=False):
+            if method.trains is None:
+                continue
+            model = method.trainable(self.env, copy.deepcopy(self.base).requires_grad_(False))
+            batch = method.train_inputs(self.env, model, questions, passages, answers)
+            step = measure.make_train_step(model, batch)
+            step()  # warm-up (and optimiser state allocation)
+            steps[method.name] = (step, model, method)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        names = list(steps)
+        for rep in tqdm(range(s.train_steps), desc="Training steps", leave=False):
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(measure.timed(steps[name][0], self.device))
+        out = {}
+        lora = median(times["rag"]) if "rag" in times else None
+        for name, (_, model, method) in steps.items():
+            seconds = median(times[name])
+            out[name] = {
+                "train_samples_per_s": s.train_batch / seconds,
+                "train_speedup_vs_lora_sft": None if lora is None else lora / seconds,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "trains": method.trains,
+            }
+        del steps
+        return out
+
+    # ---- everything ---------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        s = self.settings
+        load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        started = time.perf_counter()
+        self.build()
+        index = self.index()
+        rows = []
+        for docs in s.docs:
+            for batch in s.batch:
+                rows.extend(self.group(docs, batch))
+        training = {} if s.skip_training else self.training()
+        for row in rows:
+            row.update(index[row["method"]])
+            row.update(training.get(row["method"], {}))
+            row["weights"] = self.weights
+            row["adapter"] = (
+                "trained"
+                if row["method"] in s.adapters
+                else ("untrained" if REGISTRY[row["method"]].adapter else None)
+            )
+        info = machine()
+        info["load_average_before"] = load_before
+        return {
+            "description": "peft_ctx benchmarks: methods vs text RAG, one process, medians of interleaved runs",
+            "settings": {**asdict(s), "weights": self.weights},
+            "machine": info,
+            "notes": _notes(self, s),
+            "timing_s": {
+                "load_model": self.load_s,
+                "build_and_quantize_per_method": self.setup_s,
+                "first_generation_per_method": self.warmup_s,
+                "total": time.perf_counter() - started + self.load_s,
+            },
+            "skipped_methods": self.skipped,
+            "rows": rows,
+        }
+
+
+def _answer(tokenizer, passage: str, n_tokens: int) -> str:
+    ids = tokenizer(passage, add_special_tokens=False).input_ids[:n_tokens]
+    return tokenizer.decode(ids).strip()
+
+
+def _notes(bench: Bench, s: Settings) -> list[str]:
+    notes = [
+        f"Decoding: peft_ctx.fast.greedy_generate, {s.cache} KV cache, {bench.weights} weights, for every method and "
+        "the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
+        "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
+        "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline.",
+        "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (int8 linear layers and CPU flash "
+        "attention counted like their float kernels; attention counted dense). flops_estimate_2NT = 2 x LLM "
+        "parameters x tokens (+ output head per generated token); flops_linear_vs_estimate compares the non-attention "
+        "count with it.",
+        "peak_mem_bytes = weight_bytes (the model as stored, adapter included) + peak_activation_bytes (peak of "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if bench.device.type == "cuda"
+            else "live tensor bytes from torch.profiler memory events"
+        )
+        + " during one generation: KV cache, activations, logits).",
+        "index_bytes_per_passage: file size of the stored index per passage (text RAG / SPRING: UTF-8 text; xRAG: "
+        "fp32 retriever vectors in safetensors; COCOM: fp32 context embeddings in safetensors).",
+        f"Training: samples/s of one AdamW step, fp32, batch {s.train_batch}, {s.train_docs} document(s) of "
+        f"{s.doc_tokens} tokens and a {s.new_tokens}-token answer; the rag row is LoRA SFT on the text-RAG prompt.",
+    ]
+    if any(REGISTRY[m.name].adapter and m.name not in s.adapters for m in bench.methods):
+        notes.append(
+            "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."
+        )
+    return notes
+
+
+def write_results(result: dict, out: str) -> dict[str, str]:
+    from .report import markdown, plot
+
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, f"bench.{name}") for name in ("json", "md", "png")}
+    with open(paths["json"] + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    with open(paths["md"], "w") as f:
+        f.write(markdown(result))
+    plot(result, paths["png"])
+    return paths
+
+
+def parse_args(argv=None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = Settings()
+    parser.add_argument("--model", default=d.model, help="Model folder, Hub id or peft_ctx asset alias ('smollm2').")
+    parser.add_argument("--encoder", default=None, help="xRAG's retriever / COCOM-light's encoder (default MiniLM).")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of: {' '.join(REGISTRY)} (rag always).")
+    parser.add_argument("--docs", nargs="+", type=int, default=d.docs)
+    parser.add_argument("--batch", nargs="+", type=int, default=d.batch)
+    parser.add_argument("--doc-tokens", type=int, default=d.doc_tokens)
+    parser.add_argument("--instruction-tokens", type=int, default=d.instruction_tokens)
+    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="Timed repetitions after the warm-up.")
+    parser.add_argument("--weights", default=d.weights, choices=WEIGHTS, help="auto: int8 on CPU, bf16 on GPU.")
+    parser.add_argument("--cache", default=d.cache, choices=CACHES)
+    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--train-batch", type=int, default=d.train_batch)
+    parser.add_argument("--train-docs", type=int, default=d.train_docs)
+    parser.add_argument("--train-steps", type=int, default=d.train_steps, help="Timed training steps per method.")
+    parser.add_argument("--encode-passages", type=int, default=d.encode_passages)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR", help="Load a trained adapter for a method."
+    )
+    parser.add_argument("--out", default=d.out, help="Folder for bench.json / bench.md / bench.png.")
+    args = parser.parse_args(argv)
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"--adapter {item!r}: write NAME=DIR, e.g. --adapter xrag=out/xrag-adapter.")
+        adapters[name] = path
+    values = {k: v for k, v in vars(args).items() if k != "adapter"}
+    return Settings(**values, adapters=adapters)
+
+
+def main(argv=None) -> dict:
+    settings = parse_args(argv)
+    result = Bench(settings).run()
+    paths = write_results(result, settings.out)
+    from .report import markdown
+
+    print(markdown(result))
+    print(f"Wrote {', '.join(paths.values())}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The benchmark code runs end to end on a tiny model (nothing here is timed), and the shared fast decoding loop
+gives exactly what transformers' generate gives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_ctx
+from benchmarks import check
+from benchmarks.methods import REGISTRY, select
+from benchmarks.run import Bench, Settings, write_results
+from peft_ctx.fast import greedy_generate, quantize_int8, weight_bytes
+from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, tiny_model
+
+PASSAGES = [
+    f"Passage {i} tells how the harbour town of Vell{i} rebuilt its stone lighthouse after the storm of 18{i}0, and "
+    "who paid for the lamp, the keeper's house and the long road up the cliff."
+    for i in range(12)
+]
+
+
+def xrag_model(arch, tokenizer):
+    return get_peft_model(tiny_model(arch, tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fast_greedy_loop_gives_the_tokens_of_transformers_generate(arch, cache, tokenizer):
+    model = xrag_model(arch, tokenizer)
+    vectors = [torch.randn(2, RETRIEVER_DIM), torch.randn(1, RETRIEVER_DIM)]
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, ["Who?", "Where is the old lighthouse?"], vectors)
+    expected = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    result = greedy_generate(model, inputs, 6, cache=cache)
+    assert torch.equal(result.tokens, expected[:, inputs["input_ids"].shape[1] :])
+    assert 0 < result.ttft_s <= result.e2e_s
+
+
+def test_fast_greedy_loop_stops_each_row_at_eos_and_pads_it(tokenizer):
+    model = tiny_model("llama", tokenizer, initializer_range=0.2)
+    inputs = tokenizer(["Hello there", "Where is the old lighthouse?"], return_tensors="pt", padding=True)
+    free = greedy_generate(model, inputs, 5).tokens
+    eos = int(free[0, 0])  # pretend the first row's first token ends its answer
+    assert eos not in free[1].tolist()  # the second row never produces it, so it runs to the end
+    pad = tokenizer.pad_token_id
+    assert pad != eos
+    result = greedy_generate(model, inputs, 5, eos_token_id=eos, pad_token_id=pad)
+    assert result.tokens[0].tolist() == [eos, pad, pad, pad, pad]
+    assert torch.equal(result.tokens[1], free[1])
+
+
+def test_int8_quantization_leaves_adapter_modules_in_full_precision_and_shrinks_weights(tokenizer):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    model = xrag_model("llama", tokenizer)
+    before = weight_bytes(model)
+    quantize_int8(model, include_lm_head=False)
+    layers = model.get_base_model().model.layers
+    assert all(isinstance(layer.self_attn.q_proj, DynamicInt8Linear) for layer in layers)
+    assert type(model.get_base_model().lm_head) is torch.nn.Linear
+    projector = model.get_base_model().get_input_embeddings().ctx_modules["default"].projector
+    assert {type(m) for m in projector if "Linear" in type(m).__name__} == {torch.nn.Linear}
+    assert weight_bytes(model) < before
+
+
+def test_benchmark_registry_always_includes_text_rag_and_rejects_unknown_methods():
+    chosen, _ = select(["xrag"])
+    assert [m.name for m in chosen] == ["rag", "xrag"]
+    with pytest.raises(ValueError, match="Unknown method"):
+        select(["xrag", "nope"])
+    assert {"no_retrieval", "rag", "xrag", "spring", "cocom_xi16", "cocom_light"} <= set(REGISTRY)
+
+
+def test_benchmark_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="--new-tokens"):
+        Settings(new_tokens=1)
+    with pytest.raises(ValueError, match="--weights"):
+        Settings(weights="fp8")
+    with pytest.raises(ValueError, match="--adapter"):
+        Settings(adapters={"lora": "somewhere"})
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
+    base = tiny_model("llama", tokenizer)
+    base.requires_grad_(False)
+    settings = Settings(
+        methods=["no_retrieval", "rag", "xrag", "spring", "cocom_xi4", "cocom_light"],
+        encoder=encoder_dir,
+        docs=[2],
+        batch=[2],
+        doc_tokens=24,
+        instruction_tokens=50,
+        new_tokens=3,
+        repeats=1,
+        weights="int8",
+        device="cpu",
+        train_batch=2,
+        train_steps=1,
+        encode_passages=3,
+        out=str(tmp_path_factory.mktemp("bench")),
+    )
+    result = Bench(settings, base=base, tokenizer=tokenizer, passages=PASSAGES).run()
+    return result, write_results(result, settings.out)
+
+
+def test_benchmark_writes_a_row_per_method_docs_and_batch_with_the_issue_fields(tiny_result):
+    result, paths = tiny_result
+    with open(paths["json"]) as f:
+        saved = json.load(f)
+    rows = saved["rows"]
+    assert [(r["method"], r["docs"], r["batch"]) for r in rows] == [
+        (m, 2, 2) for m in ("no_retrieval", "rag", "xrag", "spring", "cocom_xi4", "cocom_light")
+    ]
+    required = {
+        "method",
+        "docs",
+        "batch",
+        "prompt_tokens",
+        "flops",
+        "ttft_s",
+        "e2e_s",
+        "peak_mem_bytes",
+        "index_bytes_per_passage",
+        "ttft_speedup_vs_rag",
+        "e2e_speedup_vs_rag",
+    }
+    assert all(required <= set(r) for r in rows)
+    assert saved["machine"]["torch"] == torch.__version__
+    assert any("untrained" in note for note in saved["notes"])
+    open(paths["png"], "rb").close()
+    assert "| xrag |" in open(paths["md"]).read()
+
+
+def test_benchmark_figures_are_consistent(tiny_result):
+    result, _ = tiny_result
+    rows = {r["method"]: r for r in result["rows"]}
+    rag, xrag = rows["rag"], rows["xrag"]
+    assert rag["ttft_speedup_vs_rag"] == 1.0 and rag["e2e_speedup_vs_rag"] == 1.0
+    # xRAG puts one slot where text RAG puts a whole document: fewer prompt tokens and fewer FLOPs.
+    assert xrag["prompt_tokens"] < rag["prompt_tokens"]
+    assert xrag["flops"] < rag["flops"]
+    assert rows["no_retrieval"]["index_bytes_per_passage"] == 0
+    assert rows["rag"]["index_bytes_per_passage"] > 24  # the passage's UTF-8 text
+    assert rows["xrag"]["index_bytes_per_passage"] >= 4 * RETRIEVER_DIM  # one fp32 vector
+    assert rows["cocom_xi4"]["encode_passages_per_s"] > 0 and rows["rag"]["encode_passages_per_s"] is None
+    for row in result["rows"]:
+        assert row["flops_prefill"] + row["flops_decode"] == row["flops"]
+        if row["method"].startswith("cocom"):  # its decoder LoRA adds FLOPs that the base-model estimate leaves out
+            assert row["flops_linear_vs_estimate"] > 1
+        else:
+            assert 0.95 < row["flops_linear_vs_estimate"] < 1.05, row["method"]
+        assert row["peak_mem_bytes"] > row["weight_bytes"] > 0
+        assert row["e2e_s"] >= row["ttft_s"] > 0
+    assert rows["rag"]["train_speedup_vs_lora_sft"] == 1.0
+    assert rows["xrag"]["train_samples_per_s"] > 0
+    assert rows["no_retrieval"].get("train_samples_per_s") is None
+
+
+def test_regression_check_passes_an_identical_run_and_fails_a_slower_method(tiny_result, tmp_path):
+    result, paths = tiny_result
+    assert check.main([paths["json"], "--baseline", paths["json"]]) == 0
+    slower = json.loads(json.dumps(result))
+    for row in slower["rows"]:
+        if row["method"] == "xrag":
+            row["e2e_speedup_vs_rag"] *= 0.5
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps(slower))
+    assert check.main([str(path), "--baseline", paths["json"]]) == 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -210,7 +211,9 @@ def generate_baseline(
             examples = text_examples(
                 config, tokenizer, questions[start:stop], None if contexts is None else contexts[start:stop]
             )
-            inputs = collate(config, examples, tokenizer, max_length=_context_length(model), device=_model_device(model))
+            inputs = collate(
+                config, examples, tokenizer, max_length=_context_length(model), device=_model_device(model)
+            )
             output = model.generate(**inputs, **gen_kwargs)
             answers.extend(_decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     return answers

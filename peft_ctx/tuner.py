@@ -110,7 +110,8 @@ class ContextEmbedding(nn.Module, BaseTunerLayer):
         if slots.shape != (n_slots, embeds.shape[-1]):
             raise ValueError(
                 f"The prompt has {n_slots} context slots but the adapter produced {slots.shape[0]} embeddings of size "
-                f"{slots.shape[-1]} (model hidden size {embeds.shape[-1]}); each document needs its slots in the prompt."
+                f"{slots.shape[-1]} (model hidden size {embeds.shape[-1]}); each document needs its slots in the "
+                "prompt."
             )
         # Out of place so that gradients reach the adapter module through the scattered rows only.
         return embeds.masked_scatter(context_mask.unsqueeze(-1).to(embeds.device), slots.to(embeds.device))
@@ -317,7 +318,8 @@ class ContextModel(BaseTuner):
             if given:
                 raise ValueError(
                     f"{', '.join(given)} given but the prompt has no context slots (context_mask is "
-                    f"{'missing' if context_mask is None else 'all False'}); build inputs with peft_ctx.prepare_inputs."
+                    f"{'missing' if context_mask is None else 'all False'}); build inputs with "
+                    "peft_ctx.prepare_inputs."
                 )
             yield
             return

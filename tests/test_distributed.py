@@ -25,6 +25,10 @@ def script_args(script, base_dir, encoder_dir, output_dir, per_device_batch):
     if script == "xrag":
         return ["train/xrag.py", "--config", "train/configs/xrag_stage2.yaml", "--encoder_name_or_path", encoder_dir,
                 "--adapter_init", "", *common]  # fmt: skip
+    if script == "cocom":
+        # No LoRA dropout: each process draws its own dropout masks, which no one-process run reproduces.
+        return ["train/cocom.py", "--config", "train/configs/cocom_qa.yaml", "--adapter_init", "",
+                "--compression_rate", "4", "--lora_r", "4", "--lora_dropout", "0", *common]  # fmt: skip
     # A fixed k: the per-batch draw depends on each process's rows, which differ from the one-process batches.
     return ["train/spring.py", "--config", "train/configs/spring.yaml", "--num_virtual_tokens", "4",
             "--min_virtual_tokens", "3", "--max_virtual_tokens", "3", *common]  # fmt: skip
@@ -38,7 +42,7 @@ def base_dir(tokenizer, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("script", ["xrag", "spring"])
+@pytest.mark.parametrize("script", ["xrag", "spring", "cocom"])
 def test_two_process_ddp_training_gives_the_one_process_adapter(script, base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"

@@ -90,3 +90,28 @@ def test_batched_generation_equals_one_by_one(xrag, tokenizer, batch):
     together = peft_ctx.generate(xrag, tokenizer, qs, docs, max_new_tokens=4, batch_size=len(qs))
     alone = [peft_ctx.generate(xrag, tokenizer, [q], [d], max_new_tokens=4)[0] for q, d in zip(qs, docs)]
     assert together == alone
+
+
+@pytest.fixture(scope="module")
+def cocom(tokenizer):
+    config = peft_ctx.CocomConfig(compression_rate=3, max_passage_tokens=24, lora_r=4)
+    return get_peft_model(tiny_model("qwen2", tokenizer, seed=6), config).eval()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.lists(st.tuples(questions, st.lists(PASSAGE, min_size=1, max_size=3)), min_size=1, max_size=3),
+    padding_side=st.sampled_from(["left", "right"]),
+)
+def test_cocom_batches_with_any_passage_counts_and_lengths_equal_one_by_one(cocom, tokenizer, batch, padding_side):
+    qs = [q for q, _ in batch]
+    docs = [d for _, d in batch]
+    inputs = peft_ctx.prepare_inputs(cocom, tokenizer, qs, docs, padding_side=padding_side)
+    with torch.no_grad():
+        logits = cocom(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        for i, (q, d) in enumerate(batch):
+            one = peft_ctx.prepare_inputs(cocom, tokenizer, [q], [d])
+            valid = inputs["attention_mask"][i].bool()
+            assert torch.equal(inputs["input_ids"][i][valid], one["input_ids"][0])
+            assert torch.equal(inputs["context_mask"][i][valid], one["context_mask"][0])
+            torch.testing.assert_close(logits[i][valid], cocom(**one).logits[0], atol=1e-4, rtol=1e-4)

@@ -28,6 +28,10 @@ def script_command(script, base_dir, encoder_dir, output_dir, *extra):
     if script == "xrag":
         return [sys.executable, "train/xrag.py", "--config", "train/configs/xrag_stage2.yaml",
                 "--encoder_name_or_path", encoder_dir, "--adapter_init", "", *common]  # fmt: skip
+    if script == "cocom":
+        # LoRA dropout stays on: the resumed run must restore the RNG state the checkpoint saved.
+        return [sys.executable, "train/cocom.py", "--config", "train/configs/cocom_qa.yaml", "--adapter_init", "",
+                "--compression_rate", "4", "--lora_r", "4", *common]  # fmt: skip
     # SPRING draws k per batch: the resumed run must draw what the uninterrupted one drew.
     return [sys.executable, "train/spring.py", "--config", "train/configs/spring.yaml", "--num_virtual_tokens", "6",
             *common]  # fmt: skip
@@ -45,7 +49,7 @@ def base_dir(tokenizer, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("script", ["xrag", "spring"])
+@pytest.mark.parametrize("script", ["xrag", "spring", "cocom"])
 def test_a_sigkilled_run_resumes_to_the_same_adapter(script, base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "uninterrupted"

@@ -18,60 +18,75 @@ from tests.helpers import RETRIEVER_DIM, clone, tiny_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture()
-def saved_xrag(tokenizer, tmp_path):
+METHODS = {
+    "xrag": lambda: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
+    "spring": lambda: peft_ctx.SpringConfig(num_virtual_tokens=4),
+    "cocom": lambda: peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=16, lora_r=2),
+}
+
+
+@pytest.fixture(params=sorted(METHODS))
+def saved_adapter(request, tokenizer, tmp_path):
     base = tiny_model("llama", tokenizer)
     reference = clone(base)
-    model = get_peft_model(base, peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    model = get_peft_model(base, METHODS[request.param]())
     model.save_pretrained(tmp_path / "adapter")
     return model, reference, tmp_path / "adapter"
 
 
+def encoder_for(model, encoder):
+    """xRAG reads passages through a retriever; SPRING and COCOM read the text themselves."""
+    return encoder if isinstance(model.active_peft_config, peft_ctx.XRAGConfig) else None
+
+
 @pytest.mark.parametrize("bad", ["", "   ", None, 42, ["nested"]])
-def test_empty_or_non_string_passages_are_refused(tokenizer, encoder, saved_xrag, bad):
-    model, _, _ = saved_xrag
+def test_empty_or_non_string_passages_are_refused(tokenizer, encoder, saved_adapter, bad):
+    model, _, _ = saved_adapter
     with pytest.raises(ValueError, match=r"contexts\[0\]\[1\]"):
-        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [["a fine passage", bad]], encoder=encoder)
+        peft_ctx.prepare_inputs(
+            model, tokenizer, ["q?"], [["a fine passage", bad]], encoder=encoder_for(model, encoder)
+        )
 
 
-def test_a_question_longer_than_the_model_context_is_refused(tokenizer, saved_xrag):
-    model, _, _ = saved_xrag
+def test_a_question_longer_than_the_model_context_is_refused(tokenizer, encoder, saved_adapter):
+    model, _, _ = saved_adapter
     question = "why " * 1100
     with pytest.raises(ValueError, match=r"more than max_length=1024 \(the model's context\)"):
-        peft_ctx.prepare_inputs(model, tokenizer, [question], [torch.randn(1, RETRIEVER_DIM)])
+        peft_ctx.prepare_inputs(model, tokenizer, [question], [["a passage"]], encoder=encoder_for(model, encoder))
 
 
-def test_more_documents_than_fit_are_refused(tokenizer, saved_xrag):
-    model, _, _ = saved_xrag
+def test_more_documents_than_fit_are_refused(tokenizer, encoder, saved_adapter):
+    model, _, _ = saved_adapter
+    passages = [f"passage number {i} about the river" for i in range(1100)]
     with pytest.raises(ValueError, match="more than max_length=1024"):
-        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [torch.randn(1100, RETRIEVER_DIM)])
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [passages], encoder=encoder_for(model, encoder))
 
 
-def test_adapter_on_a_base_with_another_vocabulary_is_refused(tokenizer, saved_xrag):
-    _, _, path = saved_xrag
+def test_adapter_on_a_base_with_another_vocabulary_is_refused(tokenizer, saved_adapter):
+    _, _, path = saved_adapter
     other = tiny_model("llama", tokenizer)
     other.resize_token_embeddings(len(tokenizer) + 64)
     with pytest.raises(ValueError, match=f"{len(tokenizer)}-token vocabulary .* {len(tokenizer) + 64} embedding rows"):
         PeftModel.from_pretrained(other, path)
 
 
-def test_truncated_safetensors_are_refused(saved_xrag):
-    _, reference, path = saved_xrag
+def test_truncated_safetensors_are_refused(saved_adapter):
+    _, reference, path = saved_adapter
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a valid safetensors file .* truncated"):
         PeftModel.from_pretrained(clone(reference), path)
 
 
-def test_corrupted_safetensors_are_refused(saved_xrag):
-    _, reference, path = saved_xrag
+def test_corrupted_safetensors_are_refused(saved_adapter):
+    _, reference, path = saved_adapter
     (path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         PeftModel.from_pretrained(clone(reference), path)
 
 
-def test_a_pickle_where_safetensors_are_expected_is_refused_and_never_unpickled(saved_xrag, tmp_path):
-    _, reference, path = saved_xrag
+def test_a_pickle_where_safetensors_are_expected_is_refused_and_never_unpickled(saved_adapter, tmp_path):
+    _, reference, path = saved_adapter
     marker = tmp_path / "unpickled"
 
     class Payload:
@@ -89,8 +104,8 @@ def test_a_pickle_where_safetensors_are_expected_is_refused_and_never_unpickled(
     assert not marker.exists()
 
 
-def test_load_adapter_checks_weights_too(saved_xrag, tmp_path):
-    model, _, path = saved_xrag
+def test_load_adapter_checks_weights_too(saved_adapter, tmp_path):
+    model, _, path = saved_adapter
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
@@ -100,8 +115,8 @@ def test_load_adapter_checks_weights_too(saved_xrag, tmp_path):
         model.load_adapter(broken, adapter_name="broken")
 
 
-def test_adapter_config_from_a_newer_peft_ctx_is_refused(saved_xrag):
-    _, reference, path = saved_xrag
+def test_adapter_config_from_a_newer_peft_ctx_is_refused(saved_adapter):
+    _, reference, path = saved_adapter
     config = json.loads((path / "adapter_config.json").read_text())
     config["peft_ctx_version"] = "9.1.0"
     config["some_future_field"] = True

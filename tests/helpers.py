@@ -80,3 +80,27 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def positions(inputs: dict) -> torch.Tensor:
+    """Position ids for a padded batch: a plain forward of an absolute-position model needs them with left padding
+    (generate derives them from the attention mask itself).  # [batch, seq]"""
+    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+
+def captured_embeddings(model, inputs: dict) -> torch.Tensor:
+    """What the peft_ctx embedding layer hands to the transformer in one forward.  # [batch, seq, hidden]"""
+    layer = model.get_base_model().get_input_embeddings()
+    captured = {}
+    handle = layer.register_forward_hook(lambda mod, args, out: captured.setdefault("embeds", out))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return captured["embeds"]
+
+
+def context_module(model, adapter_name: str = "default") -> torch.nn.Module:
+    """An adapter's own module (projector, virtual tokens, compressor parts) inside the embedding wrapper."""
+    return model.get_base_model().get_input_embeddings().ctx_modules[adapter_name]

@@ -13,7 +13,7 @@ import peft_ctx
 from benchmarks import check
 from benchmarks.methods import REGISTRY, select
 from benchmarks.run import Bench, Settings, write_results
-from peft_ctx.fast import greedy_generate, quantize_int8, weight_bytes
+from peft_ctx.fast import convert_weights, greedy_generate, quantize_linear, weight_bytes
 from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, tiny_model
 
 PASSAGES = [
@@ -52,18 +52,27 @@ def test_fast_greedy_loop_stops_each_row_at_eos_and_pads_it(tokenizer):
     assert torch.equal(result.tokens[1], free[1])
 
 
-def test_int8_quantization_leaves_adapter_modules_in_full_precision_and_shrinks_weights(tokenizer):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+@pytest.mark.parametrize("dtype", [torch.float16, torch.qint8])
+def test_quantized_linear_layers_leave_adapter_modules_in_full_precision_and_shrink_weights(dtype, tokenizer):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
     model = xrag_model("llama", tokenizer)
+    body = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight"))
     before = weight_bytes(model)
-    quantize_int8(model, include_lm_head=False)
+    quantize_linear(model, dtype, include_lm_head=False)
     layers = model.get_base_model().model.layers
-    assert all(isinstance(layer.self_attn.q_proj, DynamicInt8Linear) for layer in layers)
+    assert all(isinstance(layer.self_attn.q_proj, DynamicQuantizedLinear) for layer in layers)
     assert type(model.get_base_model().lm_head) is torch.nn.Linear
     projector = model.get_base_model().get_input_embeddings().ctx_modules["default"].projector
     assert {type(m) for m in projector if "Linear" in type(m).__name__} == {torch.nn.Linear}
-    assert weight_bytes(model) < before
+    assert before - weight_bytes(model) == body * (4 - (2 if dtype == torch.float16 else 1))
+
+
+def test_fp16_weights_keep_the_greedy_answers_of_fp32(tokenizer):
+    model = tiny_model("llama", tokenizer, initializer_range=0.2)
+    inputs = tokenizer(["Where is the old lighthouse?"], return_tensors="pt")
+    expected = greedy_generate(model, inputs, 6).tokens
+    assert torch.equal(greedy_generate(convert_weights(model, "fp16w"), inputs, 6).tokens, expected)
 
 
 def test_benchmark_registry_always_includes_text_rag_and_rejects_unknown_methods():
@@ -96,7 +105,7 @@ def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
         instruction_tokens=50,
         new_tokens=3,
         repeats=1,
-        weights="int8",
+        weights="fp16w",
         device="cpu",
         train_batch=2,
         train_steps=1,

@@ -24,7 +24,7 @@ from peft_ctx.methods import get_method
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 from peft_ctx.tuner import ContextEmbedding
-from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_model
+from tests.helpers import ARCHITECTURES, captured_embeddings, changed, clone, positions, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "adapter_model.safetensors"
@@ -62,20 +62,6 @@ def light_model(arch, tokenizer, compressor, seed=0, **config_kwargs):
 
 def module_of(model, name="default"):
     return model.get_base_model().get_input_embeddings().ctx_modules[name]
-
-
-def positions(inputs):
-    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-
-
-def captured_embeddings(model, inputs):
-    layer = model.get_base_model().get_input_embeddings()
-    captured = {}
-    handle = layer.register_forward_hook(lambda mod, args, out: captured.setdefault("embeds", out))
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    return captured["embeds"]
 
 
 def saved_keys(folder):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 import peft_ctx
-from tests.helpers import RETRIEVER_DIM, tiny_model
+from tests.helpers import RETRIEVER_DIM, positions, tiny_model
 
 WORDS = ["river", "lighthouse", "report", "who", "when", "1874", "Ada", "spring", "flood", "north", "é", "日本", "?"]
 
@@ -30,10 +30,6 @@ def vectors(n_docs, seed):
     return torch.randn(n_docs, RETRIEVER_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def positions(mask):
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=batches, padding_side=st.sampled_from(["left", "right"]))
 def test_batched_forward_equals_one_by_one(xrag, tokenizer, batch, padding_side):
@@ -42,7 +38,7 @@ def test_batched_forward_equals_one_by_one(xrag, tokenizer, batch, padding_side)
     inputs = peft_ctx.prepare_inputs(xrag, tokenizer, qs, docs, padding_side=padding_side)
     assert inputs["context_mask"].sum(1).tolist() == [n for _, n, _ in batch]
     with torch.no_grad():
-        logits = xrag(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        logits = xrag(**inputs, position_ids=positions(inputs)).logits
         for i, (q, d) in enumerate(zip(qs, docs)):
             one = peft_ctx.prepare_inputs(xrag, tokenizer, [q], [d])
             valid = inputs["attention_mask"][i].bool()
@@ -74,7 +70,7 @@ def test_spring_batches_with_any_passages_and_k_equal_one_by_one(spring, tokeniz
     mask = inputs.get("context_mask", torch.zeros_like(inputs["input_ids"], dtype=torch.bool))
     assert mask.sum(1).tolist() == [k if d else 0 for d in docs]
     with torch.no_grad():
-        logits = spring(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        logits = spring(**inputs, position_ids=positions(inputs)).logits
         for i, (q, d) in enumerate(batch):
             one = peft_ctx.prepare_inputs(spring, tokenizer, [q], [d], num_virtual_tokens=k)
             valid = inputs["attention_mask"][i].bool()
@@ -108,7 +104,7 @@ def test_cocom_batches_with_any_passage_counts_and_lengths_equal_one_by_one(coco
     docs = [d for _, d in batch]
     inputs = peft_ctx.prepare_inputs(cocom, tokenizer, qs, docs, padding_side=padding_side)
     with torch.no_grad():
-        logits = cocom(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+        logits = cocom(**inputs, position_ids=positions(inputs)).logits
         for i, (q, d) in enumerate(batch):
             one = peft_ctx.prepare_inputs(cocom, tokenizer, [q], [d])
             valid = inputs["attention_mask"][i].bool()

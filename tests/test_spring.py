@@ -23,7 +23,16 @@ from peft_ctx.spring.convert import convert_official_spring
 from peft_ctx.spring.convert import main as convert_cli
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
 from peft_ctx.tuner import ContextEmbedding
-from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, changed, clone, snapshot, tiny_model
+from tests.helpers import (
+    ARCHITECTURES,
+    RETRIEVER_DIM,
+    captured_embeddings,
+    changed,
+    clone,
+    positions,
+    snapshot,
+    tiny_model,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 6
@@ -43,20 +52,6 @@ def spring_model(arch, tokenizer, seed=0, n=N, **config_kwargs):
 
 def tokens_of(model):
     return model.get_base_model().get_input_embeddings().ctx_modules[model.active_adapter].virtual_tokens
-
-
-def positions(inputs):
-    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-
-
-def captured_embeddings(model, inputs):
-    layer = model.get_base_model().get_input_embeddings()
-    captured = {}
-    handle = layer.register_forward_hook(lambda mod, args, out: captured.setdefault("embeds", out))
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    return captured["embeds"]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

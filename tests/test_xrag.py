@@ -10,7 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 import peft_ctx
 from peft_ctx.tuner import ContextEmbedding
-from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, clone, tiny_model
+from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, captured_embeddings, clone, positions, tiny_model
 
 QUESTIONS = ["Who wrote the report?", "Where is the lighthouse?", "When did the river flood?"]
 
@@ -25,10 +25,6 @@ def xrag_model(arch, tokenizer, seed=0, **config_kwargs):
 def random_vectors(counts, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(n, RETRIEVER_DIM, generator=generator) for n in counts]
-
-
-def positions(inputs):
-    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -48,12 +44,7 @@ def test_slots_hold_projected_vectors_and_every_other_position_is_the_base_embed
     inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
     layer = model.get_base_model().get_input_embeddings()
     assert isinstance(layer, ContextEmbedding)
-    captured = {}
-    handle = layer.register_forward_hook(lambda mod, args, out: captured.setdefault("embeds", out))
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    embeds, mask = captured["embeds"], inputs["context_mask"]
+    embeds, mask = captured_embeddings(model, inputs), inputs["context_mask"]
     base_embeds = reference.get_input_embeddings()(inputs["input_ids"])
     assert torch.equal(embeds[~mask], base_embeds[~mask])
     projector = layer.ctx_modules["default"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,8 +17,9 @@ def _prod(shape) -> int:
     return math.prod(int(s) for s in shape)
 
 
-# FlopCounterMode knows fp32 matmuls but neither torch's dynamic-int8 linear nor the CPU flash-attention kernel that
-# SDPA picks on CPU; these formulas count them like their float counterparts (2 FLOPs per multiply-add).
+# FlopCounterMode knows float matmuls but neither torch's dynamic fp16 / int8 linear layers nor the CPU
+# flash-attention kernel that SDPA picks on CPU; these formulas count them like their float counterparts (2 FLOPs per
+# multiply-add).
 def _linear_dynamic_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * _prod(x_shape) * int(out_shape[-1])  # [..., in] @ [in, out]
 
@@ -31,8 +33,9 @@ def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) 
 def _custom_flops() -> dict:
     mapping = {}
     quantized = getattr(torch.ops, "quantized", None)
-    if quantized is not None and hasattr(quantized, "linear_dynamic"):
-        mapping[quantized.linear_dynamic] = _linear_dynamic_flops
+    for name in ("linear_dynamic", "linear_dynamic_fp16"):
+        if quantized is not None and hasattr(quantized, name):
+            mapping[getattr(quantized, name)] = _linear_dynamic_flops
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
     return mapping
@@ -41,26 +44,60 @@ def _custom_flops() -> dict:
 ATTENTION_OPS = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "bmm")
 
 
-def count_generation_flops(model, inputs, new_tokens: int) -> dict:
-    """FLOPs of one greedy generation: prefill (prompt -> first token), decode (the rest), and the attention part."""
+def profile_generation(
+    model, inputs, new_tokens: int, cache: str, device: torch.device, memory: bool = True
+) -> tuple[dict, Optional[int]]:
+    """FLOPs of a greedy generation of ``new_tokens`` tokens (prefill = prompt -> first token, decode = the rest, and
+    the attention part) and, with ``memory``, the peak bytes of tensors it allocates (see ``peak_memory_bytes``).
+
+    Only the prefill and two decoding steps run (counted op by op, which is slow): a decoding step's FLOPs grow
+    linearly with the number of cached positions, so two steps give every later one exactly. Peak memory comes from
+    the same short run: a static cache is allocated whole before the prefill, so later steps add one token's
+    activations at most (a dynamic cache grows by a few more positions).
+    """
     counter = FlopCounterMode(display=False, custom_mapping=_custom_flops())
-    marks = {}
+    marks: list[int] = []
+    attention_marks: list[int] = []
+
+    def attention_so_far() -> int:
+        by_op = counter.get_flop_counts().get("Global", {})
+        return sum(v for op, v in by_op.items() if any(name in str(op) for name in ATTENTION_OPS))
 
     def on_token(step: int) -> None:
-        if step == 0:
-            marks["prefill"] = counter.get_total_flops()
+        marks.append(counter.get_total_flops())
+        attention_marks.append(attention_so_far())
 
-    with counter:
-        greedy_generate(model, inputs, new_tokens, on_token=on_token)
-    total = counter.get_total_flops()
-    by_op = counter.get_flop_counts().get("Global", {})
-    attention = sum(v for op, v in by_op.items() if any(name in str(op) for name in ATTENTION_OPS))
-    return {
-        "flops": int(total),
-        "flops_prefill": int(marks["prefill"]),
-        "flops_decode": int(total - marks["prefill"]),
+    def run() -> None:
+        with counter:
+            greedy_generate(
+                model,
+                inputs,
+                min(new_tokens, 3),
+                cache=cache,
+                on_token=on_token,
+                cache_length=inputs["input_ids"].shape[1] + new_tokens,  # the shapes of the full generation
+            )
+
+    peak = peak_memory_bytes(run, device) if memory else run()
+
+    def extrapolate(values: list[int]) -> tuple[int, int]:
+        prefill = values[0]
+        steps = [b - a for a, b in zip(values, values[1:])]  # FLOPs of each decoding step that ran
+        n_steps = new_tokens - 1
+        if len(steps) < 2 or n_steps <= len(steps):
+            return prefill, sum(steps[:n_steps])
+        first, growth = steps[0], steps[1] - steps[0]
+        return prefill, n_steps * first + growth * n_steps * (n_steps - 1) // 2
+
+    prefill, decode = extrapolate(marks)
+    attention = sum(extrapolate(attention_marks))
+    flops = {
+        "flops": int(prefill + decode),
+        "flops_prefill": int(prefill),
+        "flops_decode": int(decode),
         "flops_attention": int(attention),
     }
+    return flops, peak
 
 
 def flops_estimate(model, prompt_tokens_total: int, batch: int, new_tokens: int) -> int:

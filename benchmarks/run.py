@@ -4,8 +4,9 @@
     python -m benchmarks.run --model PATH_OR_ID --methods rag xrag --repeats 5 --out /tmp/bench
 
 Profile (xRAG paper): 1 and 5 documents of 180 tokens, a 54-token instruction, 30 generated tokens, batch 1 and 8.
-Every method decodes with the same loop and the same weights (``peft_ctx.fast``: static KV cache; on CPU, dynamic
-int8 linear layers by default, chosen by ``benchmarks/decoding.py``), the text-RAG baseline included. Per row:
+Every method decodes with the same loop and the same weights (``peft_ctx.fast``; by default the set-up that
+``benchmarks/decoding.py`` found fastest with fp32's answers, recorded in ``results/decoding.json``), the text-RAG
+baseline included. Per row:
 prompt tokens, FLOPs (FlopCounterMode, checked against 2 x parameters x tokens), time to first token, end-to-end
 latency, tokens/s, peak memory, index bytes per passage and encode throughput; per method the training throughput
 against LoRA SFT on text-RAG prompts. Timings are medians over repetitions after a warm-up, with the methods
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from peft_ctx.fast import CACHES, greedy_generate, quantize_int8, weight_bytes
+from peft_ctx.fast import CACHES, WEIGHT_FORMATS, convert_weights, greedy_generate, weight_bytes
 
 from . import measure
 from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
@@ -35,7 +36,7 @@ from .methods import REGISTRY, BenchMethod, Env, select
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-WEIGHTS = ("auto", "fp32", "bf16", "int8")
+WEIGHTS = ("auto",) + WEIGHT_FORMATS
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Settings:
     new_tokens: int = 30
     repeats: int = 3
     weights: str = "auto"
-    cache: str = "static"
+    cache: str = "auto"
     device: str = "auto"
     threads: Optional[int] = None
     train_batch: int = 2
@@ -81,28 +82,33 @@ class Settings:
             raise ValueError("--new-tokens must be >= 2: end-to-end time then covers decoding, not only the prefill.")
         if self.weights not in WEIGHTS:
             raise ValueError(f"--weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}.")
-        if self.cache not in CACHES:
-            raise ValueError(f"--cache={self.cache!r}; choose one of {', '.join(CACHES)}.")
+        if self.cache not in ("auto",) + CACHES:
+            raise ValueError(f"--cache={self.cache!r}; choose auto or one of {', '.join(CACHES)}.")
         unknown = sorted(set(self.adapters) - set(REGISTRY))
         if unknown:
             raise ValueError(f"--adapter names {unknown} are no benchmark method; choose from {', '.join(REGISTRY)}.")
 
 
+def recommended_setup(device: torch.device, model: str) -> dict:
+    """The decoding set-up ``benchmarks/decoding.py`` recommends for this model on CPU; fp32 / static cache when it
+    was not run for this model. GPUs use bf16 weights."""
+    if device.type != "cpu":
+        return {"weights": "bf16", "cache": "static", "source": "GPU default"}
+    path = os.path.join(RESULTS, "decoding.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            decoding = json.load(f)
+        if decoding.get("model") == model and decoding.get("recommended"):
+            return {**decoding["recommended"], "source": path}
+    return {"weights": "fp32", "cache": "static", "source": "default (no decoding.json for this model)"}
+
+
 def _weights_for(settings: Settings, device: torch.device) -> str:
     if settings.weights != "auto":
-        if settings.weights == "int8" and device.type != "cpu":
-            raise ValueError("--weights int8 uses torch's CPU kernels; on a GPU use fp32 or bf16.")
+        if settings.weights in ("fp16w", "int8") and device.type != "cpu":
+            raise ValueError(f"--weights {settings.weights} uses torch's CPU kernels; on a GPU use fp32 or bf16.")
         return settings.weights
-    # benchmarks/results/decoding.md: int8 decodes fastest on CPU with the same greedy answers; GPUs run bf16.
-    return "int8" if device.type == "cpu" else "bf16"
-
-
-def _prepare_weights(model, weights: str):
-    if weights == "int8":
-        return quantize_int8(model)
-    if weights == "bf16":
-        return model.to(torch.bfloat16)
-    return model
+    return recommended_setup(device, settings.model)["weights"]
 
 
 class Bench:
@@ -118,6 +124,9 @@ class Bench:
         self.base, self.tokenizer = base.eval(), tokenizer
         self.load_s = time.perf_counter() - start
         self.weights = _weights_for(settings, self.device)
+        self.cache = settings.cache
+        if self.cache == "auto":
+            self.cache = recommended_setup(self.device, settings.model)["cache"]
         import peft_ctx
 
         template = peft_ctx.XRAGConfig(retriever_hidden_size=1)  # only its prompt template: text RAG's, as in xRAG
@@ -136,6 +145,7 @@ class Bench:
         )
         self.methods, self.skipped = select(settings.methods)
         self.models: dict[str, object] = {}
+        self.entries: dict[str, list] = {}
         self.setup_s: dict[str, float] = {}
         self.warmup_s: dict[str, float] = {}
 
@@ -155,38 +165,41 @@ class Bench:
             start = time.perf_counter()
             model = method.build(self.env, copy.deepcopy(self.base))
             self._load_adapter(method, model)
-            self.models[method.name] = _prepare_weights(model, self.weights).eval()
+            self.models[method.name] = convert_weights(model, self.weights).eval()
             self.setup_s[method.name] = time.perf_counter() - start
 
     # ---- the index ----------------------------------------------------------------------------------------------
     def index(self) -> dict[str, dict]:
-        """Per method: bytes per passage on disk and encode throughput, on ``encode_passages`` passages."""
-        passages = self.work.passages[: self.settings.encode_passages]
+        """Encode every workload passage once per method (kept for the inference rows); report bytes per passage on
+        disk and the encode throughput, timed on the first ``encode_passages`` passages after a warm-up."""
+        passages = self.work.passages
+        n_timed = min(self.settings.encode_passages, len(passages))
         out = {}
         for method in tqdm(self.methods, desc="Encoding passages"):
             model = self.models[method.name]
             method.encode(self.env, model, passages[:2])  # warm-up
-            seconds = []
-            for _ in range(max(1, min(3, self.settings.repeats))):
-                start = time.perf_counter()
-                encoded = method.encode(self.env, model, passages)
-                seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            timed = method.encode(self.env, model, passages[:n_timed])
+            seconds = time.perf_counter() - start
+            rest = method.encode(self.env, model, passages[n_timed:]).entries if n_timed < len(passages) else []
+            self.entries[method.name] = timed.entries + rest
             out[method.name] = {
-                "index_bytes_per_passage": encoded.bytes_on_disk() / len(passages),
-                "encode_passages_per_s": len(passages) / median(seconds) if method.encodes else None,
+                "index_bytes_per_passage": timed.bytes_on_disk() / n_timed,
+                "encode_passages_per_s": n_timed / seconds if method.encodes else None,
             }
         return out
 
     def _entries(self, method: BenchMethod, docs: int, batch: int) -> tuple[list[str], list[list]]:
-        questions = self.work.questions[:batch]
-        texts = [self.work.docs_for(i, docs) for i in range(batch)]
-        flat = [t for row in texts for t in row]
-        encoded = method.encode(self.env, self.models[method.name], flat).entries
-        return questions, [encoded[i * docs : (i + 1) * docs] for i in range(batch)]
+        """Questions and their looked-up index entries (example i reads passages ``Workload.docs_for(i, docs)``)."""
+        position = {text: i for i, text in enumerate(self.work.passages)}
+        entries = [
+            [self.entries[method.name][position[text]] for text in self.work.docs_for(i, docs)] for i in range(batch)
+        ]
+        return self.work.questions[:batch], entries
 
     # ---- inference ----------------------------------------------------------------------------------------------
     def _generate(self, name: str, inputs: dict):
-        return greedy_generate(self.models[name], inputs, self.settings.new_tokens, cache=self.settings.cache)
+        return greedy_generate(self.models[name], inputs, self.settings.new_tokens, cache=self.cache)
 
     def group(self, docs: int, batch: int) -> list[dict]:
         """All methods at one (docs, batch) point, timed interleaved."""
@@ -198,13 +211,13 @@ class Bench:
         for method in tqdm(self.methods, desc=f"FLOPs/memory, {docs} docs, batch {batch}", leave=False):
             name, model, batch_inputs = method.name, self.models[method.name], inputs[method.name]
             start = time.perf_counter()
-            flops = measure.count_generation_flops(model, batch_inputs, s.new_tokens)  # doubles as the warm-up
+            # One untimed run counts FLOPs and peak memory together; it is also this method's warm-up.
+            flops, peak = measure.profile_generation(
+                model, batch_inputs, s.new_tokens, self.cache, self.device, memory=not s.skip_memory
+            )
             self.warmup_s.setdefault(name, time.perf_counter() - start)
             prompt_total = int(batch_inputs["attention_mask"].sum())
             estimate = measure.flops_estimate(model, prompt_total, batch, s.new_tokens)
-            peak = None
-            if not s.skip_memory:
-                peak = measure.peak_memory_bytes(lambda n=name, x=batch_inputs: self._generate(n, x), self.device)
             rows[name] = {
                 "method": name,
                 "label": method.label,
@@ -308,7 +321,7 @@ class Bench:
         info["load_average_before"] = load_before
         return {
             "description": "peft_ctx benchmarks: methods vs text RAG, one process, medians of interleaved runs",
-            "settings": {**asdict(s), "weights": self.weights},
+            "settings": {**asdict(s), "weights": self.weights, "cache": self.cache},
             "machine": info,
             "notes": _notes(self, s),
             "timing_s": {
@@ -329,11 +342,11 @@ def _answer(tokenizer, passage: str, n_tokens: int) -> str:
 
 def _notes(bench: Bench, s: Settings) -> list[str]:
     notes = [
-        f"Decoding: peft_ctx.fast.greedy_generate, {s.cache} KV cache, {bench.weights} weights, for every method and "
-        "the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
+        f"Decoding: peft_ctx.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every method "
+        "and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
         "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
         "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline.",
-        "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (int8 linear layers and CPU flash "
+        "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (quantized linear layers and CPU flash "
         "attention counted like their float kernels; attention counted dense). flops_estimate_2NT = 2 x LLM "
         "parameters x tokens (+ output head per generated token); flops_linear_vs_estimate compares the non-attention "
         "count with it.",
@@ -382,8 +395,10 @@ def parse_args(argv=None) -> Settings:
     parser.add_argument("--instruction-tokens", type=int, default=d.instruction_tokens)
     parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
     parser.add_argument("--repeats", type=int, default=d.repeats, help="Timed repetitions after the warm-up.")
-    parser.add_argument("--weights", default=d.weights, choices=WEIGHTS, help="auto: int8 on CPU, bf16 on GPU.")
-    parser.add_argument("--cache", default=d.cache, choices=CACHES)
+    parser.add_argument(
+        "--weights", default=d.weights, choices=WEIGHTS, help="auto: decoding.json's pick on CPU, bf16 on GPU."
+    )
+    parser.add_argument("--cache", default=d.cache, choices=("auto",) + CACHES)
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--train-batch", type=int, default=d.train_batch)

@@ -62,9 +62,9 @@ PROFILES = {
         timing_examples=3,
         max_context_chars=1000,
         xrag_stage1=StageSettings(steps=20, batch_size=8, learning_rate=3e-3, max_chars=200),
-        xrag_stage2=StageSettings(steps=40, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
-        spring=StageSettings(steps=20, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
-        cocom=StageSettings(steps=20, batch_size=4, learning_rate=1e-3),
+        xrag_stage2=StageSettings(steps=30, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
+        spring=StageSettings(steps=12, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
+        cocom=StageSettings(steps=10, batch_size=4, learning_rate=1e-3),
         cocom_pretrain=StageSettings(steps=0, batch_size=4, learning_rate=1e-3, max_chars=300),
     ),
     "reproduce": Profile(
@@ -78,8 +78,8 @@ PROFILES = {
         spring=StageSettings(
             steps=200, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=100
         ),
-        cocom=StageSettings(steps=200, batch_size=4, learning_rate=1e-3, save_steps=100),
-        cocom_pretrain=StageSettings(steps=100, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=100),
+        cocom=StageSettings(steps=120, batch_size=4, learning_rate=1e-3, save_steps=60),
+        cocom_pretrain=StageSettings(steps=60, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=60),
     ),
 }
 
@@ -233,13 +233,14 @@ METHODS: list[MethodEntry] = [
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
-def _prepare_output_dir(path: str, overwrite: bool) -> None:
+def _prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> None:
     if os.path.isdir(path) and os.listdir(path):
         if not (overwrite or os.path.exists(os.path.join(path, DEMO_MARKER))):
             raise FileExistsError(
                 f"{path} holds files the demo did not write; pick another --output_dir or pass --overwrite."
             )
-        for name in ("adapters", "work"):
+        # work/ holds the training checkpoints; --resume keeps them so a killed run goes on where it stopped.
+        for name in ("adapters",) if resume else ("adapters", "work"):
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, DEMO_MARKER), "w") as f:
@@ -324,6 +325,7 @@ def run(
     results_path: Optional[str] = None,
     overwrite: bool = False,
     overrides: Optional[list[str]] = None,
+    resume: bool = False,
 ) -> dict:
     from peft import PeftModel, get_peft_model
 
@@ -331,7 +333,7 @@ def run(
 
     wall_start = time.perf_counter()
     torch.manual_seed(profile.seed)
-    _prepare_output_dir(output_dir, overwrite)
+    _prepare_output_dir(output_dir, overwrite, resume)
     ctx = load_context(profile, output_dir)
     entries = [e for e in METHODS if methods is None or e.name in methods]
     unknown = sorted(set(methods or []) - {e.name for e in METHODS})
@@ -537,6 +539,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     parser.add_argument("--overwrite", action="store_true", help="reuse an --output_dir the demo did not create")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoints of a killed run in the same --output_dir (profiles with save_steps)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -558,7 +565,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results = os.path.join("benchmarks", "results", "demo.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     output_dir = args.output_dir or os.path.join("outputs", profile.name)
-    return run(profile, output_dir, methods, results, args.overwrite, overrides=args.set)
+    return run(profile, output_dir, methods, results, args.overwrite, overrides=args.set, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Fast greedy decoding shared by every method and by the text-RAG baseline alike.
 
 Decoding a small model on a CPU is bound by the bytes of weights read per generated token, so the levers are fewer
-bytes per token (``quantize_int8``: dynamic int8 ``nn.Linear`` weights, about a quarter of fp32) and fewer
+bytes per token (``quantize_linear`` / ``convert_weights``: fp16 weights with fp32 compute, or dynamic int8) and fewer
 re-allocations per token (a static KV cache, written in place instead of concatenated). ``greedy_generate`` is a
 plain KV-cache loop: one prefill call on the full prompt (through the PeftModel, so context slots are filled), then
 one call per token straight on the base model, with the time to the first token recorded. ``benchmarks/decoding.py``
-measures these options against each other and against fp32; the benchmarks use the winner for every method.
+measures these options against each other and their answers against fp32; the benchmarks use the fastest set-up
+whose answers hold, for every method.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def greedy_generate(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     on_token: Optional[Callable[[int], None]] = None,
+    cache_length: Optional[int] = None,
 ) -> GenerationResult:
     """Greedy decoding with a KV cache; the same tokens as ``model.generate(**inputs, do_sample=False)``.
 
@@ -76,6 +78,8 @@ def greedy_generate(
             stop when all rows have.
         on_token: called with the step number (0 = the prefill) as soon as each token is chosen, e.g. to read a FLOP
             counter between prefill and decoding.
+        cache_length: positions the static cache holds (default: prompt + max_new_tokens); a larger one lets a short
+            run have exactly the shapes of a longer one.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
@@ -89,7 +93,11 @@ def greedy_generate(
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     lm = _base_lm(model)
-    past = _make_cache(cache, lm.config, prompt_len + max_new_tokens)
+    if cache_length is None:
+        cache_length = prompt_len + max_new_tokens
+    elif cache_length < prompt_len + max_new_tokens:
+        raise ValueError(f"cache_length={cache_length} cannot hold {prompt_len} prompt + {max_new_tokens} new tokens.")
+    past = _make_cache(cache, lm.config, cache_length)
     # Room for the whole answer up front: each step then takes a slice instead of concatenating a new mask.
     full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)
     full_mask[:, :prompt_len] = attention_mask
@@ -147,18 +155,30 @@ def _is_adapter_module(name: str) -> bool:
     return "ctx_modules" in parts or any(p.startswith("lora_") for p in parts)
 
 
-def quantize_int8(model: nn.Module, *, include_lm_head: bool = True) -> nn.Module:
-    """Dynamic int8 quantization (per output channel) of the LM's ``nn.Linear`` weights, in place; returns the model.
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16w", "int8")
 
-    Activations are quantized on the fly per call, so nothing needs calibrating. peft_ctx adapter modules and LoRA
-    matrices are left in full precision. The input embedding stays fp32 (a lookup reads a few rows only); the output
-    projection gets its own int8 copy when ``include_lm_head`` (it is a fifth of SmolLM2's weights, read every token).
-    CPU only (fbgemm / onednn kernels); inference only.
+
+def quantize_linear(
+    model: nn.Module, dtype: torch.dtype = torch.float16, *, include_lm_head: bool = True
+) -> nn.Module:
+    """Store the LM's ``nn.Linear`` weights in fewer bytes for CPU inference, in place; returns the model.
+
+    ``torch.float16``: fp16 weights, fp32 activations and accumulation (fbgemm's packed fp16 GEMM): half the bytes of
+    fp32 with logits within a few hundredths of fp32's. ``torch.qint8``: dynamic int8 (per-channel weights,
+    activations quantized per call): a quarter of the bytes, but activation outliers can change the answers (SmolLM2's
+    do; ``benchmarks/decoding.py`` measures it). peft_ctx adapter modules and LoRA matrices stay in full precision
+    (small, and some of them train). The input embedding stays as it is (a lookup reads a few rows); the output head
+    gets its own copy when ``include_lm_head`` (a fifth of SmolLM2's weights, read for every token). CPU, inference.
     """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+    qconfigs = {torch.float16: float16_dynamic_qconfig, torch.qint8: per_channel_dynamic_qconfig}
+    if dtype not in qconfigs:
+        raise ValueError(f"dtype={dtype}; quantize_linear stores weights as torch.float16 or torch.qint8.")
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("quantize_int8 runs on CPU models only (torch's dynamic int8 kernels are CPU kernels).")
+        raise ValueError(
+            "quantize_linear runs on CPU models only (torch's dynamic quantized kernels are CPU kernels)."
+        )
     output = getattr(_base_lm(model), "get_output_embeddings", lambda: None)()
     names = {
         name
@@ -168,29 +188,46 @@ def quantize_int8(model: nn.Module, *, include_lm_head: bool = True) -> nn.Modul
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize.")
     with warnings.catch_warnings():
-        # torch points eager-mode quantization users at torchao; the eager kernels are what run fastest here.
+        # torch points eager-mode quantization users at torchao; these eager kernels need no extra package.
         warnings.simplefilter("ignore")
-        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, {name: qconfigs[dtype] for name in names}, dtype=dtype, inplace=True)
     return model
 
 
+def convert_weights(model: nn.Module, weights: str) -> nn.Module:
+    """``model`` with its weights in one of ``WEIGHT_FORMATS`` ("fp16w": fp16 weights with fp32 compute)."""
+    if weights == "fp32":
+        return model.float()
+    if weights == "bf16":
+        return model.to(torch.bfloat16)
+    if weights == "fp16w":
+        return quantize_linear(model, torch.float16)
+    if weights == "int8":
+        return quantize_linear(model, torch.qint8)
+    raise ValueError(f"weights={weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}.")
+
+
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights and buffers as stored (int8 packed weights count one byte each; shared once)."""
+    """Bytes of the model's weights and buffers as stored (packed fp16 / int8 weights at 2 / 1 byte; shared once)."""
     seen: set[int] = set()
     total = 0
 
-    def visit(value) -> None:
+    def add(tensor: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            key = storage.data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
 
-    for value in model.state_dict(keep_vars=True).values():
-        visit(value)
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            # Unpacking hands back fresh tensors (fp32 for fp16-packed weights) whose addresses get reused once freed:
+            # count what the packed form holds, without address bookkeeping (a packed module is never shared).
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * (2 if packed.dtype == torch.float16 else 1)
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+            continue
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            add(tensor)
     return total

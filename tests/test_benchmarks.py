@@ -27,8 +27,9 @@ def xrag_model(arch, tokenizer):
     return get_peft_model(tiny_model(arch, tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
 
 
-@pytest.mark.parametrize("cache", ["static", "dynamic"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(
+    "arch, cache", [(arch, "static") for arch in ARCHITECTURES] + [("llama", "dynamic"), ("gpt2", "dynamic")]
+)
 def test_fast_greedy_loop_gives_the_tokens_of_transformers_generate(arch, cache, tokenizer):
     model = xrag_model(arch, tokenizer)
     vectors = [torch.randn(2, RETRIEVER_DIM), torch.randn(1, RETRIEVER_DIM)]
@@ -73,6 +74,22 @@ def test_fp16_weights_keep_the_greedy_answers_of_fp32(tokenizer):
     inputs = tokenizer(["Where is the old lighthouse?"], return_tensors="pt")
     expected = greedy_generate(model, inputs, 6).tokens
     assert torch.equal(greedy_generate(convert_weights(model, "fp16w"), inputs, 6).tokens, expected)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_flops_from_two_decoding_steps_equal_a_full_count(cache, tokenizer):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.measure import _custom_flops, profile_generation
+
+    model = convert_weights(tiny_model("llama", tokenizer), "fp16w")
+    inputs = tokenizer(["Hello there", "Where is the old lighthouse?"], return_tensors="pt", padding=True)
+    with FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
+        greedy_generate(model, inputs, 7, cache=cache)
+    flops, peak = profile_generation(model, inputs, 7, cache, torch.device("cpu"))
+    assert flops["flops"] == counter.get_total_flops()
+    assert flops["flops_prefill"] + flops["flops_decode"] == flops["flops"]
+    assert 0 < flops["flops_attention"] < flops["flops"] and peak > 0
 
 
 def test_benchmark_registry_always_includes_text_rag_and_rejects_unknown_methods():

@@ -423,6 +423,7 @@ def run(
     payload = {
         "profile": profile.name,
         "profile_overrides": list(overrides or []),
+        "methods": [e.name for e in entries],
         "task": f"BIG-bench contextual_parametric_knowledge_conflicts (test split, seed {profile.seed})",
         "wall_time_s": round(wall, 1),
         "rows": harness.json_rows(results),

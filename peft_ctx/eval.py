@@ -438,21 +438,30 @@ def plot(results: Sequence[dict], path: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for key, marker, name in (("choice_accuracy", "o", "choice accuracy"), ("accuracy", "s", "generation accuracy")):
-        points = [
-            (r["prompt_tokens"], 100 * r[key], r.get("label", r["method"])) for r in results if r.get(key) is not None
-        ]
-        if not points:
-            continue
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=50, label=name)
-        for x, y, text in points:
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    colours = plt.get_cmap("tab10")
+    # One colour per method, one marker per metric: labels next to points overlap when methods share a prompt length.
+    for i, r in enumerate(results):
+        label = r.get("label", r["method"])
+        for key, marker in (("choice_accuracy", "o"), ("accuracy", "s")):
+            if r.get(key) is not None:
+                ax.scatter(
+                    r["prompt_tokens"],
+                    100 * r[key],
+                    marker=marker,
+                    s=60,
+                    color=colours(i % 10),
+                    label=label if key == "choice_accuracy" else None,
+                    edgecolors="black",
+                    linewidths=0.5,
+                )
+    ax.scatter([], [], marker="o", color="white", edgecolors="black", label="choice accuracy")
+    ax.scatter([], [], marker="s", color="white", edgecolors="black", label="generation accuracy")
     ax.set_xlabel("prompt tokens (mean per question)")
     ax.set_ylabel("accuracy on the test split (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..methods import ContextMethod, register_method
-from ..prompting import Part, Slots
+from ..prompting import Part, Slots, check_documents
 from .config import SpringConfig
 from .layer import SpringTokens
 
@@ -75,17 +75,12 @@ class SpringMethod(ContextMethod):
             if docs is None:
                 prepared.append(None)
                 continue
-            if isinstance(docs, (str, torch.Tensor)) or not isinstance(docs, (list, tuple)):
+            if isinstance(docs, torch.Tensor):
                 raise ValueError(
-                    f"contexts[{i}] must be a list of passages (strings), got {type(docs).__name__}; SPRING reads "
-                    "passages as text (contexts=[[passage, ...], ...])."
+                    f"contexts[{i}] must be a list of passages (strings), got a tensor; SPRING reads passages as text "
+                    "(vectors are for xRAG adapters)."
                 )
-            for j, doc in enumerate(docs):
-                if not isinstance(doc, str) or not doc.strip():
-                    raise ValueError(
-                        f"contexts[{i}][{j}] is {doc!r:.60}; SPRING passages must be non-empty strings (vectors are "
-                        "for xRAG adapters)."
-                    )
+            check_documents(i, docs)
             docs = list(docs)
             prepared.append(docs if max_passages is None else docs[:max_passages])
         return prepared

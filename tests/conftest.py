@@ -64,3 +64,14 @@ def encoder(encoder_dir):
     import peft_ctx
 
     return peft_ctx.Encoder(encoder_dir)
+
+
+@pytest.fixture()
+def trainable_base_dir(tokenizer, tmp_path):
+    """A tiny llama folder (with the tokenizer) sensitive enough to its inputs for the training-script tests."""
+    from tests.helpers import tiny_model
+
+    path = tmp_path / "base"
+    tiny_model("llama", tokenizer, initializer_range=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

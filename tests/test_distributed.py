@@ -10,8 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_model
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
@@ -34,24 +32,16 @@ def script_args(script, base_dir, encoder_dir, output_dir, per_device_batch):
             "--min_virtual_tokens", "3", "--max_virtual_tokens", "3", *common]  # fmt: skip
 
 
-@pytest.fixture()
-def base_dir(tokenizer, tmp_path):
-    path = tmp_path / "base"
-    tiny_model("llama", tokenizer, initializer_range=0.2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("script", ["xrag", "spring", "cocom"])
-def test_two_process_ddp_training_gives_the_one_process_adapter(script, base_dir, encoder_dir, tmp_path):
+def test_two_process_ddp_training_gives_the_one_process_adapter(script, trainable_base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"
-    command = [sys.executable, *script_args(script, base_dir, encoder_dir, one, 2)]
+    command = [sys.executable, *script_args(script, trainable_base_dir, encoder_dir, one, 2)]
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
     two = tmp_path / "two"
     launched = subprocess.run(
         [ACCELERATE, "launch", "--config_file", "train/configs/accelerate/ddp.yaml", "--num_processes", "2",
-         *script_args(script, base_dir, encoder_dir, two, 1)],
+         *script_args(script, trainable_base_dir, encoder_dir, two, 1)],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]

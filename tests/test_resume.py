@@ -41,23 +41,15 @@ def adapter_weights(folder):
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
-@pytest.fixture()
-def base_dir(tokenizer, tmp_path):
-    path = tmp_path / "base"
-    tiny_model("llama", tokenizer, initializer_range=0.2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("script", ["xrag", "spring", "cocom"])
-def test_a_sigkilled_run_resumes_to_the_same_adapter(script, base_dir, encoder_dir, tmp_path):
+def test_a_sigkilled_run_resumes_to_the_same_adapter(script, trainable_base_dir, encoder_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "uninterrupted"
-    subprocess.run(script_command(script, base_dir, encoder_dir, reference), cwd=REPO, env=env, check=True,
+    subprocess.run(script_command(script, trainable_base_dir, encoder_dir, reference), cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(script_command(script, base_dir, encoder_dir, killed), cwd=REPO, env=env,
+    process = subprocess.Popen(script_command(script, trainable_base_dir, encoder_dir, killed), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.isfile(killed / "checkpoint-4" / COMPLETE_MARKER):
@@ -67,8 +59,8 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(script, base_dir, encoder_d
     assert last_complete_checkpoint(str(killed)) is not None, "the run never wrote a checkpoint"
     assert not (killed / "adapter_config.json").exists(), "the run finished before it was killed"
 
-    subprocess.run(script_command(script, base_dir, encoder_dir, killed, "--resume_from_checkpoint", "auto"), cwd=REPO,
-                   env=env, check=True, capture_output=True)  # fmt: skip
+    resume = script_command(script, trainable_base_dir, encoder_dir, killed, "--resume_from_checkpoint", "auto")
+    subprocess.run(resume, cwd=REPO, env=env, check=True, capture_output=True)
     expected, resumed = adapter_weights(reference), adapter_weights(killed)
     assert expected.keys() == resumed.keys()
     for key in expected:

@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .inference import _context_length, build_examples, collate, text_examples
-from .prompting import Example, fill_template, pad_token_id, tokenize_parts
+from .inference import _context_length, build_examples, collate, template_examples, text_examples
+from .prompting import Example, pad_token_id
 
 RAG_TEMPLATE = "Refer to the background document and answer the question.\nBackground: {context}\nQuestion: {question}"
 TABLE_COLUMNS = (
@@ -114,24 +114,15 @@ class TextRunner(Runner):
             _require_contexts(rows)
         if self.adapter_config is not None:
             return text_examples(self.adapter_config, tokenizer, questions, contexts, answers)
-        out = []
-        for i, question in enumerate(questions):
-            if contexts is None:
-                parts = [question]
-            else:
-                parts = fill_template(
-                    self.prompt_template, {"context": ["\n".join(contexts[i])], "question": [question]}
-                )
-            out.append(
-                tokenize_parts(
-                    tokenizer,
-                    parts,
-                    system_prompt=self.system_prompt,
-                    use_chat_template=self.use_chat_template,
-                    answer=None if answers is None else answers[i],
-                )
-            )
-        return out
+        return template_examples(
+            tokenizer,
+            questions,
+            contexts,
+            answers,
+            prompt_template=self.prompt_template,
+            system_prompt=self.system_prompt,
+            use_chat_template=self.use_chat_template,
+        )
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import ContextConfig
 from .methods import get_method
-from .prompting import Example, fill_template, pad_examples, pad_token_id, tokenize_parts
+from .prompting import Example, Part, fill_template, pad_examples, pad_token_id, tokenize_parts
 
 
 def active_config(model) -> ContextConfig:
@@ -106,6 +106,34 @@ def text_examples(
     These are the baselines and the self-distillation teacher: the base model reads them with the adapter disabled.
     """
     method = get_method(config.method)
+    return template_examples(
+        tokenizer,
+        questions,
+        contexts,
+        answers,
+        prompt_template=config.prompt_template,
+        system_prompt=config.system_prompt,
+        use_chat_template=config.use_chat_template,
+        text_fields=lambda docs: method.text_fields(config, docs),
+    )
+
+
+def _joined_context(docs: Optional[list[str]]) -> Optional[dict[str, list[Part]]]:
+    return None if docs is None else {"context": ["\n".join(docs)]}
+
+
+def template_examples(
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence[Sequence[str]]] = None,
+    answers: Optional[Sequence[str]] = None,
+    *,
+    prompt_template: str,
+    system_prompt: Optional[str] = None,
+    use_chat_template: bool = True,
+    text_fields: Callable[[Optional[list[str]]], Optional[dict[str, list[Part]]]] = _joined_context,
+) -> list[Example]:
+    """Text prompts from a template: ``text_fields(docs)`` fills its fields, None means the bare question."""
     examples = []
     for i, question in enumerate(questions):
         docs = None
@@ -113,17 +141,17 @@ def text_examples(
             docs = contexts[i]
             if not docs or not all(isinstance(d, str) and d.strip() for d in docs):
                 raise ValueError(f"contexts[{i}] must be a non-empty list of non-empty strings for text RAG.")
-        fields = method.text_fields(config, None if docs is None else list(docs))
+        fields = text_fields(None if docs is None else list(docs))
         if fields is None:
             parts = [question]
         else:
-            parts = fill_template(config.prompt_template, {**fields, "question": [question]})
+            parts = fill_template(prompt_template, {**fields, "question": [question]})
         examples.append(
             tokenize_parts(
                 tokenizer,
                 parts,
-                system_prompt=config.system_prompt,
-                use_chat_template=config.use_chat_template,
+                system_prompt=system_prompt,
+                use_chat_template=use_chat_template,
                 answer=None if answers is None else answers[i],
             )
         )

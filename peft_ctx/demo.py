@@ -69,17 +69,17 @@ PROFILES = {
     ),
     "reproduce": Profile(
         name="reproduce",
-        n_test=200,
-        n_generate=200,
-        timing_examples=10,
+        n_test=100,
+        n_generate=100,
+        timing_examples=5,
         max_context_chars=1000,
-        xrag_stage1=StageSettings(steps=300, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=100),
-        xrag_stage2=StageSettings(steps=600, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=100),
+        xrag_stage1=StageSettings(steps=150, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=50),
+        xrag_stage2=StageSettings(steps=150, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=50),
         spring=StageSettings(
-            steps=200, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=100
+            steps=100, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=50
         ),
-        cocom=StageSettings(steps=120, batch_size=4, learning_rate=1e-3, save_steps=60),
-        cocom_pretrain=StageSettings(steps=60, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=60),
+        cocom=StageSettings(steps=100, batch_size=4, learning_rate=1e-3, save_steps=50),
+        cocom_pretrain=StageSettings(steps=150, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=50),
     ),
 }
 
@@ -102,7 +102,11 @@ class DemoContext:
     def base_model(self):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        # PEFT records the base model's name_or_path in every adapter config; the alias resolves on any machine,
+        # where this machine's cache path would not.
+        model.name_or_path = self.base_name
+        return model
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,10 @@ def _train_cocom(model, ctx: DemoContext):
     return reports + train_qa(model, ctx.tokenizer, ctx.train_rows, p.cocom, work, "COCOM (QA)", seed=p.seed)
 
 
+def _cocom_runner(ctx: DemoContext):
+    return {"prepare": harness.compressed_passages}
+
+
 # The registry: one entry per trained method, in table order. A method plugs in with one entry here.
 METHODS: list[MethodEntry] = [
     MethodEntry("xrag", "xRAG (1 token)", "peft_ctx.xrag", _xrag_config, _train_xrag, _xrag_runner),
@@ -226,9 +234,11 @@ METHODS: list[MethodEntry] = [
         _train_spring,
         lambda ctx: {"options": {"num_virtual_tokens": 8}},
     ),
-    MethodEntry("cocom_xi4", "COCOM xi=4", "peft_ctx.cocom", _cocom_config(4), _train_cocom),
-    MethodEntry("cocom_xi16", "COCOM xi=16", "peft_ctx.cocom", _cocom_config(16), _train_cocom),
-    MethodEntry("cocom_light", "COCOM-light xi=4", "peft_ctx.cocom", _cocom_config(4, light=True), _train_cocom),
+    MethodEntry("cocom_xi4", "COCOM xi=4", "peft_ctx.cocom", _cocom_config(4), _train_cocom, _cocom_runner),
+    MethodEntry("cocom_xi16", "COCOM xi=16", "peft_ctx.cocom", _cocom_config(16), _train_cocom, _cocom_runner),
+    MethodEntry(
+        "cocom_light", "COCOM-light xi=4", "peft_ctx.cocom", _cocom_config(4, light=True), _train_cocom, _cocom_runner
+    ),
 ]
 
 
@@ -467,7 +477,7 @@ def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunne
         dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-shifted") for i, r in enumerate(rows)
     ]
     with_choices = [r for r in shifted if len(r["choices"]) >= 2]
-    runner.precompute(model, with_choices)
+    runner.precompute(model, ctx.tokenizer, with_choices)
     scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
     return {
         "method": "xrag_wrong_passage",

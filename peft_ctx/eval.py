@@ -129,8 +129,9 @@ class TextRunner(Runner):
 class AdapterRunner(Runner):
     """A peft_ctx adapter loaded on the model under ``adapter_name``.
 
-    ``prepare`` turns a row's passages into what the method reads at question time (xRAG: the encoder's vectors),
-    once per row before anything is timed; without it the passages go in as text (``encoder`` is passed along).
+    ``prepare(runner, model, tokenizer, rows)`` turns each row's passages into what the method reads at question time
+    (``encoder_vectors``, ``compressed_passages``; ``default_prepare`` picks by method), once per row before anything
+    is timed; without it the passages go in as text (``encoder`` is passed along).
     """
 
     adapter_name: str = "default"
@@ -149,13 +150,15 @@ class AdapterRunner(Runner):
     def config(self):
         return self._config
 
-    def precompute(self, model, rows: Sequence[dict]) -> None:
+    def precompute(self, model, tokenizer, rows: Sequence[dict]) -> None:
         _require_contexts(rows)
         if self.prepare is None:
             return
         todo = [r for r in rows if r["id"] not in self._prepared]
         if todo:
-            for row, docs in zip(todo, self.prepare(self, todo)):
+            with self.activate(model):
+                prepared = self.prepare(self, model, tokenizer, todo)
+            for row, docs in zip(todo, prepared):
                 self._prepared[row["id"]] = docs
 
     def contexts(self, rows):
@@ -164,7 +167,7 @@ class AdapterRunner(Runner):
         return [self._prepared[r["id"]] for r in rows]
 
     def examples(self, model, tokenizer, rows, answers=None):
-        self.precompute(model, rows)  # no-op for rows prepared before timing
+        self.precompute(model, tokenizer, rows)  # no-op for rows prepared before timing
         config = model.peft_config[self.adapter_name]
         return build_examples(
             config,
@@ -178,15 +181,36 @@ class AdapterRunner(Runner):
         )
 
 
-def encoder_vectors(runner: AdapterRunner, rows: Sequence[dict]) -> list[torch.Tensor]:
-    """``AdapterRunner.prepare`` for xRAG: every passage encoded once.  # per row [n_docs, d_r]"""
-    flat = [doc for r in rows for doc in r["contexts"]]
-    vectors = runner.encoder.encode(flat, show_progress=False)
+def _per_row(rows: Sequence[dict], flat: Sequence) -> list:
+    """Split one result per passage (all rows' passages in order) back into one slice per row."""
     out, start = [], 0
     for r in rows:
-        out.append(vectors[start : start + len(r["contexts"])])
+        out.append(flat[start : start + len(r["contexts"])])
         start += len(r["contexts"])
     return out
+
+
+def encoder_vectors(runner: AdapterRunner, model, tokenizer, rows: Sequence[dict]) -> list[torch.Tensor]:
+    """``AdapterRunner.prepare`` for xRAG: every passage encoded once.  # per row [n_docs, d_r]"""
+    return _per_row(rows, runner.encoder.encode([doc for r in rows for doc in r["contexts"]], show_progress=False))
+
+
+def compressed_passages(runner: AdapterRunner, model, tokenizer, rows: Sequence[dict]) -> list[list]:
+    """``AdapterRunner.prepare`` for COCOM: every passage compressed once, as an offline ``CompressedIndex`` holds
+    it, instead of again for every candidate answer and every generation batch."""
+    from .cocom import compress
+
+    index = compress(model, tokenizer, [doc for r in rows for doc in r["contexts"]], show_progress=False)
+    return _per_row(rows, [index[i] for i in range(len(index))])
+
+
+def default_prepare(config, encoder=None) -> Optional[Callable]:
+    """The ``AdapterRunner.prepare`` that suits an adapter's method (None: passages go in as text)."""
+    if config.method == "xrag":
+        return encoder_vectors if encoder is not None else None
+    if config.method == "cocom":
+        return compressed_passages
+    return None
 
 
 def _require_contexts(rows) -> None:
@@ -302,7 +326,7 @@ def evaluate_runner(model, tokenizer, runner: Runner, rows: Sequence[dict], sett
     if not rows:
         raise ValueError("No test rows to evaluate.")
     if isinstance(runner, AdapterRunner):
-        runner.precompute(model, rows)
+        runner.precompute(model, tokenizer, rows)
     result: dict[str, Any] = {"method": runner.name, "label": runner.label, "n_test": len(rows)}
     with_choices = [r for r in rows if len(r["choices"]) >= 2]
     if with_choices:
@@ -546,7 +570,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         adapter_name="adapter",
         encoder=encoder,
         options=options,
-        prepare=encoder_vectors if config.method == "xrag" and encoder is not None else None,
+        prepare=default_prepare(config, encoder),
     )
     runners: list[Runner] = []
     if not args.no_baselines:

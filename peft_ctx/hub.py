@@ -33,6 +33,7 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
+from .assets import resolve
 from .config import ContextConfig
 from .version import __version__
 
@@ -799,6 +800,8 @@ def load(
         if not base_name:
             raise ValueError(f"The adapter config of {repo_id!r} names no base model; pass base_model='org/name'.")
         try:
+            # Offline asset aliases ("smollm2") are what the demo's adapters record as their base model.
+            base_name = resolve(base_name)
             base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, **hub_kwargs, **model_kwargs)
         except (OSError, HfHubHTTPError, ValueError) as exc:
             raise ValueError(
@@ -829,7 +832,7 @@ def load(
         encoder_name = getattr(config, _ENCODER_FIELD, None)
         if encoder_name:
             encoder = Encoder(
-                encoder_name,
+                resolve(encoder_name),
                 pooling=getattr(config, "retriever_pooling", None),
                 normalize=getattr(config, "retriever_normalize", None),
                 device=device,
@@ -845,7 +848,7 @@ def load(
         encoder = None
     elif isinstance(encoder, (str, os.PathLike)):
         encoder = Encoder(
-            str(encoder),
+            resolve(str(encoder)),
             pooling=getattr(config, "retriever_pooling", None),
             normalize=getattr(config, "retriever_normalize", None),
             device=device,

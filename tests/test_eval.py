@@ -371,6 +371,6 @@ def test_retriever_dimension_mismatch_is_named(tokenizer, encoder, rows):
         tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM + 1)
     )
     runner = harness.AdapterRunner("xrag", "xRAG", encoder=encoder, prepare=harness.encoder_vectors)
-    runner.precompute(model, rows)
+    runner.precompute(model, tokenizer, rows)
     with pytest.raises(ValueError, match="dimension"):
         harness.choice_scores(model, tokenizer, runner, rows)

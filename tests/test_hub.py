@@ -275,6 +275,29 @@ def test_peft_ctx_load_fetches_the_base_model_tokenizer_and_encoder_named_in_the
     ) == (peft_ctx.generate(model, tokenizer, QUESTIONS, contexts, encoder=encoder, max_new_tokens=4))
 
 
+def test_peft_ctx_load_resolves_the_offline_asset_aliases_an_adapter_config_names(
+    tokenizer, encoder, tmp_path, monkeypatch
+):
+    from peft_ctx import assets
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base = tiny_model("llama", tokenizer)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    config = peft_ctx.XRAGConfig(
+        retriever_hidden_size=RETRIEVER_DIM, retriever_pooling="mean", retriever_normalize=True
+    )
+    model = get_peft_model(base, config)
+    shift(model, 0)
+    config.base_model_name_or_path, config.retriever_name_or_path = "tiny-base", "tiny-encoder"
+    model.save_pretrained(adapter_dir)
+    monkeypatch.setitem(assets.ALIASES, "tiny-base", lambda: str(base_dir))
+    monkeypatch.setitem(assets.ALIASES, "tiny-encoder", lambda: encoder.name_or_path)
+    loaded, loaded_tokenizer, loaded_encoder = peft_ctx.load(str(adapter_dir), attn_implementation="eager")
+    assert torch.equal(logits(loaded, loaded_tokenizer), logits(model, tokenizer))
+    assert loaded_encoder.name_or_path == encoder.name_or_path
+
+
 def test_readme_publishing_section_runs_as_written(published, tokenizer, tmp_path):
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()

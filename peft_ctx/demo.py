@@ -73,13 +73,13 @@ PROFILES = {
         n_generate=100,
         timing_examples=5,
         max_context_chars=1000,
-        xrag_stage1=StageSettings(steps=150, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=50),
-        xrag_stage2=StageSettings(steps=150, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=50),
+        xrag_stage1=StageSettings(steps=250, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=50),
+        xrag_stage2=StageSettings(steps=200, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=50),
         spring=StageSettings(
             steps=100, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=50
         ),
-        cocom=StageSettings(steps=100, batch_size=4, learning_rate=1e-3, save_steps=50),
-        cocom_pretrain=StageSettings(steps=150, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=50),
+        cocom=StageSettings(steps=120, batch_size=4, learning_rate=1e-3, save_steps=60),
+        cocom_pretrain=StageSettings(steps=300, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=60),
     ),
 }
 

@@ -525,3 +525,29 @@ def test_every_method_has_a_card_template_with_its_paper(method, arxiv, tokenize
     assert f"arXiv:{arxiv}" in card.text and "## Usage" in card.text and "## Evaluation" in card.text
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"| Trainable parameters | {trainable:,} (" in card.text
+
+
+def test_the_card_templates_ship_inside_the_built_wheel(tmp_path):
+    import subprocess
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("peft_ctx-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {f"peft_ctx/hub_cards/{name}" for name in os.listdir(os.path.join(REPO, "hub_cards"))}
+    assert templates and templates <= names
+    # installed from the wheel alone (no source tree next to it), the card code finds them
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # what pip install would unpack
+    found = subprocess.run(
+        [sys.executable, "-c", "import peft_ctx.hub as h; print(h._template_dir())"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert found == str(site / "peft_ctx" / "hub_cards")

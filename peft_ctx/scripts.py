@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Optional
 
 from datasets import Dataset, load_dataset, load_from_disk
@@ -42,8 +43,34 @@ def refuse_existing_adapter(output_dir: str, overwrite: bool) -> None:
         )
 
 
+def build_adapter_model(
+    model_name_or_path: str, adapter_init: Optional[str], config_class: type, make_config: Callable[[], Any]
+):
+    """The base model (fp32) with a new adapter from ``make_config()``, or with the adapter saved at
+    ``adapter_init`` to go on training (refused unless it is a ``config_class`` adapter)."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .assets import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), dtype=torch.float32)
+    if not adapter_init:
+        return get_peft_model(base, make_config())
+    model = PeftModel.from_pretrained(base, adapter_init, is_trainable=True)
+    if not isinstance(model.active_peft_config, config_class):
+        raise ValueError(
+            f"adapter_init={adapter_init!r} is a {type(model.active_peft_config).__name__} adapter; give a "
+            f"{config_class.__name__} adapter folder."
+        )
+    return model
+
+
 def train_and_save(
-    trainer: ContextSFTTrainer,
+    model,
+    training_args,
+    dataset: Dataset,
+    collator,
     tokenizer,
     *,
     overwrite: bool,
@@ -51,8 +78,11 @@ def train_and_save(
     method_title: str,
     **push_kwargs: Any,
 ) -> str:
-    """Train (resuming from the newest complete checkpoint when asked), save the adapter atomically on the main
-    process, and push it with its model card when ``--push_to_hub`` was given."""
+    """Train with ``ContextSFTTrainer`` (resuming from the newest complete checkpoint when asked), save the adapter
+    atomically on the main process, and push it with its model card when ``--push_to_hub`` was given."""
+    trainer = ContextSFTTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+    )
     args = trainer.args
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     if trainer.is_world_process_zero():

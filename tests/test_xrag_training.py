@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 import peft_ctx
 from peft_ctx.convert import main as convert_main
@@ -137,6 +138,17 @@ def tiny_base_dir(tokenizer, tmp_path):
     tiny_model("llama", tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def test_training_on_from_an_adapter_of_another_method_is_refused(tiny_base_dir, tmp_path):
+    from peft_ctx.scripts import build_adapter_model
+
+    spring = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base_dir), peft_ctx.SpringConfig(num_virtual_tokens=2)
+    )
+    spring.save_pretrained(tmp_path / "spring")
+    with pytest.raises(ValueError, match="SpringConfig adapter; give a XRAGConfig"):
+        build_adapter_model(str(tiny_base_dir), str(tmp_path / "spring"), peft_ctx.XRAGConfig, peft_ctx.XRAGConfig)
 
 
 def test_train_script_runs_both_stages_from_yaml(tiny_base_dir, encoder_dir, tmp_path, monkeypatch):

@@ -32,18 +32,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx import assets
 from peft_ctx.assets import resolve
 from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator
-from peft_ctx.scripts import load_rows, refuse_existing_adapter, require_columns, train_and_save
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 
 STAGES = ("pretrain", "qa")
 
@@ -118,23 +116,19 @@ def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
 
 
 def build_model(script_args: ScriptArguments):
-    base = AutoModelForCausalLM.from_pretrained(resolve(script_args.model_name_or_path), dtype=torch.float32)
-    if script_args.adapter_init:
-        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
-        if not isinstance(model.active_peft_config, CocomConfig):
-            raise ValueError(f"--adapter_init {script_args.adapter_init} is not a COCOM adapter.")
-        return model
-    config = CocomConfig(
-        compression_rate=script_args.compression_rate,
-        compressor=resolve(script_args.compressor) if script_args.compressor else None,
-        max_passage_tokens=script_args.max_passage_tokens,
-        lora_r=script_args.lora_r,
-        lora_alpha=script_args.lora_alpha,
-        lora_dropout=script_args.lora_dropout,
-        separate_compressor_adapter=script_args.separate_compressor_adapter,
-        base_model_name_or_path=script_args.model_name_or_path,
-    )
-    return get_peft_model(base, config)
+    def make_config():
+        return CocomConfig(
+            compression_rate=script_args.compression_rate,
+            compressor=resolve(script_args.compressor) if script_args.compressor else None,
+            max_passage_tokens=script_args.max_passage_tokens,
+            lora_r=script_args.lora_r,
+            lora_alpha=script_args.lora_alpha,
+            lora_dropout=script_args.lora_dropout,
+            separate_compressor_adapter=script_args.separate_compressor_adapter,
+            base_model_name_or_path=script_args.model_name_or_path,
+        )
+
+    return build_adapter_model(script_args.model_name_or_path, script_args.adapter_init, CocomConfig, make_config)
 
 
 def main(argv: Optional[list[str]] = None) -> str:
@@ -177,12 +171,16 @@ def main(argv: Optional[list[str]] = None) -> str:
         f"COCOM{'-light' if config.is_light else ''} adapter: compression rate {config.compression_rate}, "
         f"{size['parameters']:,} parameters, {size['bytes'] / 2**20:.2f} MiB"
     )
-    trainer = ContextSFTTrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
-    )
     title = "COCOM-light" if config.is_light else "COCOM"
     output_dir = train_and_save(
-        trainer, tokenizer, overwrite=script_args.overwrite_output_dir, script_args=script_args, method_title=title
+        model,
+        training_args,
+        dataset,
+        collator,
+        tokenizer,
+        overwrite=script_args.overwrite_output_dir,
+        script_args=script_args,
+        method_title=title,
     )
     weights = os.path.join(output_dir, "adapter_model.safetensors")
     if os.path.isfile(weights):

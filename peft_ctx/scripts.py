@@ -73,13 +73,13 @@ def train_and_save(
     collator,
     tokenizer,
     *,
-    overwrite: bool,
     script_args: Any,
     method_title: str,
     **push_kwargs: Any,
 ) -> str:
     """Train with ``ContextSFTTrainer`` (resuming from the newest complete checkpoint when asked), save the adapter
-    atomically on the main process, and push it with its model card when ``--push_to_hub`` was given."""
+    atomically on the main process (replacing an adapter there only with ``--overwrite_output_dir``), and push it with
+    its model card when ``--push_to_hub`` was given."""
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
@@ -87,7 +87,7 @@ def train_and_save(
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_adapter(model, args.output_dir, overwrite=overwrite)
+        save_adapter(model, args.output_dir, overwrite=script_args.overwrite_output_dir)
         tokenizer.save_pretrained(args.output_dir)
         print(f"Saved the {method_title} adapter to {args.output_dir}")
         trainer.push_to_hub(training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs)

@@ -178,7 +178,6 @@ def main(argv: Optional[list[str]] = None) -> str:
         dataset,
         collator,
         tokenizer,
-        overwrite=script_args.overwrite_output_dir,
         script_args=script_args,
         method_title=title,
     )

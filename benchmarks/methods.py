@@ -92,6 +92,10 @@ class BenchMethod:
 
         return Encoded(list(passages), save)
 
+    def serve(self, env: Env, model) -> Any:
+        """The model as a server runs it once the index is built (by default the model as it is)."""
+        return model
+
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def inputs(self, env: Env, model, questions: list[str], entries: list[list]) -> dict[str, torch.Tensor]:
         examples = text_examples(env.template_config, env.tokenizer, questions, entries)
@@ -215,6 +219,12 @@ class Cocom(AdapterMethod):
     def encode(self, env, model, passages):
         index = peft_ctx.compress(model, env.tokenizer, passages, batch_size=8)
         return Encoded([index[i] for i in range(len(index))], index.save)
+
+    def serve(self, env, model):
+        # The passages are compressed: what remains is decoding, with the decoder LoRA folded into the base weights.
+        if model.base_model._lora_layers():
+            model.merge_adapter()
+        return model
 
     def inputs(self, env, model, questions, entries):
         return peft_ctx.prepare_inputs(model, env.tokenizer, questions, entries)

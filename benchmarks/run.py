@@ -165,8 +165,16 @@ class Bench:
             start = time.perf_counter()
             model = method.build(self.env, copy.deepcopy(self.base))
             self._load_adapter(method, model)
-            self.models[method.name] = convert_weights(model, self.weights).eval()
+            self.models[method.name] = model.eval()
             self.setup_s[method.name] = time.perf_counter() - start
+
+    def serve(self) -> None:
+        """Every model as a server runs it once its index is built (merged LoRA), in the benchmark's weight format."""
+        for method in self.methods:
+            start = time.perf_counter()
+            model = method.serve(self.env, self.models[method.name])
+            self.models[method.name] = convert_weights(model, self.weights).eval()
+            self.setup_s[method.name] += time.perf_counter() - start
 
     # ---- the index ----------------------------------------------------------------------------------------------
     def index(self) -> dict[str, dict]:
@@ -303,6 +311,7 @@ class Bench:
         started = time.perf_counter()
         self.build()
         index = self.index()
+        self.serve()
         rows = []
         for docs in s.docs:
             for batch in s.batch:
@@ -345,7 +354,8 @@ def _notes(bench: Bench, s: Settings) -> list[str]:
         f"Decoding: peft_ctx.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every method "
         "and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
         "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
-        "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline.",
+        "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline, "
+        "in fp32; COCOM then decodes with its decoder LoRA merged into the base weights (model.merge_adapter()).",
         "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (quantized linear layers and CPU flash "
         "attention counted like their float kernels; attention counted dense). flops_estimate_2NT = 2 x LLM "
         "parameters x tokens (+ output head per generated token); flops_linear_vs_estimate compares the non-attention "

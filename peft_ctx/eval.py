@@ -138,6 +138,7 @@ class AdapterRunner(Runner):
     encoder: Any = None
     options: dict = field(default_factory=dict)
     prepare: Optional[Callable[[Any, Sequence[dict]], list]] = None
+    merge_lora: bool = True  # fold a decoder LoRA (COCOM) into the base weights while prepared passages are read
     _prepared: dict = field(default_factory=dict, repr=False)
     _config: Any = field(default=None, repr=False)
 
@@ -160,6 +161,29 @@ class AdapterRunner(Runner):
                 prepared = self.prepare(self, model, tokenizer, todo)
             for row, docs in zip(todo, prepared):
                 self._prepared[row["id"]] = docs
+
+    @contextlib.contextmanager
+    def serving(self, model):
+        """The adapter's decoder LoRA merged into the base weights for the duration (decoding at the base model's
+        speed, as a deployment would serve it), when its passages are prepared beforehand: nothing is compressed on
+        the fly then, which needs the unmerged weights. Anything else (no LoRA, merged already) runs as it is."""
+        tuner = getattr(model, "base_model", None)
+        merge = (
+            self.merge_lora
+            and self.prepare is not None
+            and not model.training
+            and hasattr(tuner, "merged_lora_adapters")
+            and not tuner.merged_lora_adapters()
+            and bool(tuner._lora_layers(self.adapter_name))
+        )
+        if not merge:
+            yield
+            return
+        tuner.merge_adapter([self.adapter_name])
+        try:
+            yield
+        finally:
+            tuner.unmerge_adapter()
 
     def contexts(self, rows):
         if self.prepare is None:
@@ -325,8 +349,15 @@ def evaluate_runner(model, tokenizer, runner: Runner, rows: Sequence[dict], sett
     rows = list(rows)
     if not rows:
         raise ValueError("No test rows to evaluate.")
+    serving = contextlib.nullcontext()
     if isinstance(runner, AdapterRunner):
         runner.precompute(model, tokenizer, rows)
+        serving = runner.serving(model)
+    with serving:
+        return _evaluate_prepared(model, tokenizer, runner, rows, settings)
+
+
+def _evaluate_prepared(model, tokenizer, runner: Runner, rows: list[dict], settings: EvalSettings) -> dict[str, Any]:
     result: dict[str, Any] = {"method": runner.name, "label": runner.label, "n_test": len(rows)}
     with_choices = [r for r in rows if len(r["choices"]) >= 2]
     if with_choices:

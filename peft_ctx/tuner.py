@@ -24,8 +24,9 @@ from ._registration import PREFIX
 from .methods import all_input_names, get_method
 
 _MERGE_MESSAGE = (
-    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time and "
-    "have no weight delta. Use model.unload() to get the unchanged base model back, or keep the PeftModel."
+    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time, "
+    "which no weight delta can do. Only the LoRA layers an adapter adds to the LLM (COCOM's decoder LoRA) merge, "
+    "with model.merge_adapter() for faster decoding; model.unload() gives the unchanged base model back."
 )
 # An adapter's companion weight sets (see ContextMethod.companion_roles) sit in PEFT layers as "<adapter>__<role>";
 # in the saved file they become "<role>", so an adapter loads under any name.
@@ -253,6 +254,8 @@ class ContextModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         companions = self._companions(adapter_name)
+        if adapter_name in self.merged_lora_adapters():
+            self.unmerge_adapter()  # PEFT's LoRA layers would drop the weights but leave their delta in the base
         super().delete_adapter(adapter_name)
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):
@@ -299,12 +302,63 @@ class ContextModel(BaseTuner):
             raise ValueError("The peft_ctx layer is missing from the model's input embedding (was it unloaded?).")
         return layer
 
-    # ---- merging is meaningless for context methods ------------------------------------------------------------
+    # ---- merging: only the LoRA layers a method injects have a weight delta --------------------------------------
     def _check_merge_allowed(self):
+        # merge_and_unload would drop the context layer along with the LoRA layers: the slots would read token text.
         raise ValueError(_MERGE_MESSAGE)
 
-    def merge_adapter(self, *args, **kwargs) -> None:
-        raise ValueError(_MERGE_MESSAGE)
+    def _lora_layers(self, adapter_name: Optional[str] = None) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [
+            module
+            for module in self.model.modules()
+            if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.lora_A)
+        ]
+
+    def merged_lora_adapters(self) -> list[str]:
+        """Adapters whose LoRA weights are merged into the base weights now (by ``merge_adapter``)."""
+        return sorted({name for layer in self._lora_layers() for name in layer.merged_adapters})
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold the active adapter's decoder LoRA (COCOM) into the base weights: decoding then runs at the base
+        model's speed, with the context slots still filled at run time. Undo with ``unmerge_adapter()``.
+
+        A separate compressor LoRA stays unmerged, so compressing passages needs ``unmerge_adapter()`` first (or an
+        index compressed beforehand); training needs it too, since merged LoRA weights get no gradient.
+        """
+        if adapter_names is None:
+            adapter_names = [self._context_layer().active_method_adapter()]
+        for name in adapter_names:
+            if name not in self.peft_config:
+                raise ValueError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+            layers = self._lora_layers(name)
+            if not layers:
+                method = self.peft_config[name].method
+                raise ValueError(f"Adapter {name!r} ({method}) adds no LoRA layer to the LLM. {_MERGE_MESSAGE}")
+            for layer in layers:
+                if name not in layer.merged_adapters:
+                    layer.merge(safe_merge=safe_merge, adapter_names=[name])
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged LoRA back out of the base weights (the inverse of ``merge_adapter``)."""
+        for layer in self._lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if not merge:
+            # PEFT's unload keeps merged deltas in the base weights; unload() promises the base model unchanged.
+            self.unmerge_adapter()
+        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+
+    def _check_not_merged_for_training(self) -> None:
+        merged = self.model.training and self.merged_lora_adapters()  # the module walk only when training
+        if merged:
+            raise ValueError(
+                f"The LoRA weights of {merged} are merged into the base weights (merge_adapter()), where they get no "
+                "gradient; call model.unmerge_adapter() before training."
+            )
 
     # ---- forward / generate ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -345,6 +399,7 @@ class ContextModel(BaseTuner):
             layer._pending = None
 
     def forward(self, *args: Any, **kwargs: Any):
+        self._check_not_merged_for_training()
         with self._context(kwargs):
             return self.model(*args, **kwargs)
 

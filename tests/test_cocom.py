@@ -283,6 +283,90 @@ def test_unload_returns_the_untouched_base_model_and_merging_is_refused(tokenize
         assert torch.equal(base(ids).logits, reference(ids).logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_merged_decoder_lora_gives_the_same_logits_and_unmerging_restores_the_base(arch, tokenizer):
+    model, reference = cocom_model(arch, tokenizer)
+    model.eval()
+    index = peft_ctx.compress(model, tokenizer, [p for ps in PASSAGES for p in ps], batch_size=4)
+    contexts = index.select([[0, 1], [2], [3, 4, 5]])
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, contexts)
+    lora_layers = model.base_model._lora_layers()
+    before = [layer.get_base_layer().weight.clone() for layer in lora_layers]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        model.merge_adapter()
+        assert model.merged_lora_adapters() == ["default"]
+        merged = model(**inputs).logits
+        # The LoRA deltas now sit in the base weights; the context slots are still filled at run time.
+        assert lora_layers and all(layer.merged for layer in lora_layers)
+        assert not any(torch.allclose(layer.get_base_layer().weight, w) for layer, w in zip(lora_layers, before))
+        torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+        assert peft_ctx.generate(model, tokenizer, QUESTIONS, contexts, max_new_tokens=4) == _unmerged_answers(
+            model, tokenizer, contexts
+        )
+        model.unmerge_adapter()
+        assert model.merged_lora_adapters() == []
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+        for layer, weight in zip(lora_layers, before):
+            torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=1e-6, atol=1e-7)
+        model.merge_adapter()
+        base = model.unload()  # unload takes the delta back out: the base model as it was
+        ids = tokenizer(["a question"], return_tensors="pt").input_ids
+        torch.testing.assert_close(base(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def _unmerged_answers(model, tokenizer, contexts):
+    model.unmerge_adapter()
+    try:
+        return peft_ctx.generate(model, tokenizer, QUESTIONS, contexts, max_new_tokens=4)
+    finally:
+        model.merge_adapter()
+
+
+def test_merged_separate_compressor_adapter_refuses_to_compress_until_unmerged(tokenizer):
+    model, _ = cocom_model("llama", tokenizer, separate_compressor_adapter=True)
+    model.eval()
+    index = peft_ctx.compress(model, tokenizer, [p for ps in PASSAGES for p in ps], batch_size=4)
+    contexts = index.select([[0, 1], [2], [3, 4, 5]])
+    with torch.no_grad():
+        expected = model(**peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, contexts)).logits
+        model.merge_adapter()
+        # Only the decoder LoRA merges; the compressor LoRA stays a LoRA branch.
+        assert model.merged_lora_adapters() == ["default"]
+        merged = model(**peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, contexts)).logits
+        torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match=r"unmerge_adapter\(\) before compressing"):
+            model(**peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES))
+        with pytest.raises(ValueError, match="unmerge_adapter"):
+            peft_ctx.compress(model, tokenizer, ["another passage"])
+        model.unmerge_adapter()
+        again = peft_ctx.compress(model, tokenizer, [p for ps in PASSAGES for p in ps], batch_size=4)
+        assert again.adapter_fingerprint == index.adapter_fingerprint
+        torch.testing.assert_close(again.embeddings, index.embeddings, rtol=1e-4, atol=1e-5)
+
+
+def test_a_merged_model_refuses_to_train_and_deleting_it_restores_the_base(tokenizer):
+    model, reference = cocom_model("llama", tokenizer)
+    model.merge_adapter()
+    model.train()
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES)
+    with pytest.raises(ValueError, match=r"merged into the base weights.*unmerge_adapter\(\) before training"):
+        model(**inputs)
+    model.eval()
+    model.base_model.delete_adapter("default")
+    ids = tokenizer(["a question"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model.base_model.model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_merging_a_cocom_adapter_without_lora_is_refused_with_the_reason(tokenizer):
+    model, _ = cocom_model("llama", tokenizer, lora_r=0)
+    with pytest.raises(ValueError, match=r"Adapter 'default' \(cocom\) adds no LoRA layer.*cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="No adapter named 'other'"):
+        model.merge_adapter(["other"])
+
+
 # ---- the offline index ----------------------------------------------------------------------------------------------
 
 

@@ -276,6 +276,34 @@ def test_cocom_passages_compressed_once_score_and_generate_like_compression_on_t
     assert answers[0] == answers[1]
 
 
+def test_cocom_is_evaluated_with_its_decoder_lora_merged_and_left_unmerged(tokenizer, rows, monkeypatch):
+    config = peft_ctx.CocomConfig(compression_rate=4, lora_r=2)
+    model = get_peft_model(tiny_model("llama", tokenizer), config).eval()
+    with torch.no_grad():  # LoRA's B starts at zero: give the merge something to change
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    settings = harness.EvalSettings(
+        n_test=len(rows), max_new_tokens=3, batch_size=4, timing_examples=1, timing_new_tokens=2, show_progress=False
+    )
+    merged_during = []
+    scores = harness.choice_scores
+    monkeypatch.setattr(
+        harness,
+        "choice_scores",
+        lambda model, *a, **k: merged_during.append(model.base_model.merged_lora_adapters()) or scores(model, *a, **k),
+    )
+    results = {}
+    for merge in (True, False):
+        runner = harness.AdapterRunner("cocom", "COCOM", prepare=harness.default_prepare(config), merge_lora=merge)
+        results[merge] = harness.evaluate_runner(model, tokenizer, runner, rows, settings)
+        assert model.base_model.merged_lora_adapters() == []
+    assert merged_during == [["default"], []]
+    for key in ("choice_accuracy", "accuracy", "em", "f1", "prompt_tokens"):
+        assert results[True][key] == results[False][key]
+    assert [e["prediction"] for e in results[True]["examples"]] == [e["prediction"] for e in results[False]["examples"]]
+
+
 def xrag_runner(tokenizer, encoder, name="xrag"):
     model = get_peft_model(
         tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(**encoder.describe()), adapter_name=name

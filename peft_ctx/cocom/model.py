@@ -172,6 +172,13 @@ class CocomMethod(ContextMethod):
         switched = []
         for module in model.modules():
             if isinstance(module, LoraLayer) and companion in module.lora_A:
+                if module.merged:
+                    # A merged layer runs its base weights only, which now hold the decoder LoRA's delta.
+                    raise ValueError(
+                        f"The decoder LoRA of {adapter_name!r} is merged into the base weights (merge_adapter()), "
+                        "but its separate compressor LoRA needs them unmerged: call model.unmerge_adapter() before "
+                        "compressing, or compress beforehand (peft_ctx.compress) and pass the CompressedIndex."
+                    )
                 switched.append((module, module._active_adapter))
                 # Not set_adapter: that would also flip requires_grad, and both LoRAs train.
                 module._active_adapter = [companion]

@@ -27,12 +27,15 @@ def targets(result: dict) -> list[dict]:
     """Each target: what was asked, what was measured, met or not (None where the rows needed are missing)."""
     rows = result["rows"]
     out = []
-    xrag = _row(rows, "xrag", 5, 1)
+    xrag = [r for r in (_row(rows, "xrag", 5, 1), _row(rows, "xrag", 5, 8)) if r is not None]
     out.append(
         {
-            "target": f"xRAG end-to-end speed-up >= {XRAG_E2E_TARGET}x at 5 documents, batch 1",
-            "measured": None if xrag is None else f"{xrag['e2e_speedup_vs_rag']:.2f}x",
-            "met": None if xrag is None else xrag["e2e_speedup_vs_rag"] >= XRAG_E2E_TARGET,
+            "target": f"xRAG end-to-end speed-up >= {XRAG_E2E_TARGET}x at 5 documents (batch 1 and 8)",
+            "measured": "; ".join(
+                f"batch {r['batch']}: {r['e2e_speedup_vs_rag']:.2f}x{_decode_ceiling(rows, r)}" for r in xrag
+            )
+            or None,
+            "met": None if not xrag else all(r["e2e_speedup_vs_rag"] >= XRAG_E2E_TARGET for r in xrag),
         }
     )
     bound = [r for r in rows if r["method"] not in ("rag", "no_retrieval") and r["prompt_token_ratio_vs_rag"] > 1.05]
@@ -63,7 +66,10 @@ def targets(result: dict) -> list[dict]:
     )
     batch8 = [r for r in rows if r["batch"] == 8 and r["method"] != "rag"]
     slower = [
-        f"{r['method']} {r['docs']}d: {r['e2e_speedup_vs_rag']:.2f}x" for r in batch8 if r["e2e_speedup_vs_rag"] < 1
+        f"{r['method']} {r['docs']}d: {r['e2e_speedup_vs_rag']:.2f}x (prompt-token ratio "
+        f"{r['prompt_token_ratio_vs_rag']:.2f}x)"
+        for r in batch8
+        if r["e2e_speedup_vs_rag"] < 1
     ]
     out.append(
         {
@@ -75,6 +81,16 @@ def targets(result: dict) -> list[dict]:
         }
     )
     return out
+
+
+def _decode_ceiling(rows: list[dict], row: dict) -> str:
+    """The most any method could gain end to end over text RAG with this run's decoding speed: text RAG's end-to-end
+    time over the row's decoding time alone (as if its prefill took no time at all)."""
+    rag = _row(rows, "rag", row["docs"], row["batch"])
+    decoding = row["e2e_s"] - row["ttft_s"]
+    if rag is None or decoding <= 0:
+        return ""
+    return f" (ceiling with a free prefill: {rag['e2e_s'] / decoding:.2f}x)"
 
 
 def markdown(result: dict) -> str:

@@ -49,7 +49,7 @@ class Settings:
     doc_tokens: int = 180
     instruction_tokens: int = 54
     new_tokens: int = 30
-    repeats: int = 3
+    repeats: int = 5
     weights: str = "auto"
     cache: str = "auto"
     device: str = "auto"

@@ -143,7 +143,9 @@ class AdapterRunner(Runner):
     _config: Any = field(default=None, repr=False)
 
     def activate(self, model):
-        model.set_adapter(self.adapter_name)
+        if model.active_adapter != self.adapter_name:
+            # Only when needed: PEFT's set_adapter also unmerges a merged LoRA (see ``serving``).
+            model.set_adapter(self.adapter_name)
         self._config = model.peft_config[self.adapter_name]
         return contextlib.nullcontext()
 
@@ -179,6 +181,7 @@ class AdapterRunner(Runner):
         if not merge:
             yield
             return
+        self.activate(model)  # before merging: switching adapters later would unmerge
         tuner.merge_adapter([self.adapter_name])
         try:
             yield

@@ -413,6 +413,22 @@ def test_an_index_from_another_adapter_or_rate_is_refused(tokenizer, tmp_path):
         peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS[1:2], index.select([[0]]))
     with pytest.raises(ValueError, match="Raw tensors are refused"):
         peft_ctx.prepare_inputs(loaded, tokenizer, QUESTIONS[1:2], [[index[0].embeddings]])
+    # The fingerprint is cached per adapter; a LoRA matrix changed in place, or other weights loaded under the same
+    # adapter name, still make the index stale.
+    lora_a = next(p for n, p in loaded.named_parameters() if ".lora_A.default." in n)
+    original = lora_a.detach().clone()
+    with torch.no_grad():
+        lora_a.add_(0.01)
+    with pytest.raises(ValueError, match="compressed by another adapter"):
+        peft_ctx.prepare_inputs(loaded, tokenizer, QUESTIONS[1:2], index.select([[0]]))
+    with torch.no_grad():
+        lora_a.copy_(original)
+    peft_ctx.prepare_inputs(loaded, tokenizer, QUESTIONS[1:2], index.select([[0]]))
+    other.save_pretrained(tmp_path / "other")
+    loaded.base_model.delete_adapter("default")
+    loaded.load_adapter(tmp_path / "other", adapter_name="default")
+    with pytest.raises(ValueError, match="compressed by another adapter"):
+        peft_ctx.prepare_inputs(loaded, tokenizer, QUESTIONS[1:2], index.select([[0]]))
 
 
 # ---- COCOM-light: a BERT-style encoder compresses -------------------------------------------------------------------

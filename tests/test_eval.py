@@ -276,7 +276,7 @@ def test_cocom_passages_compressed_once_score_and_generate_like_compression_on_t
     assert answers[0] == answers[1]
 
 
-def test_cocom_is_evaluated_with_its_decoder_lora_merged_and_left_unmerged(tokenizer, rows, monkeypatch):
+def test_cocom_is_evaluated_with_its_decoder_lora_merged_and_left_unmerged(tokenizer, rows):
     config = peft_ctx.CocomConfig(compression_rate=4, lora_r=2)
     model = get_peft_model(tiny_model("llama", tokenizer), config).eval()
     with torch.no_grad():  # LoRA's B starts at zero: give the merge something to change
@@ -286,19 +286,18 @@ def test_cocom_is_evaluated_with_its_decoder_lora_merged_and_left_unmerged(token
     settings = harness.EvalSettings(
         n_test=len(rows), max_new_tokens=3, batch_size=4, timing_examples=1, timing_new_tokens=2, show_progress=False
     )
+    lora_layer = model.base_model._lora_layers()[0]
     merged_during = []
-    scores = harness.choice_scores
-    monkeypatch.setattr(
-        harness,
-        "choice_scores",
-        lambda model, *a, **k: merged_during.append(model.base_model.merged_lora_adapters()) or scores(model, *a, **k),
-    )
+    lora_layer.register_forward_pre_hook(lambda module, args: merged_during.append(module.merged))
     results = {}
     for merge in (True, False):
         runner = harness.AdapterRunner("cocom", "COCOM", prepare=harness.default_prepare(config), merge_lora=merge)
+        runner.precompute(model, tokenizer, rows)  # compressing runs the LLM with its LoRA unmerged
+        merged_during.clear()
         results[merge] = harness.evaluate_runner(model, tokenizer, runner, rows, settings)
+        # Every forward (scoring, generating, timing) ran merged, or none did; the model is left unmerged.
+        assert merged_during and set(merged_during) == {merge}
         assert model.base_model.merged_lora_adapters() == []
-    assert merged_during == [["default"], []]
     for key in ("choice_accuracy", "accuracy", "em", "f1", "prompt_tokens"):
         assert results[True][key] == results[False][key]
     predictions = {merge: [e["prediction"] for e in result["examples"]] for merge, result in results.items()}

@@ -752,6 +752,7 @@ def test_readme_cocom_example_runs_as_written(tokenizer, encoder_dir, tmp_path, 
         "tokenizer": tokenizer,
     }
     exec(compile(code.replace('"path/to/all-MiniLM-L6-v2"', repr(encoder_dir)), "README.md", "exec"), namespace)
-    assert namespace["from_index"] == namespace["answers"] and len(namespace["answers"]) == 2
+    assert namespace["from_index"] == namespace["served"] == namespace["answers"] and len(namespace["answers"]) == 2
+    assert namespace["model"].merged_lora_adapters() == []
     assert len(namespace["index"]) == 3 and os.path.isfile(tmp_path / "cocom-index.safetensors")
     assert namespace["light_model"].active_peft_config.compressor_config["model_type"] == "bert"

@@ -327,11 +327,18 @@ class ContextModel(BaseTuner):
         A separate compressor LoRA stays unmerged, so compressing passages needs ``unmerge_adapter()`` first (or an
         index compressed beforehand); training needs it too, since merged LoRA weights get no gradient.
         """
+        active = self._context_layer().active_method_adapter()
         if adapter_names is None:
-            adapter_names = [self._context_layer().active_method_adapter()]
+            adapter_names = [active]
         for name in adapter_names:
             if name not in self.peft_config:
                 raise ValueError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+            if name != active:
+                # Its delta would sit under the active adapter's context slots and LoRA: a model of neither.
+                raise ValueError(
+                    f"Adapter {name!r} is not the active one ({active!r}); merge only the active adapter, or "
+                    f"model.set_adapter({name!r}) first."
+                )
             layers = self._lora_layers(name)
             if not layers:
                 method = self.peft_config[name].method

@@ -367,6 +367,18 @@ def test_merging_a_cocom_adapter_without_lora_is_refused_with_the_reason(tokeniz
         model.merge_adapter(["other"])
 
 
+def test_only_the_active_adapter_merges_and_switching_adapters_unmerges(tokenizer):
+    model, _ = cocom_model("llama", tokenizer)
+    model.add_adapter("second", CocomConfig(compression_rate=RATE, max_passage_tokens=MAX_TOKENS))
+    with pytest.raises(ValueError, match="Adapter 'second' is not the active one .*'default'.*set_adapter"):
+        model.merge_adapter(["second"])
+    model.merge_adapter()
+    assert model.merged_lora_adapters() == ["default"]
+    with pytest.warns(UserWarning, match="Unmerging"):
+        model.set_adapter("second")  # PEFT takes the merged delta out before switching
+    assert model.merged_lora_adapters() == []
+
+
 # ---- the offline index ----------------------------------------------------------------------------------------------
 
 

@@ -222,7 +222,7 @@ class Cocom(AdapterMethod):
 
     def serve(self, env, model):
         # The passages are compressed: what remains is decoding, with the decoder LoRA folded into the base weights.
-        if model.base_model._lora_layers():
+        if model.active_peft_config.lora_r > 0:  # COCOM-light or COCOM with a LoRA on the LLM
             model.merge_adapter()
         return model
 

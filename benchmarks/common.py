@@ -8,8 +8,11 @@ import statistics
 from typing import Optional
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-DEFAULT_MODEL = "smollm2"  # peft_ctx.assets alias: SmolLM2-135M-Instruct, offline
+from peft_ctx.harness import assets
+
+DEFAULT_MODEL = assets.SMOLLM2_HUB_ID  # SmolLM2-135M-Instruct, offline through peft_ctx.harness.assets
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -29,11 +32,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode with SDPA attention; ``name_or_path`` may be a peft_ctx asset alias."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peft_ctx import assets
-
+    """(model, tokenizer) in eval mode with SDPA attention; ``name_or_path`` may be an offline asset's alias or Hub id
+    (``peft_ctx.harness.assets``)."""
     path = assets.resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

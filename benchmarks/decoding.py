@@ -3,7 +3,7 @@
     python -m benchmarks.decoding [--model smollm2] [--repeats 3] [--threads N]
 
 Compares, in one process and interleaved per repetition, greedy decoding of 30 tokens at batch 1 with weights in
-fp32 / bf16 / fp16 (fp32 compute) / dynamic int8 and a static or dynamic KV cache (``peft_ctx.fast``), plus
+fp32 / bf16 / fp16 (fp32 compute) / dynamic int8 and a static or dynamic KV cache (``peft_ctx.harness.fast``), plus
 transformers' own ``generate`` in fp32 for reference, on a text-RAG prompt with 5 documents and on an
 instruction-only prompt of about xRAG's length. Accuracy of each lower-precision variant against fp32 is measured on
 real text-RAG prompts: greedy answers identical, first tokens identical, the largest last-position logit difference.
@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from peft_ctx.fast import convert_weights, greedy_generate, weight_bytes
-from peft_ctx.prompting import pad_examples, pad_token_id
+from peft_ctx.harness.fast import convert_weights, greedy_generate, weight_bytes
+from peft_ctx.inference import template_examples
+from peft_ctx.prompting import RAG_TEMPLATE, pad_examples, pad_token_id
 
 from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
 from .workload import build_workload
@@ -39,7 +40,9 @@ def _inputs(examples, tokenizer, device):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Model folder, Hub id or peft_ctx asset alias.")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="Model Hub id (offline assets: a local copy), alias or folder."
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions after one warm-up.")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--accuracy-prompts", type=int, default=8, help="Real prompts for the accuracy check.")
@@ -50,8 +53,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     device = resolve_device("cpu")
-    import peft_ctx
-
     load_start = time.perf_counter()
     fp32, tokenizer = load_model(args.model, device)
     load_s = time.perf_counter() - load_start
@@ -61,16 +62,15 @@ def main(argv=None) -> dict:
         variants[weights] = convert_weights(copy.deepcopy(fp32), weights)
         convert_s[weights] = time.perf_counter() - start
 
-    template = peft_ctx.XRAGConfig(retriever_hidden_size=1)  # only its prompt template is used
     n_acc = args.accuracy_prompts
-    work = build_workload(tokenizer, template, n_examples=max(n_acc, 1), max_docs=5)
-    from peft_ctx.inference import text_examples
+    work = build_workload(tokenizer, RAG_TEMPLATE, n_examples=max(n_acc, 1), max_docs=5)
+
+    def rag(questions, passages=None):
+        return template_examples(tokenizer, questions, passages, prompt_template=RAG_TEMPLATE)
 
     prompts = {
-        "rag_5docs": _inputs(
-            text_examples(template, tokenizer, work.questions[:1], [work.docs_for(0, 5)]), tokenizer, device
-        ),
-        "instruction_only": _inputs(text_examples(template, tokenizer, work.questions[:1]), tokenizer, device),
+        "rag_5docs": _inputs(rag(work.questions[:1], [work.docs_for(0, 5)]), tokenizer, device),
+        "instruction_only": _inputs(rag(work.questions[:1]), tokenizer, device),
     }
     setups = [(w, c) for w in ("fp32", "fp16w") for c in ("static", "dynamic")]
     setups += [("int8", "static"), ("fp32", "generate")]
@@ -124,9 +124,7 @@ def main(argv=None) -> dict:
     for weights in ("bf16", "fp16w", "int8"):
         same, first, max_diff = 0, 0, 0.0
         for i in range(n_acc):
-            inputs = _inputs(
-                text_examples(template, tokenizer, [work.questions[i]], [work.docs_for(i, 1)]), tokenizer, device
-            )
+            inputs = _inputs(rag([work.questions[i]], [work.docs_for(i, 1)]), tokenizer, device)
             ref = greedy_generate(fp32, inputs, args.new_tokens).tokens
             got = greedy_generate(variants[weights], inputs, args.new_tokens).tokens
             same += int(torch.equal(ref, got))

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_ctx.fast import greedy_generate
+from peft_ctx.harness.fast import greedy_generate
 
 
 def _prod(shape) -> int:
@@ -106,7 +106,7 @@ def flops_estimate(model, prompt_tokens_total: int, batch: int, new_tokens: int)
     modules (projectors, compressors, LoRA) are left out: the estimate is the base LLM's."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from peft_ctx.fast import _base_lm
+    from peft_ctx.harness.fast import _base_lm
 
     lm = _base_lm(model)
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()

@@ -1,5 +1,6 @@
-"""The methods the benchmark compares: one ``BenchMethod`` per row name, in a registry; a new method plugs in with a
-subclass (or an instance with other settings) and one ``register`` call.
+"""The methods the benchmark compares: one ``BenchMethod`` per row name, in a registry. The peft_ctx rows are the
+registered methods' ``benchmark_entries`` (``ContextMethod``), so a new method plugs in from its own folder; other
+rows (a baseline) plug in with a ``BenchMethod`` subclass and one ``register`` call.
 
 Every method answers the same questions about the same passages. What a method stores per passage (its "index": the
 text, a retriever vector, context embeddings) is built once, before any timing, as a deployed system would build it
@@ -17,7 +18,15 @@ from typing import Any, Optional
 import torch
 
 import peft_ctx
-from peft_ctx.inference import collate, text_examples
+from peft_ctx.harness.assets import MINILM_HUB_ID, resolve
+from peft_ctx.inference import collate, template_examples
+from peft_ctx.methods import ContextMethod, Entry, Resources
+from peft_ctx.prompting import RAG_TEMPLATE
+
+
+def rag_examples(env, questions: list[str], passages: Optional[list[list[str]]] = None, answers=None) -> list:
+    """Text RAG's prompts (xRAG's template, as in the paper), or the bare questions without passages."""
+    return template_examples(env.tokenizer, questions, passages, answers, prompt_template=RAG_TEMPLATE)
 
 
 @dataclass
@@ -38,10 +47,9 @@ class Encoded:
 
 @dataclass
 class Env:
-    """What the methods share: tokenizer, the text-RAG prompt config, the device and lazily loaded resources."""
+    """What the methods share: tokenizer, the device and lazily loaded resources."""
 
     tokenizer: Any
-    template_config: Any  # the adapter config whose prompt template text RAG uses (xRAG's, as in the paper)
     device: torch.device
     encoder_path: Optional[str] = None
     _encoder: Any = field(default=None, repr=False)
@@ -49,10 +57,15 @@ class Env:
     @property
     def encoder(self):
         if self._encoder is None:
-            from peft_ctx import assets
-
-            self._encoder = peft_ctx.Encoder(self.encoder_path or assets.minilm_dir(), device=str(self.device))
+            self._encoder = peft_ctx.Encoder(resolve(self.encoder_name), device=str(self.device))
         return self._encoder
+
+    @property
+    def encoder_name(self) -> str:
+        return self.encoder_path or MINILM_HUB_ID
+
+    def resources(self, with_encoder: bool) -> Resources:
+        return Resources(encoder_name_or_path=self.encoder_name, encoder=self.encoder if with_encoder else None)
 
 
 class BenchMethod:
@@ -98,12 +111,11 @@ class BenchMethod:
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def inputs(self, env: Env, model, questions: list[str], entries: list[list]) -> dict[str, torch.Tensor]:
-        examples = text_examples(env.template_config, env.tokenizer, questions, entries)
-        return collate(env.template_config, examples, env.tokenizer, device=env.device)
+        return collate(None, rag_examples(env, questions, entries), env.tokenizer, device=env.device)
 
     def train_inputs(self, env: Env, model, questions, passages, answers) -> dict[str, torch.Tensor]:
-        examples = text_examples(env.template_config, env.tokenizer, questions, passages, answers=answers)
-        return collate(env.template_config, examples, env.tokenizer, padding_side="right", device=env.device)
+        examples = rag_examples(env, questions, passages, answers=answers)
+        return collate(None, examples, env.tokenizer, padding_side="right", device=env.device)
 
     def trainable(self, env: Env, base) -> Any:
         """The model whose trainable parameters a training step updates (LoRA SFT for the text-RAG baseline)."""
@@ -122,8 +134,7 @@ class NoRetrieval(BenchMethod):
         return Encoded([None] * len(passages), None)
 
     def inputs(self, env, model, questions, entries):
-        examples = text_examples(env.template_config, env.tokenizer, questions)
-        return collate(env.template_config, examples, env.tokenizer, device=env.device)
+        return collate(None, rag_examples(env, questions), env.tokenizer, device=env.device)
 
     trains = None
 
@@ -133,141 +144,97 @@ class TextRAG(BenchMethod):
 
 
 class AdapterMethod(BenchMethod):
-    """A peft_ctx adapter: inputs through ``peft_ctx.prepare_inputs`` with the index entries as contexts."""
+    """A registered peft_ctx method's benchmark entry: inputs through ``peft_ctx.prepare_inputs`` with its index
+    entries (``ContextMethod.index_passages``, or the passages as text) as contexts, served as the method serves it
+    (``ContextMethod.serving``)."""
 
     adapter = True
-    options: dict = {}
+
+    def __init__(self, method: ContextMethod, entry: Entry):
+        self.method, self.entry = method, entry
+        self.name, self.label, self.trains = entry.name, entry.label, entry.trains
+        self.options = dict(entry.options)
+        self._serving: list = []
+
+    def config(self, env):
+        return self.entry.make_config(env.resources(with_encoder=self.method.uses_encoder))
+
+    @property
+    def encodes(self) -> bool:  # whether ``encode`` does real work worth a throughput figure
+        return type(self.method).index_passages is not ContextMethod.index_passages
+
+    def encode(self, env, model, passages):
+        encoder = env.encoder if self.method.uses_encoder else None
+        index = self.method.index_passages(model, env.tokenizer, passages, encoder=encoder)
+        if index is None:
+            return super().encode(env, model, passages)
+        return Encoded(index.entries, index.save)
+
+    def serve(self, env, model):
+        # Held open for the rest of the run: the server keeps serving this way (COCOM's LoRA stays merged).
+        serving = self.method.serving(model)
+        self._serving.append(serving)
+        return serving.__enter__()
 
     def inputs(self, env, model, questions, entries):
-        return peft_ctx.prepare_inputs(model, env.tokenizer, questions, entries, **self.options)
+        return peft_ctx.prepare_inputs(model, env.tokenizer, questions, self.contexts(entries), **self.options)
+
+    def contexts(self, entries: list[list]) -> list:
+        # Vectors of one question's passages travel as one [n_docs, d_r] tensor.
+        return [torch.stack(row) if row and isinstance(row[0], torch.Tensor) else row for row in entries]
 
     def train_inputs(self, env, model, questions, passages, answers):
+        contexts = passages
+        if self.method.uses_encoder:
+            contexts = [env.encoder.encode(row) for row in passages]  # the retriever's vectors, precomputed
         return peft_ctx.prepare_inputs(
-            model,
-            env.tokenizer,
-            questions,
-            self.train_contexts(env, model, passages),
-            answers=answers,
-            padding_side="right",
-            **self.options,
+            model, env.tokenizer, questions, contexts, answers=answers, padding_side="right", **self.options
         )
-
-    def train_contexts(self, env, model, passages):
-        return passages
 
     def trainable(self, env, base):
         model = self.build(env, base)
         model.train()
         return model
 
-    trains = "the adapter"
 
-
-class XRAG(AdapterMethod):
-    name, label = "xrag", "xRAG (1 token / document)"
-    encodes = True
-    trains = "the projector (retriever vectors precomputed)"
-
-    def config(self, env):
-        return peft_ctx.XRAGConfig(**env.encoder.describe())
-
-    def encode(self, env, model, passages):
-        vectors = env.encoder.encode(passages, batch_size=32)  # [n_passages, d_r]
-        return Encoded(list(vectors), lambda path: peft_ctx.save_vectors(path, vectors, encoder=env.encoder))
-
-    def inputs(self, env, model, questions, entries):
-        return peft_ctx.prepare_inputs(model, env.tokenizer, questions, [torch.stack(row) for row in entries])
-
-    def train_contexts(self, env, model, passages):
-        return [env.encoder.encode(row) for row in passages]
-
-
-class Spring(AdapterMethod):
-    name, label = "spring", "SPRING (50 virtual tokens + text)"
-    trains = "the virtual tokens"
-
-    def config(self, env):
-        return peft_ctx.SpringConfig(num_virtual_tokens=50)
-
-
-class Cocom(AdapterMethod):
-    """COCOM (the LLM compresses, LoRA on it) or COCOM-light (MiniLM compresses); passages compressed offline."""
-
-    encodes = True
-    trains = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
-
-    def __init__(self, name: str, rate: int, light: bool = False, max_passage_tokens: int = 256):
-        self.name = name
-        self.rate = rate
-        self.light = light
-        self.max_passage_tokens = max_passage_tokens
-        self.label = f"COCOM{'-light' if light else ''} xi={rate}"
-
-    def unavailable(self):
-        if not hasattr(peft_ctx, "CocomConfig") or not hasattr(peft_ctx, "compress"):
-            return "peft_ctx has no CocomConfig / compress in this installation"
-        return None
-
-    def config(self, env):
-        kwargs: dict[str, Any] = {"compression_rate": self.rate, "max_passage_tokens": self.max_passage_tokens}
-        if self.light:
-            from peft_ctx import assets
-
-            kwargs["compressor"] = env.encoder_path or assets.minilm_dir()
-        return peft_ctx.CocomConfig(**kwargs)
-
-    def encode(self, env, model, passages):
-        index = peft_ctx.compress(model, env.tokenizer, passages, batch_size=8)
-        return Encoded([index[i] for i in range(len(index))], index.save)
-
-    def serve(self, env, model):
-        # The passages are compressed: what remains is decoding, with the decoder LoRA folded into the base weights.
-        if model.active_peft_config.lora_r > 0:  # COCOM-light or COCOM with a LoRA on the LLM
-            model.merge_adapter()
-        return model
-
-    def inputs(self, env, model, questions, entries):
-        return peft_ctx.prepare_inputs(model, env.tokenizer, questions, entries)
-
-
-REGISTRY: dict[str, BenchMethod] = {}
+_ROWS: dict[str, BenchMethod] = {}  # rows registered here (the baselines); the adapters' rows come from peft_ctx
 
 
 def register(method: BenchMethod) -> BenchMethod:
     if not method.name:
         raise ValueError(f"{type(method).__name__} has no name; set BenchMethod.name.")
-    REGISTRY[method.name] = method
+    _ROWS[method.name] = method
     return method
 
 
-for _method in (
-    NoRetrieval(),
-    TextRAG(),
-    XRAG(),
-    Spring(),
-    Cocom("cocom_xi4", 4),
-    Cocom("cocom_xi16", 16),
-    Cocom("cocom_xi128", 128),
-    Cocom("cocom_light", 4, light=True),
-):
-    register(_method)
+register(NoRetrieval())
+register(TextRAG())
 
-DEFAULT_METHODS = tuple(REGISTRY)
+
+def registry() -> dict[str, BenchMethod]:
+    """Every benchmark row by name: the baselines, then each registered peft_ctx method's ``benchmark_entries``
+    (read now, so a method registered after this module was imported is in it)."""
+    rows = dict(_ROWS)
+    for method in peft_ctx.registered_methods():
+        for entry in method.benchmark_entries():
+            rows.setdefault(entry.name, AdapterMethod(method, entry))
+    return rows
 
 
 def select(names: Optional[list[str]]) -> tuple[list[BenchMethod], dict[str, str]]:
     """The methods to run (text RAG always, as the reference) and the skipped ones with the reason."""
-    names = list(names or DEFAULT_METHODS)
-    unknown = [n for n in names if n not in REGISTRY]
+    rows = registry()
+    names = list(names or rows)
+    unknown = [n for n in names if n not in rows]
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(REGISTRY)}.")
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(rows)}.")
     if "rag" not in names:
         names.insert(0, "rag")  # every ratio is against text RAG
     chosen, skipped = [], {}
     for name in names:
-        reason = REGISTRY[name].unavailable()
+        reason = rows[name].unavailable()
         if reason:
             skipped[name] = reason
         else:
-            chosen.append(REGISTRY[name])
+            chosen.append(rows[name])
     return chosen, skipped

@@ -4,7 +4,7 @@
     python -m benchmarks.run --model PATH_OR_ID --methods rag xrag --repeats 5 --out /tmp/bench
 
 Profile (xRAG paper): 1 and 5 documents of 180 tokens, a 54-token instruction, 30 generated tokens, batch 1 and 8.
-Every method decodes with the same loop and the same weights (``peft_ctx.fast``; by default the set-up that
+Every method decodes with the same loop and the same weights (``peft_ctx.harness.fast``; by default the set-up that
 ``benchmarks/decoding.py`` found fastest with fp32's answers, recorded in ``results/decoding.json``), the text-RAG
 baseline included. Per row:
 prompt tokens, FLOPs (FlopCounterMode, checked against 2 x parameters x tokens), time to first token, end-to-end
@@ -28,11 +28,12 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from peft_ctx.fast import CACHES, WEIGHT_FORMATS, convert_weights, greedy_generate, weight_bytes
+from peft_ctx.harness.fast import CACHES, WEIGHT_FORMATS, convert_weights, greedy_generate, weight_bytes
+from peft_ctx.prompting import RAG_TEMPLATE
 
 from . import measure
 from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
-from .methods import REGISTRY, BenchMethod, Env, select
+from .methods import BenchMethod, Env, registry, select
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -84,9 +85,10 @@ class Settings:
             raise ValueError(f"--weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}.")
         if self.cache not in ("auto",) + CACHES:
             raise ValueError(f"--cache={self.cache!r}; choose auto or one of {', '.join(CACHES)}.")
-        unknown = sorted(set(self.adapters) - set(REGISTRY))
+        known = registry()
+        unknown = sorted(set(self.adapters) - set(known))
         if unknown:
-            raise ValueError(f"--adapter names {unknown} are no benchmark method; choose from {', '.join(REGISTRY)}.")
+            raise ValueError(f"--adapter names {unknown} are no benchmark method; choose from {', '.join(known)}.")
 
 
 def recommended_setup(device: torch.device, model: str) -> dict:
@@ -127,16 +129,11 @@ class Bench:
         self.cache = settings.cache
         if self.cache == "auto":
             self.cache = recommended_setup(self.device, settings.model)["cache"]
-        import peft_ctx
-
-        template = peft_ctx.XRAGConfig(retriever_hidden_size=1)  # only its prompt template: text RAG's, as in xRAG
-        self.env = Env(
-            tokenizer=tokenizer, template_config=template, device=self.device, encoder_path=settings.encoder
-        )
+        self.env = Env(tokenizer=tokenizer, device=self.device, encoder_path=settings.encoder)
         n_examples = max(max(settings.batch), settings.train_batch)
         self.work = build_workload(
             tokenizer,
-            template,
+            RAG_TEMPLATE,  # text RAG's prompt, as in xRAG
             n_examples=n_examples,
             max_docs=max(max(settings.docs), settings.train_docs),
             doc_tokens=settings.doc_tokens,
@@ -317,14 +314,13 @@ class Bench:
             for batch in s.batch:
                 rows.extend(self.group(docs, batch))
         training = {} if s.skip_training else self.training()
+        by_name = {m.name: m for m in self.methods}
         for row in rows:
             row.update(index[row["method"]])
             row.update(training.get(row["method"], {}))
             row["weights"] = self.weights
             row["adapter"] = (
-                "trained"
-                if row["method"] in s.adapters
-                else ("untrained" if REGISTRY[row["method"]].adapter else None)
+                "trained" if row["method"] in s.adapters else ("untrained" if by_name[row["method"]].adapter else None)
             )
         info = machine()
         info["load_average_before"] = load_before
@@ -351,8 +347,8 @@ def _answer(tokenizer, passage: str, n_tokens: int) -> str:
 
 def _notes(bench: Bench, s: Settings) -> list[str]:
     notes = [
-        f"Decoding: peft_ctx.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every method "
-        "and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
+        f"Decoding: peft_ctx.harness.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every "
+        "method and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
         "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
         "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline, "
         "in fp32; COCOM then decodes with its decoder LoRA merged into the base weights (model.merge_adapter()).",
@@ -372,7 +368,7 @@ def _notes(bench: Bench, s: Settings) -> list[str]:
         f"Training: samples/s of one AdamW step, fp32, batch {s.train_batch}, {s.train_docs} document(s) of "
         f"{s.doc_tokens} tokens and a {s.new_tokens}-token answer; the rag row is LoRA SFT on the text-RAG prompt.",
     ]
-    if any(REGISTRY[m.name].adapter and m.name not in s.adapters for m in bench.methods):
+    if any(m.adapter and m.name not in s.adapters for m in bench.methods):
         notes.append(
             "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."
         )
@@ -396,9 +392,11 @@ def write_results(result: dict, out: str) -> dict[str, str]:
 def parse_args(argv=None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = Settings()
-    parser.add_argument("--model", default=d.model, help="Model folder, Hub id or peft_ctx asset alias ('smollm2').")
+    parser.add_argument(
+        "--model", default=d.model, help="Model Hub id (offline assets: a local copy), alias ('smollm2') or folder."
+    )
     parser.add_argument("--encoder", default=None, help="xRAG's retriever / COCOM-light's encoder (default MiniLM).")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of: {' '.join(REGISTRY)} (rag always).")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of: {' '.join(registry())} (rag always).")
     parser.add_argument("--docs", nargs="+", type=int, default=d.docs)
     parser.add_argument("--batch", nargs="+", type=int, default=d.batch)
     parser.add_argument("--doc-tokens", type=int, default=d.doc_tokens)

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from peft_ctx.inference import text_examples
+from peft_ctx.harness import assets
+from peft_ctx.inference import template_examples
 
 # Words appended to a question that is shorter than the profile's instruction; ordinary prose, not a special token.
 _FILLER = (
@@ -44,8 +45,6 @@ def _fit(tokenizer, text: str, n_tokens: int) -> str:
 def load_passages(tokenizer, n: int, doc_tokens: int, wiki_path: Optional[str] = None) -> tuple[list[str], list[str]]:
     """``n`` Wikipedia lead paragraphs of at least ``doc_tokens`` tokens, each cut to exactly that many tokens."""
     if wiki_path is None:
-        from peft_ctx import assets
-
         wiki_path = assets.wiki_summaries_path()
     with open(wiki_path) as f:
         articles = json.load(f)
@@ -66,7 +65,7 @@ def load_passages(tokenizer, n: int, doc_tokens: int, wiki_path: Optional[str] =
 
 def build_workload(
     tokenizer,
-    template_config,
+    prompt_template: str,
     n_examples: int,
     max_docs: int,
     doc_tokens: int = 180,
@@ -76,14 +75,14 @@ def build_workload(
 ) -> Workload:
     """Questions whose text-RAG prompt minus its documents is ``instruction_tokens`` long (chat template included).
 
-    ``template_config`` is the adapter config whose prompt template the text-RAG baseline uses (xRAG's, as in the
+    ``prompt_template`` is the prompt template the text-RAG baseline uses (xRAG's, as in the
     paper's profile).
     """
     if passages is None:
         passages, titles = load_passages(tokenizer, n_examples * max_docs, doc_tokens)
     titles = titles or [f"passage {i}" for i in range(len(passages))]
     # What the template, chat wrapping and a one-token question cost, so the question gets the rest of the budget.
-    probe = text_examples(template_config, tokenizer, ["Why?"], [[passages[0]]])[0]
+    probe = template_examples(tokenizer, ["Why?"], [[passages[0]]], prompt_template=prompt_template)[0]
     doc_len = len(tokenizer(passages[0], add_special_tokens=False).input_ids)
     overhead = len(probe.input_ids) - doc_len - len(tokenizer("Why?", add_special_tokens=False).input_ids)
     question_tokens = instruction_tokens - overhead

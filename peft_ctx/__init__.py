@@ -4,17 +4,27 @@
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle peft_ctx adapters like any other.
 """
 
-from . import _registration
+from . import _registration, local_copies
+
+# The methods register as they are imported; this order is the order of the demo's and the benchmarks' rows.
+from .xrag import XRAGConfig
+
+# isort: split
+from .spring import SpringConfig
+
+# isort: split
 from .cocom import CocomConfig, CompressedIndex, adapter_size, compress
+
+# isort: split
 from .config import ContextConfig
 from .encoders import Encoder
 from .hub import load, push_to_hub
-from .index import load_vectors, save_vectors
 from .inference import generate, generate_baseline, prepare_inputs
-from .spring import SpringConfig
-from .tuner import ContextEmbedding, ContextModel
+from .layer import ContextEmbedding
+from .methods import ContextMethod, get_method, register_method, registered_methods
+from .model import ContextModel
+from .vectors import load_vectors, save_vectors
 from .version import __version__
-from .xrag import XRAGConfig
 
 _registration.register(ContextConfig, ContextModel)
 
@@ -23,6 +33,7 @@ __all__ = [
     "CompressedIndex",
     "ContextConfig",
     "ContextEmbedding",
+    "ContextMethod",
     "ContextModel",
     "Encoder",
     "SpringConfig",
@@ -32,9 +43,13 @@ __all__ = [
     "compress",
     "generate",
     "generate_baseline",
+    "get_method",
     "load",
+    "local_copies",
     "load_vectors",
     "prepare_inputs",
     "push_to_hub",
+    "register_method",
+    "registered_methods",
     "save_vectors",
 ]

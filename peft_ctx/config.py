@@ -50,6 +50,11 @@ def check_adapter_weights(folder: str) -> None:
         ) from exc
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _known_methods() -> str:
     return ", ".join(sorted(_CONFIG_CLASSES)) or "(none registered)"
 

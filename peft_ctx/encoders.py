@@ -16,6 +16,8 @@ from huggingface_hub import hf_hub_download
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from . import local_copies
+
 POOLINGS = ("mean", "cls", "last_token", "max")
 
 _ST_POOLING_KEYS = {
@@ -90,14 +92,16 @@ class Encoder:
         torch_dtype: torch.dtype = torch.float32,
         **hub_kwargs,
     ) -> None:
-        settings = read_sentence_transformers_settings(name_or_path, **hub_kwargs) or {}
+        # The Hub id stays the encoder's name (adapters record it); the files may come from a local copy.
+        source = local_copies.resolve(name_or_path)
+        settings = read_sentence_transformers_settings(source, **hub_kwargs) or {}
         self.pooling = pooling if pooling is not None else settings.get("pooling", "mean")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
         self.normalize = bool(normalize if normalize is not None else settings.get("normalize", False))
         self.name_or_path = name_or_path
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
-        self.model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype, **hub_kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+        self.model = AutoModel.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)

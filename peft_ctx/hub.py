@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from huggingface_hub.utils import (
     EntryNotFoundError,
@@ -32,9 +33,14 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from peft import PeftConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .assets import resolve
+from . import local_copies
 from .config import ContextConfig
+from .encoders import Encoder
+from .methods import get_method
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -47,14 +53,8 @@ TRAINING_CONFIG_NAME = "training_config.json"
 EVAL_RESULTS_NAME = "eval_results.json"
 TAGS = ("peft", "peft_ctx", "rag", "context-compression")
 SETTINGS = ("no_retrieval", "text_rag", "adapter")
-METHOD_TITLES = {"xrag": "xRAG", "spring": "SPRING", "cocom": "COCOM"}
-# Methods whose documents reach the model through a retriever / encoder named in the config.
+# The config field that names the retriever / encoder of methods whose documents reach the model through one.
 _ENCODER_FIELD = "retriever_name_or_path"
-# The Hub ids of the models behind peft_ctx.assets' offline aliases (the SmolLM2 asset is its GGUF Q4_1 quantisation).
-ASSET_HUB_IDS = {
-    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
-}
 _HASH_PLACEHOLDER = "0" * 64
 _HASH_RE = re.compile(r"(card_sha256: ['\"]?)([0-9a-f]{64})(['\"]?)")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -114,9 +114,7 @@ def _check_repo_id(repo_id: Any) -> None:
 
 
 def _hub_id(name: Optional[str]) -> Optional[str]:
-    """``name`` if it reads as a Hub repository id (not a local path), else None; asset aliases map to their ids."""
-    if name in ASSET_HUB_IDS:
-        return ASSET_HUB_IDS[name]
+    """``name`` if it reads as a Hub repository id (not a local path), else None."""
     if not name or not isinstance(name, str) or os.path.isabs(name) or os.path.exists(name):
         return None
     return name if _HUB_ID_RE.match(name) else None
@@ -143,8 +141,6 @@ def _adapter_name(model, adapter_name: Optional[str]) -> str:
 
 def parameter_counts(model, adapter_name: str) -> tuple[int, int]:
     """(parameters the adapter file holds, parameters of the base model without any adapter)."""
-    from peft.utils import get_peft_model_state_dict
-
     adapter = sum(t.numel() for t in get_peft_model_state_dict(model, adapter_name=adapter_name).values())
     # Base weights are never named after an adapter (PEFT keeps them as ``...base_layer.weight``).
     markers = tuple(f".{name}." for name in model.peft_config)
@@ -341,6 +337,24 @@ def card_is_unedited(text: str) -> bool:
     return len(found) == 1 and found[0][1] == card_sha256(text)
 
 
+def _metadata_defaults(
+    config: ContextConfig, base_model: Optional[str], datasets: Optional[list[str]], license: Optional[str]
+) -> dict[str, Any]:
+    """The card metadata peft_ctx fills in, for its own card and for a user's card that lacks it."""
+    metadata: dict[str, Any] = {
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": [*TAGS, config.method],
+    }
+    if base_model:
+        metadata.update(base_model=base_model, base_model_relation="adapter")
+    if datasets:
+        metadata["datasets"] = list(datasets)
+    if license:
+        metadata["license"] = license
+    return metadata
+
+
 def make_card(
     model,
     repo_id: str,
@@ -360,8 +374,6 @@ def make_card(
 
     Edit the result and pass it back as ``push_to_hub(..., card=card)`` to publish a changed card.
     """
-    import jinja2
-
     _check_repo_id(repo_id)
     name = _adapter_name(model, adapter_name)
     config = model.peft_config[name]
@@ -370,34 +382,30 @@ def make_card(
     records = _check_eval_results(eval_results)
     training = redact(_plain(training_config)) if training_config is not None else None
     trainable, base_params = parameter_counts(model, name)
-    method_title = METHOD_TITLES.get(config.method, config.method)
+    method = get_method(config.method)
+    method_title = method.title or method.name
     evaluation, measured = _evaluation(records, method_title)
-    tags = list(dict.fromkeys([*TAGS, config.method]))
-    metadata: dict[str, Any] = {
-        "library_name": "peft",
-        "pipeline_tag": "text-generation",
-        "tags": tags,
-        "peft_ctx": {"method": config.method, "version": __version__, "card_sha256": _HASH_PLACEHOLDER},
-    }
-    if base_model:
-        metadata.update(base_model=base_model, base_model_relation="adapter")
-    if datasets:
-        metadata["datasets"] = list(datasets)
-    if license:
-        metadata["license"] = license
+    metadata = _metadata_defaults(config, base_model, datasets, license)
+    metadata["tags"] = list(dict.fromkeys(metadata["tags"]))
+    metadata["peft_ctx"] = {"method": config.method, "version": __version__, "card_sha256": _HASH_PLACEHOLDER}
     model_index = _model_index(records)
     if model_index:
         metadata.update(model_name=repo_id.split("/")[-1], eval_results=model_index)
     card_data = ModelCardData(**metadata)
 
     directory = _template_dir(template_dir)
-    template_name = f"{config.method}.md.j2"
-    if not (directory / template_name).is_file():
+    # A method without a template of its own gets the shared layout with its title.
+    template = Path(method.card_template or "_base.md.j2")
+    # A method outside peft_ctx keeps its template next to its code (an absolute path); it still extends _base.md.j2.
+    search = [str(directory)] + ([str(template.parent)] if template.is_absolute() else [])
+    template_name = template.name
+    if not any((Path(folder) / template_name).is_file() for folder in search):
         raise ValueError(
-            f"No card template for method {config.method!r}: add {directory / template_name} (extend _base.md.j2)."
+            f"No card template for method {config.method!r}: set {type(method).__name__}.card_template to a file in "
+            f"{directory} or an absolute path (extend _base.md.j2)."
         )
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory)),
+        loader=jinja2.FileSystemLoader(search),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -418,7 +426,7 @@ def make_card(
         base_model=base_model,
         base_model_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model",
         retriever=retriever,
-        needs_encoder=getattr(config, _ENCODER_FIELD, None) is not None or hasattr(config, "retriever_hidden_size"),
+        needs_encoder=method.uses_encoder or getattr(config, _ENCODER_FIELD, None) is not None,
         tokenizer_source=repo_id if tokenizer_in_repo else (base_model or "<base model id>"),
         trainable_parameters=trainable,
         base_parameters=base_params,
@@ -603,15 +611,7 @@ def push_to_hub(
                     )
                 )
             else:
-                defaults: dict[str, Any] = {"library_name": "peft", "pipeline_tag": "text-generation"}
-                defaults["tags"] = [*TAGS, config.method]
-                if base_id:
-                    defaults.update(base_model=base_id, base_model_relation="adapter")
-                if datasets:
-                    defaults["datasets"] = list(datasets)
-                if license:
-                    defaults["license"] = license
-                text = _user_card(card, defaults)
+                text = _user_card(card, _metadata_defaults(config, base_id, datasets, license))
             text = _stamp(text)
             remote = _remote_text(api, repo_id, CARD_NAME, parent, os.path.join(tmp, "cache"))
             if remote is not None and remote != text and not card_is_unedited(remote) and not overwrite_card:
@@ -624,7 +624,8 @@ def push_to_hub(
             with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
                 f.write(text)
         _refuse_secrets(folder, secret)
-        message = commit_message or f"Upload {METHOD_TITLES.get(config.method, config.method)} adapter (peft_ctx)"
+        title = get_method(config.method).title or config.method
+        message = commit_message or f"Upload {title} adapter (peft_ctx)"
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -761,11 +762,6 @@ def load(
     use others. The tokenizer comes from the adapter repository when it holds one, else from the base model.
     ``encoder`` is None for methods that need none (SPRING) or when the config names no retriever.
     """
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .encoders import Encoder
-
     hub_kwargs: dict[str, Any] = {"token": token} if token is not None else {}
     local = os.path.isdir(repo_id)
     if local:
@@ -800,8 +796,8 @@ def load(
         if not base_name:
             raise ValueError(f"The adapter config of {repo_id!r} names no base model; pass base_model='org/name'.")
         try:
-            # Offline asset aliases ("smollm2") are what the demo's adapters record as their base model.
-            base_name = resolve(base_name)
+            # The config's Hub id stays as it is; a listed local copy of it is read instead of the Hub.
+            base_name = local_copies.resolve(base_name)
             base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, **hub_kwargs, **model_kwargs)
         except (OSError, HfHubHTTPError, ValueError) as exc:
             raise ValueError(
@@ -832,13 +828,13 @@ def load(
         encoder_name = getattr(config, _ENCODER_FIELD, None)
         if encoder_name:
             encoder = Encoder(
-                resolve(encoder_name),
+                encoder_name,
                 pooling=getattr(config, "retriever_pooling", None),
                 normalize=getattr(config, "retriever_normalize", None),
                 device=device,
                 **hub_kwargs,
             )
-        elif hasattr(config, "retriever_hidden_size"):
+        elif get_method(config.method).uses_encoder:
             logger.warning(
                 "The adapter config of %r names no retriever; pass encoder=... to peft_ctx.load, or give documents as "
                 "precomputed vectors.",
@@ -848,7 +844,7 @@ def load(
         encoder = None
     elif isinstance(encoder, (str, os.PathLike)):
         encoder = Encoder(
-            resolve(str(encoder)),
+            str(encoder),
             pooling=getattr(config, "retriever_pooling", None),
             normalize=getattr(config, "retriever_normalize", None),
             device=device,

@@ -25,11 +25,11 @@ def active_config(model) -> ContextConfig:
     return config
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _context_length(model) -> Optional[int]:
+def context_length(model) -> Optional[int]:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
@@ -208,12 +208,13 @@ def prepare_inputs(
         examples,
         tokenizer,
         padding_side=padding_side,
-        max_length=_context_length(model),
-        device=_model_device(model),
+        max_length=context_length(model),
+        device=model_device(model),
     )
 
 
-def _decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
+def decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
+    """The generated continuations of a left-padded batch, as stripped text."""
     return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
 
 
@@ -239,11 +240,9 @@ def generate_baseline(
             examples = text_examples(
                 config, tokenizer, questions[start:stop], None if contexts is None else contexts[start:stop]
             )
-            inputs = collate(
-                config, examples, tokenizer, max_length=_context_length(model), device=_model_device(model)
-            )
+            inputs = collate(config, examples, tokenizer, max_length=context_length(model), device=model_device(model))
             output = model.generate(**inputs, **gen_kwargs)
-            answers.extend(_decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
+            answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     return answers
 
 
@@ -282,5 +281,5 @@ def generate(
             **options,
         )
         output = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
-        answers.extend(_decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
+        answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     return answers

@@ -1,11 +1,17 @@
-"""What a peft_ctx method contributes: its adapter module, how it fills the context slots, and how prompts look.
+"""A method's registry entry: its hooks into the shared machinery and everything else the package reads about it.
 
-The shared machinery (placeholder substitution, PEFT registration, prompt building, batching) calls these hooks;
-each method's package (``peft_ctx/<method>/model.py``) implements them once.
+Each method's package (``peft_ctx/<method>/method.py``) defines one ``ContextMethod`` subclass and registers one
+instance with ``register_method``. That instance is the only place the rest of peft_ctx learns about the method:
+the tuner calls its hooks (slot filling, prompt fields, batching), ``hub`` renders its card template, the evaluation
+harness asks it how to index passages, the demo and the benchmarks iterate its ``demo_entries`` /
+``benchmark_entries``, ``python -m peft_ctx.convert`` lists its converters and the demo trains it with ``train``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -18,10 +24,94 @@ if TYPE_CHECKING:
 _METHODS: dict[str, ContextMethod] = {}
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What an entry's ``make_config`` may read: the base model's and the encoder's names, and the encoder."""
+
+    base_model_name_or_path: Optional[str] = None
+    encoder_name_or_path: Optional[str] = None
+    encoder: Any = None  # a peft_ctx.Encoder
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target a benchmark row must meet: ``metric`` (a row field such as ``e2e_speedup_vs_rag``) at least
+    ``at_least`` at ``docs`` documents for each batch size in ``batches``."""
+
+    metric: str
+    at_least: float
+    docs: int = 5
+    batches: tuple[int, ...] = (1, 8)
+    source: str = ""  # where the number comes from (the paper's claim)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the demo's or the benchmark's table for a method (a method may have several: COCOM's rates).
+
+    ``make_config(resources)`` builds the adapter config; ``options`` go to ``prepare_inputs`` when the row is
+    evaluated; ``stages`` maps a demo profile name to the settings of each training stage (``StageSettings``
+    fields, by stage name of ``ContextMethod.stages``); ``control`` also scores the adapter reading another question's
+    passage (what it gets from the passage itself); ``trains`` says what a training step updates and ``targets``
+    what speed the row must reach (benchmarks).
+    """
+
+    name: str
+    label: str
+    make_config: Callable[[Resources], ContextConfig]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stages: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+    control: bool = False
+    trains: str = "the adapter"
+    targets: tuple[Target, ...] = ()
+
+
+@dataclass
+class PassageIndex:
+    """What an offline index stores for some passages (one entry each, in order), and how to write it to a file."""
+
+    entries: list
+    save: Optional[Callable[[str], Any]] = None
+
+
+@dataclass
+class TrainingData:
+    """What a method's training recipe reads: QA rows (``question``, ``answer``, ``contexts`` with the gold passage
+    first), unlabelled passages for pretraining stages, and the retriever when the method needs one."""
+
+    qa_rows: list[dict]
+    corpus: Sequence[str] = ()
+    encoder: Any = None
+
+
 class ContextMethod:
-    """Base class of a method's behaviour. Subclasses are stateless; register one instance with ``register_method``."""
+    """Base class of a method's registry entry and hooks. Subclasses are stateless; register one instance with
+    ``register_method``.
+
+    Example (a whole method, see ``tests/test_fourth_method.py``)::
+
+        class MeanPoolMethod(ContextMethod):
+            name, title, config_class = "meanpool", "Mean-pool", MeanPoolConfig
+            def create_module(self, config, base_embedding, model_config): ...
+            def slot_embeddings(self, module, context_mask, inputs, dtype): ...
+            def prompt_fields(self, config, docs, options): ...
+
+        register_method(MeanPoolMethod())
+    """
 
     name: str = ""
+    # ---- what the rest of the package reads ----------------------------------------------------------------------
+    title: str = ""  # the method's name in cards, tables and commit messages ("xRAG")
+    config_class: Optional[type] = None  # its ContextConfig subclass
+    # Its model-card template: a file name in peft_ctx's hub_cards/ or an absolute path; it extends "_base.md.j2".
+    card_template: Optional[str] = None
+    # Its documents reach the model through the retriever its config names (``retriever_name_or_path``): loaders and
+    # cards then name that encoder.
+    uses_encoder: bool = False
+    # ``python -m peft_ctx.convert NAME SRC DST``: official research checkpoints -> adapter (name -> function).
+    converters: Mapping[str, Callable[..., Any]] = {}
+    # The stages of its training recipe, in order (``train`` takes their settings by these names).
+    stages: tuple[str, ...] = ("qa",)
     # Extra forward / generate keyword arguments that carry this method's context (besides ``context_mask``).
     input_names: tuple[str, ...] = ()
     # Shared objects that prompt building adds to this method's options (``prepare_docs`` / ``prompt_fields``):
@@ -105,10 +195,52 @@ class ContextMethod:
         fields["context"] = ["\n".join(docs)]
         return fields
 
+    # ---- offline work, serving and training ----------------------------------------------------------------------
+    def index_passages(self, model, tokenizer, passages: list[str], encoder=None) -> Optional[PassageIndex]:
+        """What an offline index holds for each passage (retriever vectors, compressed context embeddings), ready for
+        ``contexts=``; None when the method reads passages as text. ``model`` has this method's adapter active."""
+        return None
+
+    def serving(self, model) -> contextlib.AbstractContextManager:
+        """The model as a server decodes with it once the passages are indexed (COCOM: its decoder LoRA merged into
+        the base weights), for the duration of the ``with`` block; the context manager yields the model."""
+        return contextlib.nullcontext(model)
+
+    def demo_entries(self) -> tuple[Entry, ...]:
+        """Rows of ``make demo`` / ``make reproduce`` (trained with ``train``)."""
+        return ()
+
+    def benchmark_entries(self) -> tuple[Entry, ...]:
+        """Rows of the speed benchmarks (``benchmarks/``), with freshly initialised adapters."""
+        return ()
+
+    def train(
+        self, model, tokenizer, data: TrainingData, stages: Mapping[str, Any], work_dir: str, seed: int = 0
+    ) -> list:
+        """Train the active adapter of ``model`` stage by stage (``stages``: ``StageSettings`` by stage name); returns
+        one ``peft_ctx.training.StageReport`` per stage run. The default is one QA stage on ``data.qa_rows``."""
+        from .training import train_qa  # here, not at the top: training imports this module
+
+        return train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, f"{self.title} (QA)", seed=seed)
+
 
 def register_method(method: ContextMethod) -> ContextMethod:
+    """Make a method known to PEFT loading, prompts, cards, the harness and the benchmarks (idempotent per name)."""
+    if not method.name:
+        raise ValueError(f"{type(method).__name__} has no name; set ContextMethod.name.")
+    config_class = method.config_class
+    if config_class is None or getattr(config_class, "method_name", None) != method.name:
+        raise ValueError(
+            f"{type(method).__name__}.config_class must be the method's ContextConfig subclass with "
+            f"method_name={method.name!r}, got {config_class!r}."
+        )
     _METHODS[method.name] = method
     return method
+
+
+def registered_methods() -> list[ContextMethod]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
 
 
 def get_method(name: str) -> ContextMethod:

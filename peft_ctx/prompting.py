@@ -19,6 +19,8 @@ import torch
 _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
 _SENTINEL_RE = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
 IGNORE_INDEX = -100
+# Text RAG's prompt (xRAG's paper): xRAG's default template, and the one the baselines and the demo's SPRING read.
+RAG_TEMPLATE = "Refer to the background document and answer the question.\nBackground: {context}\nQuestion: {question}"
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,11 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
     raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before batching.")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so that a left-padded row reads as the same sequence unpadded.  # [b, seq]"""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def pad_examples(

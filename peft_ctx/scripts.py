@@ -6,8 +6,11 @@ import os
 from collections.abc import Callable
 from typing import Any, Optional
 
+import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from peft import PeftModel, get_peft_model
 
+from . import local_copies
 from .training import ContextSFTTrainer, resolve_resume, save_adapter
 
 
@@ -48,13 +51,7 @@ def build_adapter_model(
 ):
     """The base model (fp32) with a new adapter from ``make_config()``, or with the adapter saved at
     ``adapter_init`` to go on training (refused unless it is a ``config_class`` adapter)."""
-    import torch
-    from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from .assets import resolve
-
-    base = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), dtype=torch.float32)
+    base = local_copies.load_model(model_name_or_path, dtype=torch.float32)
     if not adapter_init:
         return get_peft_model(base, make_config())
     model = PeftModel.from_pretrained(base, adapter_init, is_trainable=True)

@@ -1,29 +1,48 @@
-"""Training with trl: a collator that builds context-slot prompts, and an SFTTrainer with the methods' losses.
+"""The one training stack: a collator that builds context-slot prompts, and a trl ``SFTTrainer`` with the loss.
 
 Loss = a_nll * NLL(answer | compressed context) + a_kl * T^2 * KL(teacher || student) over the answer tokens, where
 the teacher is the same frozen LLM reading the documents as text (the adapter disabled) and the student reads the
-adapter's context slots (xRAG's self-distillation; a_kl = 0 gives plain answer NLL).
+adapter's context slots (xRAG's self-distillation; a_kl = 0 gives plain answer NLL). Options of the one stack:
+
+- the teacher: a live pass every step over the text-RAG prompt (the exact KL), or, with ``teacher_top_k``, the
+  teacher's top-k answer-token log-probs computed once before training (the LLM is frozen, so they never change) and
+  the KL restricted to those tokens;
+- the logits: by default only for the answer span (``logits_to_keep``), not for every prompt token;
+- padding: right, or left (every answer then ends its row, which keeps the answer span short).
+
+The training scripts (``train/*.py``), the methods' multi-stage recipes (``<method>/recipe.py``, which the demo and
+the scripts both call) and the benchmarks all run this collator and this trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
+from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
 
 from .config import ContextConfig
+from .hub import push_after_training, take_push_settings
 from .inference import build_examples, collate, text_examples, with_resources
 from .methods import get_method
-from .prompting import IGNORE_INDEX, pad_examples, pad_token_id, tokenize_parts
+from .prompting import IGNORE_INDEX, Example, pad_examples, pad_token_id, position_ids, tokenize_parts
+
+TEACHER_IDS, TEACHER_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
+PADDING_SIDES = ("left", "right")
+TEACHERS = ("text", "cached")
 
 # Stage-1 paraphrase instructions (our wording); "{context}" is where the document's slots go.
 PARAPHRASE_TEMPLATES = (
@@ -53,13 +72,15 @@ def _tensor_docs(value: Any) -> Any:
 
 @dataclass
 class ContextDataCollator:
-    """Turns dataset rows into model batches (right padding, labels on the answer only).
+    """Turns dataset rows into model batches (labels on the answer only).
 
     Rows for ``task="qa"``: ``question``, ``answer`` and the documents in ``context_column`` (texts, or vectors for
     xRAG). Rows for ``task="paraphrase"``: the document's vectors in ``context_column`` and its text in
-    ``text_column``; the answer is the document itself (xRAG stage 1 / COCOM auto-encoding).
-    With ``distill=True`` the batch also carries the teacher's text-RAG prompt (``teacher_*`` keys), built from the
-    texts in ``text_column``.
+    ``text_column``; the answer is the document itself (xRAG stage 1).
+    With ``distill=True`` the batch also carries the teacher: with ``teacher="text"`` its text-RAG prompt
+    (``teacher_*`` keys, built from the texts in ``text_column``) for a live teacher pass; with ``teacher="cached"``
+    the rows' cached top-k log-probs (``ContextSFTTrainer`` adds them when ``teacher_top_k`` is set, and then sets
+    ``teacher="cached"`` itself). ``padding_side="left"`` also adds ``position_ids`` that skip the padding.
     """
 
     config: ContextConfig
@@ -68,16 +89,24 @@ class ContextDataCollator:
     context_column: str = "contexts"
     text_column: str = "contexts"
     distill: bool = False
+    teacher: str = "text"
+    padding_side: str = "right"
     max_length: Optional[int] = None
     seed: int = 0
     method_options: dict = field(default_factory=dict)
     # The PeftModel, for methods that read documents with the adapter's own parts (COCOM-light's encoder tokenizer);
     # ContextSFTTrainer fills it in when left None.
     model: Any = None
+    # The tasks this collator builds (a subclass builds its own in ``examples``).
+    tasks: ClassVar[tuple[str, ...]] = ("qa", "paraphrase")
 
     def __post_init__(self):
-        if self.task not in ("qa", "paraphrase"):
-            raise ValueError(f"task={self.task!r}; use 'qa' or 'paraphrase'.")
+        if self.task not in self.tasks:
+            raise ValueError(f"task={self.task!r}; use one of {', '.join(map(repr, self.tasks))}.")
+        if self.padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side={self.padding_side!r}; use 'left' or 'right'.")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher={self.teacher!r}; use 'text' (a live teacher pass) or 'cached'.")
 
     def _options(self) -> dict:
         return get_method(self.config.method).training_options(self.config, self._rng, self.method_options)
@@ -88,34 +117,63 @@ class ContextDataCollator:
         key = json.dumps([[row.get(c) for c in ("question", "answer", self.text_column)] for row in rows], default=str)
         return random.Random(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest())
 
+    def examples(self, rows: list[dict]) -> list[Example]:
+        """The batch's tokenised examples before padding (subclasses build other tasks here)."""
+        if self.task == "paraphrase":
+            return [self._paraphrase_example(row) for row in rows]
+        return build_examples(
+            self.config,
+            self.tokenizer,
+            [row["question"] for row in rows],
+            [_tensor_docs(row[self.context_column]) for row in rows],
+            answers=[row["answer"] for row in rows],
+            model=self.model,
+            **self._options(),
+        )
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         self._rng = self._batch_rng(rows)
-        if self.task == "paraphrase":
-            examples = [self._paraphrase_example(row) for row in rows]
-            answers = [row[self.text_column] for row in rows]
-        else:
-            answers = [row["answer"] for row in rows]
-            examples = build_examples(
-                self.config,
-                self.tokenizer,
-                [row["question"] for row in rows],
-                [_tensor_docs(row[self.context_column]) for row in rows],
-                answers=answers,
-                model=self.model,
-                **self._options(),
-            )
-        batch = collate(self.config, examples, self.tokenizer, padding_side="right", max_length=self.max_length)
+        batch = collate(
+            self.config,
+            self.examples(rows),
+            self.tokenizer,
+            padding_side=self.padding_side,
+            max_length=self.max_length,
+        )
+        if self.padding_side == "left":
+            batch["position_ids"] = position_ids(batch["attention_mask"])
         if self.distill:
-            teacher = text_examples(
-                self.config,
-                self.tokenizer,
-                [row["question"] for row in rows],
-                [row[self.text_column] for row in rows],
-                answers=answers,
-            )
-            padded = pad_examples(teacher, pad_token_id(self.tokenizer), padding_side="right")
-            batch.update({f"teacher_{key}": padded[key] for key in ("input_ids", "attention_mask", "labels")})
+            batch.update(self._teacher(rows))
         return batch
+
+    def _teacher(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.teacher == "cached":
+            if TEACHER_IDS not in rows[0]:
+                raise ValueError(
+                    f"teacher='cached' but the rows have no {TEACHER_IDS!r} column; set teacher_top_k in "
+                    "ContextSFTConfig (the trainer caches the teacher) or add it with "
+                    "peft_ctx.training.add_teacher_cache."
+                )
+            return {
+                TEACHER_IDS: torch.cat([torch.tensor(row[TEACHER_IDS], dtype=torch.long) for row in rows]),
+                TEACHER_LOGPROBS: torch.cat(
+                    [torch.tensor(row[TEACHER_LOGPROBS], dtype=torch.float32) for row in rows]
+                ),
+            }
+        if self.task != "qa":
+            raise ValueError("distill=True needs task='qa': the teacher reads the question and its passages as text.")
+        teacher = text_examples(
+            self.config,
+            self.tokenizer,
+            [row["question"] for row in rows],
+            [row[self.text_column] for row in rows],
+            answers=[row["answer"] for row in rows],
+        )
+        padded = pad_examples(teacher, pad_token_id(self.tokenizer), padding_side=self.padding_side)
+        out = {f"teacher_{key}": padded[key] for key in ("input_ids", "attention_mask", "labels")}
+        if self.padding_side == "left":
+            out["teacher_position_ids"] = position_ids(padded["attention_mask"])
+        return out
 
     def _paraphrase_example(self, row: dict):
         method = get_method(self.config.method)
@@ -138,7 +196,7 @@ class ContextDataCollator:
 
 @dataclass
 class ContextSFTConfig(SFTConfig):
-    """``trl.SFTConfig`` plus the loss weights of context-compression training."""
+    """``trl.SFTConfig`` plus the loss weights and teacher options of context-compression training."""
 
     a_nll: float = field(default=1.0, metadata={"help": "Weight of the answer NLL term."})
     a_kl: float = field(
@@ -146,6 +204,17 @@ class ContextSFTConfig(SFTConfig):
         metadata={"help": "Weight of KL(teacher || student) self-distillation on answer tokens (xRAG stage 2: 2.0)."},
     )
     kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation term."})
+    teacher_top_k: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "With a_kl > 0: None runs the text-RAG teacher every step (the exact KL); k computes the "
+            "teacher's top-k answer-token log-probs once before training and restricts the KL to them."
+        },
+    )
+    answer_logits_only: bool = field(
+        default=True,
+        metadata={"help": "Compute the vocabulary projection for the answer span only (logits_to_keep)."},
+    )
 
     def __post_init__(self):
         # Our collator needs the raw columns (documents, vectors) that trl would otherwise drop.
@@ -159,13 +228,88 @@ class ContextSFTConfig(SFTConfig):
             raise ValueError("a_nll and a_kl are both 0: nothing to train. Set at least one above 0.")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0.")
+        if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
+            raise ValueError(f"teacher_top_k={self.teacher_top_k!r}; give a positive int, or None for a live teacher.")
 
 
-def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict each label token, and those labels.  # [n_answer_tokens, vocab], [n_answer_tokens]"""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    keep = labels != IGNORE_INDEX
-    return logits[keep], labels[keep]
+@torch.no_grad()
+def teacher_topk(
+    model,
+    tokenizer,
+    config,
+    questions: Sequence[str],
+    contexts: Sequence[Sequence[str]],
+    answers: Sequence[str],
+    k: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The text-RAG teacher's top-k answer-token log-probabilities (at temperature T), one pair per example.
+
+    ``model`` is the PeftModel (the teacher is the same frozen LLM with the adapter off) or a plain base model.
+    Each pair holds ``[n_answer_tokens, k]`` token ids and log-probs, in answer order.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: keep at least one teacher token per position.")
+    disable = getattr(model, "disable_adapter", None)
+    out: list[tuple[list[list[int]], list[list[float]]]] = []
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(questions), desc="Caching teacher (text RAG)", disable=not show_progress)
+    for start in range(0, len(questions), batch_size):
+        stop = start + batch_size
+        examples = text_examples(config, tokenizer, questions[start:stop], contexts[start:stop], answers[start:stop])
+        batch = collate(config, examples, tokenizer, padding_side="left", device=device)
+        labels = batch.pop("labels")
+        batch.pop("context_mask", None)
+        keep_from = int(_first_label(labels))
+        batch["position_ids"] = position_ids(batch["attention_mask"])
+        with disable() if disable is not None else contextlib.nullcontext():
+            logits = model(**batch, use_cache=False, logits_to_keep=labels.shape[1] - keep_from + 1).logits
+        labels = labels[:, labels.shape[1] - logits.shape[1] :]
+        log_probs = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+        top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+        mask = labels[:, 1:] != IGNORE_INDEX  # positions whose logits predict an answer token
+        for row in range(labels.shape[0]):
+            out.append((top.indices[row][mask[row]].tolist(), top.values[row][mask[row]].tolist()))
+        bar.update(labels.shape[0])
+    bar.close()
+    return out
+
+
+def _first_label(labels: torch.Tensor) -> int:
+    """The first sequence position holding an answer label in any row of a left-padded batch."""
+    has = (labels != IGNORE_INDEX).any(0)
+    if not has.any():
+        raise ValueError("The batch has no answer tokens to train on.")
+    return int(has.nonzero()[0])
+
+
+def add_teacher_cache(
+    model,
+    tokenizer,
+    rows: list[dict],
+    k: int,
+    temperature: float = 1.0,
+    *,
+    contexts_column: str = "contexts",
+    config: Optional[ContextConfig] = None,
+    batch_size: int = 8,
+) -> None:
+    """Fill the teacher columns of QA rows in place (text RAG with the adapter off): ``teacher_topk`` per row."""
+    cache = teacher_topk(
+        model,
+        tokenizer,
+        config or model.active_peft_config,
+        [r["question"] for r in rows],
+        [r[contexts_column] for r in rows],
+        [r["answer"] for r in rows],
+        k=k,
+        temperature=temperature,
+        batch_size=batch_size,
+    )
+    for row, (ids, logprobs) in zip(rows, cache):
+        row[TEACHER_IDS], row[TEACHER_LOGPROBS] = ids, logprobs
 
 
 COMPLETE_MARKER = "peft_ctx_checkpoint_complete.json"
@@ -231,9 +375,54 @@ def save_adapter(model, output_dir: str, overwrite: bool = False, **kwargs) -> s
 class ContextSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG.
 
+    With ``teacher_top_k`` set (and ``a_kl`` > 0) the teacher's top-k log-probs are added to the training rows once,
+    here, before the first step (``teacher_cache_seconds`` says how long that took).
     With ``push_to_hub=True`` the adapter is published by ``peft_ctx.push_to_hub`` with peft_ctx's model card when
     ``push_to_hub()`` is called (the Trainer's own push would upload trl's card over ours at every save).
+
+    Example::
+
+        collator = ContextDataCollator(model.active_peft_config, tokenizer, distill=True)
+        args = ContextSFTConfig(output_dir="out", a_kl=1.0, teacher_top_k=32, use_cpu=True, bf16=False)
+        ContextSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
     """
+
+    def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self.hub_settings = take_push_settings(training_args) if training_args is not None else None
+        super().__init__(*args, **kwargs)
+        collator = self.data_collator
+        if hasattr(collator, "model") and collator.model is None:
+            collator.model = self.model
+        self.teacher_cache_seconds = 0.0
+        if self.args.a_kl > 0:
+            if not getattr(collator, "distill", False):
+                raise ValueError(
+                    "a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True)."
+                )
+            if self.args.teacher_top_k is not None:
+                self._cache_teacher(collator)
+
+    def _cache_teacher(self, collator) -> None:
+        dataset = self.train_dataset
+        if TEACHER_IDS in (dataset.column_names or []):
+            collator.teacher = "cached"
+            return
+        start = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)
+        rows = dataset.to_list() if isinstance(dataset, Dataset) else list(dataset)
+        add_teacher_cache(
+            model,
+            collator.tokenizer,
+            rows,
+            self.args.teacher_top_k,
+            self.args.kl_temperature,
+            contexts_column=collator.text_column,
+            config=collator.config,
+        )
+        self.train_dataset = Dataset.from_list(rows)
+        collator.teacher = "cached"
+        self.teacher_cache_seconds = time.perf_counter() - start
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -244,57 +433,45 @@ class ContextSFTTrainer(SFTTrainer):
                 json.dump({"global_step": self.state.global_step}, f)
             os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
 
-    def __init__(self, *args, **kwargs):
-        from .hub import take_push_settings
-
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self.hub_settings = take_push_settings(training_args) if training_args is not None else None
-        super().__init__(*args, **kwargs)
-        if hasattr(self.data_collator, "model") and self.data_collator.model is None:
-            self.data_collator.model = self.model
-        if self.args.a_kl > 0 and not getattr(self.data_collator, "distill", False):
-            raise ValueError(
-                "a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True)."
-            )
-
     def push_to_hub(self, commit_message: Optional[str] = None, blocking: bool = True, **kwargs):
         """Publish the adapter with peft_ctx's card; a no-op unless the arguments asked for ``push_to_hub``."""
-        from .hub import push_after_training
-
         if commit_message is not None:
             kwargs["commit_message"] = commit_message
         return push_after_training(self, self.hub_settings, **kwargs)
 
+    def _answer_logits(self, model, inputs: dict, labels: torch.Tensor, **kwargs):
+        """The model's outputs and the logits that predict each answer token, with those tokens.
+        # [n_answer_tokens, vocab], [n_answer_tokens]"""
+        keep = labels.shape[1] - _first_label(labels) + 1 if self.args.answer_logits_only else 0
+        if keep:
+            kwargs["logits_to_keep"] = keep
+        outputs = model(**inputs, use_cache=False, **kwargs)
+        logits = outputs.logits[:, :-1]  # predicts the label after each kept position
+        targets = labels[:, labels.shape[1] - logits.shape[1] :]
+        mask = targets != IGNORE_INDEX
+        return outputs, logits[mask].float(), targets[mask]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         teacher = {key[len("teacher_") :]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
+        cached_ids, cached_logprobs = teacher.pop("topk_ids", None), teacher.pop("topk_logprobs", None)
         labels = inputs.pop("labels")
-        outputs = model(**inputs, use_cache=False)
-        student_logits, targets = _shifted(outputs.logits, labels)
+        outputs, student_logits, targets = self._answer_logits(model, inputs, labels)
         n_tokens = targets.numel()
         denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
         if isinstance(denominator, torch.Tensor):
             denominator = denominator.to(student_logits.device)
-        nll_sum = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+        nll_sum = F.cross_entropy(student_logits, targets, reduction="sum")
         loss = self.args.a_nll * nll_sum / denominator
         self._metrics[mode]["nll"].append((nll_sum / max(n_tokens, 1)).item())
-        if teacher and self.args.a_kl > 0:
+        if self.args.a_kl > 0:
             temperature = self.args.kl_temperature
-            # The teacher is the same frozen LLM with the adapter off; under DDP/FSDP `model` is a wrapper.
-            peft_model = self.accelerator.unwrap_model(model)
-            with torch.no_grad(), peft_model.disable_adapter():
-                teacher_logits = peft_model(
-                    input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"], use_cache=False
-                ).logits
-            teacher_logits, teacher_targets = _shifted(teacher_logits, teacher["labels"])
-            if not torch.equal(teacher_targets, targets):
-                raise ValueError("Teacher and student prompts tokenised the answers differently; cannot distil.")
-            kl_sum = F.kl_div(
-                F.log_softmax(student_logits.float() / temperature, -1),
-                F.log_softmax(teacher_logits.float() / temperature, -1),
-                log_target=True,
-                reduction="sum",
-            ) * (temperature**2)
+            if cached_ids is not None:
+                kl_sum = self._cached_kl(student_logits, cached_ids, cached_logprobs, temperature)
+            elif teacher:
+                kl_sum = self._live_kl(model, teacher, student_logits, targets, temperature)
+            else:
+                raise ValueError("a_kl > 0 but the batch carries no teacher; build the collator with distill=True.")
             loss = loss + self.args.a_kl * kl_sum / denominator
             self._metrics[mode]["kl"].append((kl_sum / max(n_tokens, 1)).item())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -304,3 +481,175 @@ class ContextSFTTrainer(SFTTrainer):
             accuracy = (student_logits.argmax(-1) == targets).float().mean() if n_tokens else torch.tensor(0.0)
         self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
         return (loss, outputs) if return_outputs else loss
+
+    def _live_kl(self, model, teacher: dict, student_logits, targets, temperature: float) -> torch.Tensor:
+        # The teacher is the same frozen LLM with the adapter off; under DDP/FSDP `model` is a wrapper.
+        peft_model = self.accelerator.unwrap_model(model)
+        labels = teacher.pop("labels")
+        with torch.no_grad(), peft_model.disable_adapter():
+            _, teacher_logits, teacher_targets = self._answer_logits(peft_model, teacher, labels)
+        if not torch.equal(teacher_targets, targets):
+            raise ValueError("Teacher and student prompts tokenised the answers differently; cannot distil.")
+        return F.kl_div(
+            F.log_softmax(student_logits / temperature, -1),
+            F.log_softmax(teacher_logits / temperature, -1),
+            log_target=True,
+            reduction="sum",
+        ) * (temperature**2)
+
+    @staticmethod
+    def _cached_kl(student_logits, teacher_ids, teacher_logprobs, temperature: float) -> torch.Tensor:
+        """sum_topk p_teacher * (log p_teacher - log p_student): the KL restricted to the teacher's top-k tokens."""
+        if teacher_ids.shape[0] != student_logits.shape[0]:
+            raise ValueError(
+                f"The cached teacher has {teacher_ids.shape[0]} answer tokens for a batch with "
+                f"{student_logits.shape[0]}; the cache was built with another tokenizer or other answers. Rebuild it."
+            )
+        student = F.log_softmax(student_logits / temperature, dim=-1).gather(-1, teacher_ids.to(student_logits.device))
+        teacher_logprobs = teacher_logprobs.to(student.device)
+        return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum() * temperature**2
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------------
+@dataclass
+class StageSettings:
+    """One training stage. ``steps`` 0 skips it."""
+
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.03
+    a_nll: float = 1.0
+    a_kl: float = 0.0
+    kl_temperature: float = 1.0
+    teacher_k: int = 32
+    max_chars: Optional[int] = None  # stage 1: passages are cut to this many characters (at a sentence end)
+    save_steps: Optional[int] = None  # checkpoints for long runs (resumed automatically)
+    options: dict = field(default_factory=dict)  # method options (SPRING's k ...)
+
+
+@dataclass
+class StageReport:
+    name: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    examples: int
+    seconds: float
+    seconds_per_step: float
+    cache_seconds: float
+    final_loss: Optional[float]
+    settings: dict
+
+
+def cut_passage(text: str, max_chars: Optional[int]) -> str:
+    """The passage's first sentences, at most ``max_chars`` characters (cut word-wise if one sentence is longer)."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    end = max(head.rfind(". "), head.rfind("? "), head.rfind("! "))
+    if end > max_chars // 3:
+        return head[: end + 1]
+    return head.rsplit(" ", 1)[0]
+
+
+def train_stage(
+    model,
+    tokenizer,
+    rows: Union[list[dict], Dataset],
+    settings: StageSettings,
+    *,
+    output_dir: str,
+    name: str,
+    seed: int = 0,
+    collator=None,
+) -> StageReport:
+    """Train the active adapter of ``model`` for ``settings.steps`` steps on ``rows`` (the recipes' stage runner).
+
+    The default batches are QA rows (``question``, ``answer``, passages as text in ``contexts``), left-padded so that
+    every answer ends its row; the step computes logits for the answer span only; with ``a_kl`` > 0 the text-RAG
+    teacher's top-k log-probs are computed once, before the first step. ``collator`` replaces the default (a recipe's
+    own ``ContextDataCollator``: xRAG's vectors, COCOM's pretraining).
+    """
+    args = ContextSFTConfig(
+        output_dir=output_dir,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=int(round(settings.warmup_ratio * settings.steps)),
+        a_nll=settings.a_nll,
+        a_kl=settings.a_kl,
+        kl_temperature=settings.kl_temperature,
+        teacher_top_k=settings.teacher_k if settings.a_kl > 0 else None,
+        logging_steps=max(1, min(10, settings.steps // 10)),
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=2,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        # trl turns it on by default; a small model on short sequences has memory to spare, and recomputing the
+        # forward pass would cost about a third more time per step.
+        gradient_checkpointing=False,
+    )
+    collator = collator or ContextDataCollator(
+        model.active_peft_config,
+        tokenizer,
+        distill=settings.a_kl > 0,
+        padding_side="left",
+        seed=seed,
+        method_options=dict(settings.options),
+    )
+    trainer = ContextSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows if isinstance(rows, Dataset) else Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    resume = last_complete_checkpoint(output_dir) if settings.save_steps else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    done = max(1, trainer.state.global_step - (int(os.path.basename(resume).split("-")[1]) if resume else 0))
+    model.eval()
+    return StageReport(
+        name=name,
+        steps=trainer.state.global_step,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        examples=len(rows),
+        seconds=round(seconds, 1),
+        seconds_per_step=round(result.metrics.get("train_runtime", seconds) / done, 3),
+        cache_seconds=round(trainer.teacher_cache_seconds, 1),
+        final_loss=round(losses[-1], 4) if losses else None,
+        settings=asdict(settings),
+    )
+
+
+def train_qa(
+    model, tokenizer, qa_rows: list[dict], settings: StageSettings, work_dir: str, name: str, seed: int = 0
+) -> list[StageReport]:
+    """One QA stage of any method on (question, passages as text, answer) rows; the cached text-RAG teacher when
+    ``a_kl`` > 0."""
+    if settings.steps <= 0:
+        return []
+    n = min(len(qa_rows), settings.steps * settings.batch_size)
+    rows = [dict(r) for r in qa_rows[:n]]
+    return [
+        train_stage(
+            model,
+            tokenizer,
+            rows,
+            settings,
+            output_dir=os.path.join(work_dir, "qa"),
+            name=name,
+            seed=seed,
+        )
+    ]

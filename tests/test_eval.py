@@ -16,9 +16,9 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_ctx
-from peft_ctx import assets, data, metrics
-from peft_ctx import eval as harness
 from peft_ctx.cocom import CompressedPassage
+from peft_ctx.harness import assets, data, metrics
+from peft_ctx.harness import eval as harness
 from tests.helpers import RETRIEVER_DIM, tiny_model
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
@@ -265,9 +265,8 @@ def test_cocom_passages_compressed_once_score_and_generate_like_compression_on_t
 ):
     config = peft_ctx.CocomConfig(compression_rate=4, lora_r=2, compressor=encoder.name_or_path if light else None)
     model = get_peft_model(tiny_model("llama", tokenizer), config).eval()
-    assert harness.default_prepare(config) is harness.compressed_passages
-    on_the_fly = harness.AdapterRunner("cocom", "COCOM")
-    once = harness.AdapterRunner("cocom", "COCOM", prepare=harness.default_prepare(config))
+    on_the_fly = harness.AdapterRunner("cocom", "COCOM", index=False)
+    once = harness.AdapterRunner("cocom", "COCOM")
     once.precompute(model, tokenizer, rows)
     assert all(isinstance(p, CompressedPassage) for p in once.contexts(rows)[0])
     scores = [harness.choice_scores(model, tokenizer, r, rows, batch_size=4) for r in (on_the_fly, once)]
@@ -286,12 +285,12 @@ def test_cocom_is_evaluated_with_its_decoder_lora_merged_and_left_unmerged(token
     settings = harness.EvalSettings(
         n_test=len(rows), max_new_tokens=3, batch_size=4, timing_examples=1, timing_new_tokens=2, show_progress=False
     )
-    lora_layer = model.base_model._lora_layers()[0]
+    lora_layer = next(m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     merged_during = []
     lora_layer.register_forward_pre_hook(lambda module, args: merged_during.append(module.merged))
     results = {}
     for merge in (True, False):
-        runner = harness.AdapterRunner("cocom", "COCOM", prepare=harness.default_prepare(config), merge_lora=merge)
+        runner = harness.AdapterRunner("cocom", "COCOM", serve=merge)
         runner.precompute(model, tokenizer, rows)  # compressing runs the LLM with its LoRA unmerged
         merged_during.clear()
         results[merge] = harness.evaluate_runner(model, tokenizer, runner, rows, settings)
@@ -308,7 +307,12 @@ def xrag_runner(tokenizer, encoder, name="xrag"):
     model = get_peft_model(
         tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(**encoder.describe()), adapter_name=name
     )
-    runner = harness.AdapterRunner(name, "xRAG", adapter_name=name, encoder=encoder, prepare=harness.encoder_vectors)
+    runner = harness.AdapterRunner(
+        name,
+        "xRAG",
+        adapter_name=name,
+        encoder=encoder,
+    )
     return model.eval(), runner
 
 
@@ -416,7 +420,11 @@ def test_retriever_dimension_mismatch_is_named(tokenizer, encoder, rows):
     model = get_peft_model(
         tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM + 1)
     )
-    runner = harness.AdapterRunner("xrag", "xRAG", encoder=encoder, prepare=harness.encoder_vectors)
+    runner = harness.AdapterRunner(
+        "xrag",
+        "xRAG",
+        encoder=encoder,
+    )
     runner.precompute(model, tokenizer, rows)
     with pytest.raises(ValueError, match="dimension"):
         harness.choice_scores(model, tokenizer, runner, rows)

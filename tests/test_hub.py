@@ -275,11 +275,9 @@ def test_peft_ctx_load_fetches_the_base_model_tokenizer_and_encoder_named_in_the
     ) == (peft_ctx.generate(model, tokenizer, QUESTIONS, contexts, encoder=encoder, max_new_tokens=4))
 
 
-def test_peft_ctx_load_resolves_the_offline_asset_aliases_an_adapter_config_names(
+def test_peft_ctx_load_reads_listed_local_copies_of_the_hub_ids_an_adapter_config_names(
     tokenizer, encoder, tmp_path, monkeypatch
 ):
-    from peft_ctx import assets
-
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     base = tiny_model("llama", tokenizer)
     base.save_pretrained(base_dir)
@@ -289,13 +287,17 @@ def test_peft_ctx_load_resolves_the_offline_asset_aliases_an_adapter_config_name
     )
     model = get_peft_model(base, config)
     shift(model, 0)
-    config.base_model_name_or_path, config.retriever_name_or_path = "tiny-base", "tiny-encoder"
+    config.base_model_name_or_path, config.retriever_name_or_path = "org/tiny-base", "org/tiny-encoder"
     model.save_pretrained(adapter_dir)
-    monkeypatch.setitem(assets.ALIASES, "tiny-base", lambda: str(base_dir))
-    monkeypatch.setitem(assets.ALIASES, "tiny-encoder", lambda: encoder.name_or_path)
+    monkeypatch.setenv("PEFT_CTX_LOCAL_COPIES", str(tmp_path / "copies.json"))
+    peft_ctx.local_copies.register("org/tiny-base", str(base_dir))
+    peft_ctx.local_copies.register("org/tiny-encoder", encoder.name_or_path)
     loaded, loaded_tokenizer, loaded_encoder = peft_ctx.load(str(adapter_dir), attn_implementation="eager")
     assert torch.equal(logits(loaded, loaded_tokenizer), logits(model, tokenizer))
-    assert loaded_encoder.name_or_path == encoder.name_or_path
+    # The adapter's config keeps the Hub ids; the files came from the local copies.
+    assert loaded.peft_config["default"].base_model_name_or_path == "org/tiny-base"
+    assert loaded_encoder.name_or_path == "org/tiny-encoder"
+    assert loaded_encoder.model.name_or_path == encoder.name_or_path
 
 
 def test_readme_publishing_section_runs_as_written(published, tokenizer, tmp_path):

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_ctx
-from peft_ctx import assets
+from peft_ctx.harness import assets
 
 pytestmark = pytest.mark.slow
 

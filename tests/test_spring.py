@@ -15,14 +15,14 @@ from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import peft_ctx
-from peft_ctx import assets
+from peft_ctx.harness import assets
 from peft_ctx.inference import generate_baseline
+from peft_ctx.layer import ContextEmbedding
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.spring import SpringMethod
 from peft_ctx.spring.convert import convert_official_spring
 from peft_ctx.spring.convert import main as convert_cli
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
-from peft_ctx.tuner import ContextEmbedding
 from tests.helpers import (
     ARCHITECTURES,
     RETRIEVER_DIM,

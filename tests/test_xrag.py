@@ -9,7 +9,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import peft_ctx
-from peft_ctx.tuner import ContextEmbedding
+from peft_ctx.layer import ContextEmbedding
 from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, captured_embeddings, clone, positions, tiny_model
 
 QUESTIONS = ["Who wrote the report?", "Where is the lighthouse?", "When did the river flood?"]

@@ -27,7 +27,6 @@ JSONL file or a ``datasets`` folder with a ``text`` column; stage 2 a JSON / JSO
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,18 +36,18 @@ from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
-from peft_ctx import assets
-from peft_ctx.assets import resolve
-from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator
+from peft_ctx.cocom import CocomConfig, recipe
+from peft_ctx.harness.data import load_corpus
+from peft_ctx.local_copies import resolve
 from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig
+from peft_ctx.training import ContextSFTConfig
 
-STAGES = ("pretrain", "qa")
+STAGES = recipe.STAGES
 
 
 @dataclass
 class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
     dataset_name: str = field(
         metadata={"help": "Stage 1: 'wiki', a text / JSON / JSONL file or datasets folder; stage 2: QA rows."}
     )
@@ -62,8 +61,8 @@ class ScriptArguments:
     compressor: Optional[str] = field(
         default=None,
         metadata={
-            "help": "New adapter: None = the LLM compresses (COCOM); an encoder folder / Hub id / asset alias "
-            "('all-minilm-l6-v2') = COCOM-light."
+            "help": "New adapter: None = the LLM compresses (COCOM); an encoder Hub id or folder "
+            "('sentence-transformers/all-MiniLM-L6-v2') = COCOM-light."
         },
     )
     max_passage_tokens: int = field(default=128, metadata={"help": "New adapter: passages are cut to this length."})
@@ -91,13 +90,8 @@ class ScriptArguments:
 
 def load_passages(name: str, split: str, max_examples: Optional[int]) -> Dataset:
     """Stage-1 rows: the offline Wikipedia paragraphs, a text file of passages, or rows with a ``text`` column."""
-    if name == "wiki":
-        with open(assets.wiki_summaries_path()) as f:
-            entries = json.load(f)
-        texts = [entry["extract"].strip() for _, entry in sorted(entries.items()) if entry.get("extract", "").strip()]
-    elif os.path.isfile(name) and not name.endswith((".json", ".jsonl")):
-        with open(name) as f:
-            texts = [line.strip() for line in f if line.strip()]
+    if name == "wiki" or (os.path.isfile(name) and not name.endswith((".json", ".jsonl"))):
+        texts = load_corpus(name)
     else:
         return load_rows(name, split, max_examples)
     return Dataset.from_dict({"text": texts[:max_examples] if max_examples is not None else texts})
@@ -119,7 +113,7 @@ def build_model(script_args: ScriptArguments):
     def make_config():
         return CocomConfig(
             compression_rate=script_args.compression_rate,
-            compressor=resolve(script_args.compressor) if script_args.compressor else None,
+            compressor=script_args.compressor,
             max_passage_tokens=script_args.max_passage_tokens,
             lora_r=script_args.lora_r,
             lora_alpha=script_args.lora_alpha,
@@ -146,26 +140,16 @@ def main(argv: Optional[list[str]] = None) -> str:
     set_seed(training_args.seed)  # the new adapter's initialisation is part of the run's reproducibility
     model = build_model(script_args)
     config = model.active_peft_config
-    if script_args.stage == "pretrain":
-        collator = CocomPretrainingCollator(
-            config,
-            tokenizer,
-            autoencode_ratio=script_args.autoencode_ratio,
-            max_target_tokens=script_args.max_target_tokens,
-            max_length=training_args.max_length,
-            seed=training_args.seed,
-        )
-    else:
-        collator = ContextDataCollator(
-            config,
-            tokenizer,
-            task="qa",
-            context_column="contexts",
-            text_column="contexts",
-            distill=training_args.a_kl > 0,
-            max_length=training_args.max_length,
-            seed=training_args.seed,
-        )
+    collator = recipe.collator(
+        config,
+        tokenizer,
+        script_args.stage,
+        distill=training_args.a_kl > 0,
+        autoencode_ratio=script_args.autoencode_ratio,
+        max_target_tokens=script_args.max_target_tokens,
+        max_length=training_args.max_length,
+        seed=training_args.seed,
+    )
     size = peft_ctx.adapter_size(model)
     print(
         f"COCOM{'-light' if config.is_light else ''} adapter: compression rate {config.compression_rate}, "

@@ -24,9 +24,9 @@ from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
-from peft_ctx.assets import resolve
+from peft_ctx.local_copies import resolve
 from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
-from peft_ctx.spring.model import check_range
+from peft_ctx.spring.method import check_range
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 
 COLUMNS = ("question", "answer", "contexts")
@@ -34,7 +34,7 @@ COLUMNS = ("question", "answer", "contexts")
 
 @dataclass
 class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
     dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
@@ -62,12 +62,12 @@ class ScriptArguments:
             )
 
 
-def build_model(script_args: ScriptArguments, base_path: str):
+def build_model(script_args: ScriptArguments):
     def make_config():
         return peft_ctx.SpringConfig(
             num_virtual_tokens=script_args.num_virtual_tokens,
             init_text=script_args.init_text,
-            tokenizer_name_or_path=base_path if script_args.init_text else None,
+            tokenizer_name_or_path=script_args.model_name_or_path if script_args.init_text else None,
             base_model_name_or_path=script_args.model_name_or_path,
         )
 
@@ -80,8 +80,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser = TrlParser((ScriptArguments, ContextSFTConfig))
     script_args, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
-    base_path = resolve(script_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
     dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     require_columns(dataset, COLUMNS, "SPRING training")
     if script_args.max_passages is not None:
@@ -89,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         limit = script_args.max_passages
         dataset = dataset.map(lambda row: {"contexts": row["contexts"][:limit]}, desc="Keeping the top passages")
     set_seed(training_args.seed)  # the new tokens' initialisation is part of the run's reproducibility
-    model = build_model(script_args, base_path)
+    model = build_model(script_args)
     config = model.active_peft_config
     # Checked now rather than at the first batch.
     virtual_tokens_range = check_range(

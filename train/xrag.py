@@ -13,7 +13,8 @@ Stage 2, context-aware instruction tuning with self-distillation from the same f
     python train/xrag.py --config train/configs/xrag_stage2.yaml --adapter_init outputs/xrag-stage1
 
 Any option of the YAML file can be given on the command line too (``--max_steps 50``); all of
-``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available.
+``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature, teacher_top_k) is available;
+the stages are ``peft_ctx.xrag.recipe``'s, which the demo runs too.
 Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id, with columns
 ``text`` (stage 1) or ``question``, ``answer``, ``contexts`` (a list of passages; stage 2).
 ``--push_to_hub --hub_model_id org/name`` uploads the adapter and its model card at the end (peft_ctx.push_to_hub).
@@ -24,23 +25,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from datasets import Dataset
 from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
-from peft_ctx.assets import resolve
+from peft_ctx.local_copies import resolve
 from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, train_and_save
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig
+from peft_ctx.training import ContextSFTConfig
+from peft_ctx.xrag import recipe
 
-STAGES = ("paraphrase", "instruct")
+STAGES = recipe.STAGES
 
 
 @dataclass
 class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: folder, Hub id or asset alias ('smollm2')."})
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
     encoder_name_or_path: str = field(
-        metadata={"help": "Frozen retriever: sentence-transformers / transformers folder, Hub id, 'all-minilm-l6-v2'."}
+        metadata={"help": "Frozen retriever: sentence-transformers / transformers Hub id or folder."}
     )
     dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
     stage: str = field(default="instruct", metadata={"help": "'paraphrase' (stage 1) or 'instruct' (stage 2)."})
@@ -63,25 +64,6 @@ class ScriptArguments:
             raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
 
 
-def encode_documents(dataset: Dataset, encoder: peft_ctx.Encoder, stage: str, batch_size: int) -> Dataset:
-    """Encode every document once (the retriever is frozen) into a ``retrieval_embeds`` column."""
-    column = "text" if stage == "paraphrase" else "contexts"
-    if column not in dataset.column_names:
-        raise ValueError(f"Stage {stage!r} needs a {column!r} column; the dataset has {dataset.column_names}.")
-
-    def encode(batch):
-        docs = [[d] if stage == "paraphrase" else list(d) for d in batch[column]]
-        flat = [d for ds in docs for d in ds]
-        vectors = encoder.encode(flat, batch_size=batch_size, show_progress=False).tolist()
-        out, start = [], 0
-        for ds in docs:
-            out.append(vectors[start : start + len(ds)])
-            start += len(ds)
-        return {"retrieval_embeds": out}
-
-    return dataset.map(encode, batched=True, batch_size=batch_size, desc="Encoding documents")
-
-
 def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
     def make_config():
         return peft_ctx.XRAGConfig(
@@ -102,19 +84,17 @@ def main(argv: Optional[list[str]] = None) -> str:
     script_args, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
-    encoder = peft_ctx.Encoder(resolve(script_args.encoder_name_or_path), pooling=script_args.encoder_pooling)
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
-    dataset = encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
-    set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
-    model = build_model(script_args, encoder)
+    encoder = peft_ctx.Encoder(script_args.encoder_name_or_path, pooling=script_args.encoder_pooling)
     if script_args.stage == "paraphrase" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
-    collator = ContextDataCollator(
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+    dataset = recipe.encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
+    set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
+    model = build_model(script_args, encoder)
+    collator = recipe.collator(
         model.active_peft_config,
         tokenizer,
-        task="qa" if script_args.stage == "instruct" else "paraphrase",
-        context_column="retrieval_embeds",
-        text_column="contexts" if script_args.stage == "instruct" else "text",
+        script_args.stage,
         distill=training_args.a_kl > 0,
         max_length=training_args.max_length,
         seed=training_args.seed,

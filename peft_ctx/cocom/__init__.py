@@ -1,8 +1,8 @@
+from .compressed import CompressedIndex, CompressedPassage, adapter_fingerprint, adapter_size, compress
 from .config import CocomConfig
-from .index import CompressedIndex, CompressedPassage, adapter_fingerprint, adapter_size, compress
-from .layer import CocomLightCompressor, CocomTokens
-from .model import CocomMethod
-from .training import CocomPretrainingCollator
+from .method import CocomMethod
+from .modules import CocomLightCompressor, CocomTokens
+from .recipe import CocomPretrainingCollator
 
 __all__ = [
     "CocomConfig",

@@ -3,11 +3,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..config import ContextConfig
+from ..config import ContextConfig, is_int
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# The separate compressor LoRA's role name (ContextMethod.companion_roles): its weights are saved as
+# '...lora_A.compressor.weight'.
+COMPRESSOR_ROLE = "compressor"
 
 
 @dataclass
@@ -71,19 +71,19 @@ class CocomConfig(ContextConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _is_int(self.compression_rate) or self.compression_rate < 1:
+        if not is_int(self.compression_rate) or self.compression_rate < 1:
             raise ValueError(
                 f"compression_rate={self.compression_rate!r}: give an integer >= 1 (tokens per context embedding; "
                 "the paper uses 4, 16 or 128)."
             )
-        if not _is_int(self.max_passage_tokens) or self.max_passage_tokens < 1:
+        if not is_int(self.max_passage_tokens) or self.max_passage_tokens < 1:
             raise ValueError(f"max_passage_tokens={self.max_passage_tokens!r}: give a positive int, e.g. 128.")
         if self.compressor is not None and (not isinstance(self.compressor, str) or not self.compressor.strip()):
             raise ValueError(
                 f"compressor={self.compressor!r}: give None (the LLM compresses) or the folder / Hub id of a "
                 "BERT-style encoder."
             )
-        if not _is_int(self.lora_r) or self.lora_r < 0:
+        if not is_int(self.lora_r) or self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r!r}: give a LoRA rank >= 0 (0 keeps the LLM frozen).")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: give a positive number, e.g. 32.")

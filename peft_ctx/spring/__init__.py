@@ -1,5 +1,5 @@
 from .config import SpringConfig
-from .layer import SpringTokens
-from .model import SpringMethod
+from .method import SpringMethod
+from .modules import SpringTokens
 
 __all__ = ["SpringConfig", "SpringMethod", "SpringTokens"]

@@ -1,5 +1,5 @@
 from .config import XRAGConfig
-from .layer import XRAGProjector
-from .model import XRAGMethod
+from .method import XRAGMethod
+from .modules import XRAGProjector
 
 __all__ = ["XRAGConfig", "XRAGMethod", "XRAGProjector"]

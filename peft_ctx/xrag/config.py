@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ContextConfig
+from ..encoders import POOLINGS
+from ..prompting import RAG_TEMPLATE
 
 PROJECTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -37,7 +39,7 @@ class XRAGConfig(ContextConfig):
     )
 
     def default_prompt_template(self) -> str:
-        return "Refer to the background document and answer the question.\nBackground: {context}\nQuestion: {question}"
+        return RAG_TEMPLATE
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,8 +54,6 @@ class XRAGConfig(ContextConfig):
             )
         if self.projector_depth < 1:
             raise ValueError(f"projector_type={self.projector_type!r} needs at least one layer, e.g. 'mlp2x_gelu'.")
-        from ..encoders import POOLINGS
-
         if self.retriever_pooling is not None and self.retriever_pooling not in POOLINGS:
             raise ValueError(f"retriever_pooling={self.retriever_pooling!r}; choose one of {', '.join(POOLINGS)}.")
 

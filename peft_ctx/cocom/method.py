@@ -17,13 +17,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..methods import ContextMethod, register_method
+from .. import local_copies
+from ..layer import companion_name
+from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
 from ..prompting import Slots
-from ..tuner import companion_name
-from .config import CocomConfig
-from .layer import CocomLightCompressor, CocomTokens
+from .compressed import CompressedPassage, check_passage, compress
+from .config import COMPRESSOR_ROLE, CocomConfig
+from .modules import CocomLightCompressor, CocomTokens
+from .recipe import STAGES
+from .recipe import train as train_recipe
 
-COMPRESSOR_ROLE = "compressor"
 # Options that prepare_inputs / generate / the collators may pass; COCOM reads passages itself and takes no encoder.
 OPTIONS = ("tokenizer", "model", "encoder", "encode_batch_size", "autoencode")
 
@@ -37,8 +40,41 @@ class Passage:
     embeddings: Optional[torch.Tensor] = None  # [k, hidden], from a CompressedIndex
 
 
+# The demo's training per profile (StageSettings fields by stage); the demo profile skips pretraining.
+_DEMO_STAGES = {
+    "demo": {
+        "pretrain": {"steps": 0, "batch_size": 4, "learning_rate": 1e-3, "max_chars": 300},
+        "qa": {"steps": 10, "batch_size": 4, "learning_rate": 1e-3},
+    },
+    "reproduce": {
+        "pretrain": {"steps": 300, "batch_size": 4, "learning_rate": 1e-3, "max_chars": 300, "save_steps": 60},
+        "qa": {"steps": 120, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 60},
+    },
+}
+_TRAINS = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
+
+
+def _entry(name: str, rate: int, light: bool = False, targets: tuple = (), **settings: Any) -> Entry:
+    def make_config(resources: Resources) -> CocomConfig:
+        # COCOM-light copies the encoder's weights into the adapter; the config records the encoder's name.
+        compressor = resources.encoder_name_or_path if light else None
+        return CocomConfig(
+            compression_rate=rate,
+            compressor=compressor,
+            base_model_name_or_path=resources.base_model_name_or_path,
+            **settings,
+        )
+
+    label = f"COCOM{'-light' if light else ''} xi={rate}"
+    return Entry(name, label, make_config, stages=_DEMO_STAGES, trains=_TRAINS, targets=targets)
+
+
 class CocomMethod(ContextMethod):
     name = "cocom"
+    title = "COCOM"
+    config_class = CocomConfig
+    card_template = "cocom.md.j2"
+    stages = STAGES
     input_names = ("cocom_passage_ids", "cocom_passage_lengths", "cocom_context_embeds", "cocom_slot_source")
     option_resources = ("tokenizer", "model")
 
@@ -153,7 +189,7 @@ class CocomMethod(ContextMethod):
         self, tuner, adapter_name: str, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Context embeddings of right-padded passages, every passage's k rows in order.  # [sum k_i, hidden]"""
-        module = tuner._context_layer().ctx_modules[adapter_name]
+        module = tuner.context_layer().ctx_modules[adapter_name]
         if config.is_light:
             device = module.projection.weight.device
             return module(ids.to(device), lengths.to(device))
@@ -197,8 +233,6 @@ class CocomMethod(ContextMethod):
     # ---- prompts -------------------------------------------------------------------------------------------------
     def prepare_docs(self, config: CocomConfig, contexts: list, options: dict[str, Any]) -> list[list[Passage]]:
         _check_options(options)
-        from .index import CompressedPassage, check_passage
-
         prepared: list[list[Optional[Passage]]] = []
         texts, owners = [], []
         for i, docs in enumerate(contexts):
@@ -277,6 +311,43 @@ class CocomMethod(ContextMethod):
         if stored:
             batch["cocom_context_embeds"] = torch.cat([p.embeddings for p in stored])  # [rows, hidden]
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+    # ---- registry hooks ------------------------------------------------------------------------------------------
+    def index_passages(self, model, tokenizer, passages, encoder=None):
+        index = compress(model, tokenizer, list(passages), show_progress=False)
+        return PassageIndex([index[i] for i in range(len(index))], index.save)
+
+    @contextlib.contextmanager
+    def serving(self, model):
+        """The active adapter's decoder LoRA merged into the base weights (decoding at the base model's speed), for
+        passages compressed beforehand: compressing on the fly needs the unmerged weights."""
+        tuner = model.base_model
+        if model.training or model.active_peft_config.lora_r == 0 or tuner.merged_lora_adapters():
+            yield model
+            return
+        tuner.merge_adapter()
+        try:
+            yield model
+        finally:
+            tuner.unmerge_adapter()
+
+    def train(self, model, tokenizer, data, stages, work_dir, seed=0):
+        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+
+    def demo_entries(self):
+        return (_entry("cocom_xi4", 4), _entry("cocom_xi16", 16), _entry("cocom_light", 4, light=True))
+
+    def benchmark_entries(self):
+        headline = (Target("ttft_speedup_vs_rag", 5.69, source="COCOM's headline speed-up"),)
+        return tuple(
+            _entry(name, rate, light, targets, max_passage_tokens=256)
+            for name, rate, light, targets in (
+                ("cocom_xi4", 4, False, ()),
+                ("cocom_xi16", 16, False, headline),
+                ("cocom_xi128", 128, False, ()),
+                ("cocom_light", 4, True, ()),
+            )
+        )
 
 
 def _all_linear(model: nn.Module) -> list[str]:
@@ -391,8 +462,8 @@ def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.T
     blob = None
     if getattr(config, "_fresh_compressor", config.compressor_config is None):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(config.compressor)
-            encoder = AutoModel.from_pretrained(config.compressor, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(config.compressor))
+            encoder = AutoModel.from_pretrained(local_copies.resolve(config.compressor), dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise ValueError(
                 f"Cannot load the COCOM-light compressor {config.compressor!r} (a BERT-style encoder folder or Hub "

@@ -7,14 +7,46 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..methods import ContextMethod, register_method
+from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
 from ..prompting import Slots, check_documents
+from ..vectors import save_vectors
 from .config import XRAGConfig
-from .layer import XRAGProjector
+from .convert import convert_official_xrag
+from .modules import XRAGProjector
+from .recipe import STAGES
+from .recipe import train as train_recipe
+
+# The demo's training per profile (StageSettings fields by stage): stage 1 on short Wikipedia passages, stage 2 with
+# the cached top-k teacher.
+_DEMO_STAGES = {
+    "demo": {
+        "paraphrase": {"steps": 20, "batch_size": 8, "learning_rate": 3e-3, "max_chars": 200},
+        "instruct": {"steps": 24, "batch_size": 8, "learning_rate": 2e-3, "a_kl": 1.0, "teacher_k": 16},
+    },
+    "reproduce": {
+        "paraphrase": {"steps": 250, "batch_size": 8, "learning_rate": 3e-3, "max_chars": 300, "save_steps": 50},
+        "instruct": {
+            "steps": 200, "batch_size": 8, "learning_rate": 2e-3, "a_kl": 1.0, "teacher_k": 32, "save_steps": 50
+        },
+    },
+}  # fmt: skip
+
+
+def _config(resources: Resources) -> XRAGConfig:
+    return XRAGConfig(
+        base_model_name_or_path=resources.base_model_name_or_path,
+        **{**resources.encoder.describe(), "retriever_name_or_path": resources.encoder_name_or_path},
+    )
 
 
 class XRAGMethod(ContextMethod):
     name = "xrag"
+    title = "xRAG"
+    config_class = XRAGConfig
+    card_template = "xrag.md.j2"
+    uses_encoder = True
+    converters = {"xrag": convert_official_xrag}
+    stages = STAGES
     input_names = ("retrieval_embeds",)
 
     def create_module(self, config: XRAGConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
@@ -89,6 +121,30 @@ class XRAGMethod(ContextMethod):
     def collate_context(self, config, payloads, device):
         vectors = torch.cat([v for p in payloads for v in p["retrieval_embeds"]])
         return {"retrieval_embeds": vectors.to(device) if device is not None else vectors}
+
+    # ---- registry hooks ------------------------------------------------------------------------------------------
+    def index_passages(self, model, tokenizer, passages, encoder=None):
+        if encoder is None:
+            return None  # passages go in as text and are encoded at question time
+        vectors = encoder.encode(list(passages), batch_size=32, show_progress=False)  # [n_passages, d_r]
+        return PassageIndex(list(vectors), lambda path: save_vectors(path, vectors, encoder=encoder))
+
+    def train(self, model, tokenizer, data, stages, work_dir, seed=0):
+        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+
+    def demo_entries(self):
+        return (Entry("xrag", "xRAG (1 token)", _config, stages=_DEMO_STAGES, control=True),)
+
+    def benchmark_entries(self):
+        return (
+            Entry(
+                "xrag",
+                "xRAG (1 token / document)",
+                lambda resources: XRAGConfig(**resources.encoder.describe()),
+                trains="the projector (retriever vectors precomputed)",
+                targets=(Target("e2e_speedup_vs_rag", 3.53, source="xRAG's FLOPs reduction"),),
+            ),
+        )
 
 
 def check_vectors(config: XRAGConfig, vectors: torch.Tensor) -> None:

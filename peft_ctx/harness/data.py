@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -34,7 +35,26 @@ _BIGBENCH_PREFIX = "bigbench:"
 ALIASES = {"cpkc": CPKC, CPKC: CPKC}
 CORPORA = ("wiki",)
 
-_QA_RE = re.compile(r"^\s*Question:\s*(?P<question>.*?)\s*\nContext:\s*(?P<context>.*?)\s*$", re.S)
+# BIG-bench QA inputs that carry their passage: "Question: ...\nContext: ...", "...\ncontext: ..." (disfl_qa) or the
+# passage first; a marker counts at the start of the input or of a line, in any case.
+_MARKER_RE = re.compile(r"(?:^|\n)[ \t]*(question|context|passage)[ \t]*:[ \t]*", re.I)
+
+
+def split_passage(text: str) -> tuple[str, list[str]]:
+    """An input's question and its passage (a one-element list), or the whole input and [] when it has none."""
+    marks = list(_MARKER_RE.finditer(text))
+    fields: dict[str, str] = {}
+    for k, mark in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        kind = "context" if mark.group(1).lower() in ("context", "passage") else "question"
+        fields.setdefault(kind, text[mark.end() : end].strip())
+    passage = fields.get("context")
+    if not passage:
+        return text.strip(), []
+    question = fields.get("question") or text[: marks[0].start()].strip()
+    if not question:
+        return text.strip(), []
+    return question, [passage]
 
 
 def _row(
@@ -57,14 +77,13 @@ def _row(
 
 
 def bigbench_rows(task: str = CPKC) -> list[dict[str, Any]]:
-    """A BIG-bench JSON task as QA rows; inputs of the form "Question: ...\\nContext: ..." give a gold passage."""
+    """A BIG-bench JSON task as QA rows; an input with a ``context:`` / ``Context:`` part gives the row its gold
+    passage (``split_passage``); a warning says how many inputs carry none."""
     with open(assets.bigbench_task_path(task)) as f:
         spec = json.load(f)
     rows = []
     for i, example in enumerate(spec["examples"]):
-        text = example["input"]
-        match = _QA_RE.match(text)
-        question, contexts = (match["question"], [match["context"]]) if match else (text.strip(), [])
+        question, contexts = split_passage(example["input"])
         scores = example.get("target_scores") or {}
         choices = list(scores)
         label = max(range(len(choices)), key=lambda j: scores[choices[j]]) if choices else -1
@@ -77,6 +96,13 @@ def bigbench_rows(task: str = CPKC) -> list[dict[str, Any]]:
         if len(choices) < 2:  # one candidate ranks nothing
             choices, label = [], -1
         rows.append(_row(f"{task}-{i}", question, targets, contexts, choices, label))
+    without = sum(1 for row in rows if not row["contexts"])
+    if without:
+        warnings.warn(
+            f"BIG-bench task {task!r}: {without} of {len(rows)} inputs carry no passage (no 'context:' part); those "
+            "rows have empty contexts: retrieve passages for them (the demo's / eval's --corpus).",
+            stacklevel=2,
+        )
     return rows
 
 

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..inference import active_config, with_resources
+from ..layer import COMPANION_SEP
 from ..methods import get_method
-from .config import CocomConfig
+from .config import COMPRESSOR_ROLE, CocomConfig
 
 FORMAT = "peft_ctx.cocom_index/1"
 _EMBEDDINGS, _OFFSETS = "embeddings", "offsets"
@@ -49,8 +50,6 @@ def _peft_state(model, adapter_name: str) -> dict[str, torch.Tensor]:
 
 def _adapter_tensors(model, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer of one adapter (its context module, its LoRA matrices, its companions)."""
-    from ..tuner import COMPANION_SEP
-
     marks = (f".{adapter_name}.", f".{adapter_name}{COMPANION_SEP}")
     named = list(model.named_parameters()) + list(model.named_buffers())
     return [(name, tensor) for name, tensor in named if any(mark in name for mark in marks)]
@@ -58,7 +57,6 @@ def _adapter_tensors(model, adapter_name: str) -> list[tuple[str, torch.Tensor]]
 
 def _compressor_keys(config: CocomConfig, keys) -> list[str]:
     """The saved keys that shape the context embeddings (not the decoder-side LoRA or the <AE> marker)."""
-    from .model import COMPRESSOR_ROLE
 
     def wanted(key: str) -> bool:
         if ".ctx_modules." in key:
@@ -241,7 +239,7 @@ def compress(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
     tuner = model.base_model
-    layer = tuner._context_layer()
+    layer = tuner.context_layer()
     if layer.disable_adapters:
         raise ValueError("The adapter is disabled (inside disable_adapter()); compress with the adapter enabled.")
     adapter_name = layer.active_method_adapter()

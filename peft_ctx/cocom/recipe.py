@@ -1,4 +1,6 @@
-"""COCOM pretraining batches: auto-encoding and continuation from context embeddings, mixed at a set ratio.
+"""COCOM's training recipe, shared by ``train/cocom.py`` and the demo: pretraining, then QA fine-tuning.
+
+Pretraining batches mix, at a set ratio:
 
 - auto-encoding: the passage (truncated to ``max_passage_tokens``) is compressed; the decoder reads its context
   embeddings and the ``<AE>`` marker and must write the passage back (then EOS).
@@ -6,46 +8,45 @@
   the text goes on).
 
 Prompts are bare (no instruction, no chat template): only the context embeddings and the target. QA fine-tuning
-afterwards uses the shared ``peft_ctx.training.ContextDataCollator`` with the adapter's QA prompt.
+afterwards is the shared QA stage (``peft_ctx.training``) with the adapter's QA prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar
 
-import torch
-
-from ..inference import collate, with_resources
+from ..inference import with_resources
 from ..methods import get_method
 from ..prompting import IGNORE_INDEX, tokenize_parts
+from ..training import ContextDataCollator, StageReport, cut_passage, train_qa, train_stage
 from .config import CocomConfig
 
 TASKS = ("autoencode", "continuation")
+STAGES = ("pretrain", "qa")
 
 
 @dataclass
-class CocomPretrainingCollator:
-    """Rows with a passage in ``text_column`` -> right-padded batches for ``ContextSFTTrainer`` (labels on targets).
+class CocomPretrainingCollator(ContextDataCollator):
+    """Rows with a passage in ``text_column`` -> batches for ``ContextSFTTrainer`` (labels on the targets).
 
     Each row is auto-encoded with probability ``autoencode_ratio``, otherwise continued; the draw depends only on the
     seed and the batch's texts, so a resumed run draws what the uninterrupted one drew.
     """
 
-    config: CocomConfig
-    tokenizer: Any
+    tasks: ClassVar[tuple[str, ...]] = ("pretrain",)
+    task: str = "pretrain"
     text_column: str = "text"
     autoencode_ratio: float = 0.5
     max_target_tokens: int = 128
-    max_length: Optional[int] = None
-    seed: int = 0
-    # The PeftModel (COCOM-light tokenises passages with the adapter's encoder tokenizer); ContextSFTTrainer fills it.
-    model: Any = None
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.config, CocomConfig):
             raise ValueError(f"CocomPretrainingCollator needs a CocomConfig, got {type(self.config).__name__}.")
         if not 0 <= self.autoencode_ratio <= 1:
@@ -53,18 +54,17 @@ class CocomPretrainingCollator:
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens={self.max_target_tokens!r}: give a positive int.")
 
-    def _rng(self, texts: list[str]) -> random.Random:
-        key = hashlib.sha256(f"{self.seed}:{json.dumps(texts)}".encode()).hexdigest()
-        return random.Random(key)
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def _batch_rng(self, rows: list[dict]) -> random.Random:
         texts = [row[self.text_column] for row in rows]
-        rng = self._rng(texts)
-        examples = [
-            self.example(text, "autoencode" if rng.random() < self.autoencode_ratio else "continuation")
-            for text in texts
+        return random.Random(hashlib.sha256(f"{self.seed}:{json.dumps(texts)}".encode()).hexdigest())
+
+    def examples(self, rows: list[dict]) -> list:
+        return [
+            self.example(
+                row[self.text_column], "autoencode" if self._rng.random() < self.autoencode_ratio else "continuation"
+            )
+            for row in rows
         ]
-        return collate(self.config, examples, self.tokenizer, padding_side="right", max_length=self.max_length)
 
     def example(self, text: str, task: str):
         """One tokenised example: the compressed part as context slots, the target as labels."""
@@ -95,3 +95,51 @@ class CocomPretrainingCollator:
         example.context_mask = example.context_mask + [False] * len(target)
         example.context = payload
         return example
+
+
+def collator(
+    config,
+    tokenizer,
+    stage: str,
+    *,
+    distill: bool = False,
+    autoencode_ratio: float = 0.5,
+    max_target_tokens: int = 128,
+    **kwargs: Any,
+) -> ContextDataCollator:
+    """The batches of one stage: ``pretrain`` (auto-encoding + continuation on a ``text`` column) or ``qa``."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; choose one of {', '.join(STAGES)}.")
+    if stage == "pretrain":
+        if distill:
+            raise ValueError("a_kl > 0 is for stage 2 (qa); pretraining has no text-RAG teacher.")
+        return CocomPretrainingCollator(
+            config, tokenizer, autoencode_ratio=autoencode_ratio, max_target_tokens=max_target_tokens, **kwargs
+        )
+    return ContextDataCollator(config, tokenizer, task="qa", distill=distill, **kwargs)
+
+
+def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0) -> list[StageReport]:
+    """Pretraining on ``data.corpus`` (auto-encoding + continuation), then QA on ``data.qa_rows`` (each stage's
+    ``StageSettings`` in ``stages``; 0 steps skips it)."""
+    reports = []
+    pretrain = stages.get("pretrain")
+    if pretrain is not None and pretrain.steps > 0:
+        n = min(len(data.corpus), pretrain.steps * pretrain.batch_size)
+        rows = [{"text": cut_passage(t, pretrain.max_chars)} for t in data.corpus[:n]]
+        batches = collator(model.active_peft_config, tokenizer, "pretrain", seed=seed)
+        reports.append(
+            train_stage(
+                model,
+                tokenizer,
+                rows,
+                pretrain,
+                output_dir=os.path.join(work_dir, "pretrain"),
+                name="COCOM pretraining",
+                seed=seed,
+                collator=batches,
+            )
+        )
+    if "qa" in stages:
+        reports += train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, "COCOM (QA)", seed=seed)
+    return reports

@@ -7,11 +7,15 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from ..methods import ContextMethod, register_method
-from ..prompting import Part, Slots, check_documents
+from .. import local_copies
+from ..config import is_int
+from ..methods import ContextMethod, Entry, Resources, register_method
+from ..prompting import RAG_TEMPLATE, Part, Slots, check_documents
 from .config import SpringConfig
-from .layer import SpringTokens
+from .convert import convert_official_spring
+from .modules import SpringTokens
 
 # Options of prepare_inputs / generate that SPRING reads; the shared ones are accepted and ignored (SPRING reads
 # passages as text and needs no encoder).
@@ -21,8 +25,33 @@ _SHARED_OPTIONS = ("encoder", "encode_batch_size")
 TRAINING_OPTIONS = ("virtual_tokens_range",)
 
 
+# The demo's SPRING: 8 tokens, inside text RAG's own prompt right before the question, k drawn from 1..8 per batch.
+_DEMO_TOKENS = 8
+_DEMO_STAGES = {
+    "demo": {"qa": {"steps": 12, "batch_size": 4, "learning_rate": 1e-2, "options": {"virtual_tokens_range": [1, 8]}}},
+    "reproduce": {
+        "qa": {
+            "steps": 100, "batch_size": 4, "learning_rate": 1e-2, "options": {"virtual_tokens_range": [1, 8]},
+            "save_steps": 50,
+        }
+    },
+}  # fmt: skip
+
+
+def _demo_config(resources: Resources) -> SpringConfig:
+    return SpringConfig(
+        num_virtual_tokens=_DEMO_TOKENS,
+        base_model_name_or_path=resources.base_model_name_or_path,
+        prompt_template=RAG_TEMPLATE.replace("\nQuestion:", "\n{virtual}Question:"),
+    )
+
+
 class SpringMethod(ContextMethod):
     name = "spring"
+    title = "SPRING"
+    config_class = SpringConfig
+    card_template = "spring.md.j2"
+    converters = {"spring": convert_official_spring}
 
     # ---- the module ----------------------------------------------------------------------------------------------
     def create_module(self, config: SpringConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
@@ -116,13 +145,36 @@ class SpringMethod(ContextMethod):
         options["num_virtual_tokens"] = rng.randint(low, high)
         return options
 
+    # ---- registry hooks ------------------------------------------------------------------------------------------
+    def demo_entries(self):
+        return (
+            Entry(
+                "spring",
+                "SPRING + RAG",
+                _demo_config,
+                options={"num_virtual_tokens": _DEMO_TOKENS},
+                stages=_DEMO_STAGES,
+                trains="the virtual tokens",
+            ),
+        )
+
+    def benchmark_entries(self):
+        return (
+            Entry(
+                "spring",
+                "SPRING (50 virtual tokens + text)",
+                lambda resources: SpringConfig(num_virtual_tokens=50),
+                trains="the virtual tokens",
+            ),
+        )
+
 
 def check_options(config: SpringConfig, options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(OPTIONS) - set(_SHARED_OPTIONS))
     if unknown:
         raise ValueError(f"Unknown SPRING option(s) {unknown}; SPRING takes {', '.join(OPTIONS)}.")
     max_passages = options.get("max_passages")
-    if max_passages is not None and (not _is_int(max_passages) or max_passages < 1):
+    if max_passages is not None and (not is_int(max_passages) or max_passages < 1):
         raise ValueError(f"max_passages={max_passages!r}; give a positive int, or None to keep every passage.")
 
 
@@ -131,7 +183,7 @@ def num_virtual_tokens(config: SpringConfig, options: dict[str, Any]) -> int:
     k = options.get("num_virtual_tokens")
     if k is None:
         return config.num_virtual_tokens
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"num_virtual_tokens={k!r}; give an int between 0 and {config.num_virtual_tokens}.")
     if k > config.num_virtual_tokens:
         raise ValueError(
@@ -147,7 +199,7 @@ def check_range(config: SpringConfig, span) -> tuple[int, int]:
     n = config.num_virtual_tokens
     if span is None:
         return 1, n
-    if not isinstance(span, (list, tuple)) or len(span) != 2 or not all(_is_int(v) for v in span):
+    if not isinstance(span, (list, tuple)) or len(span) != 2 or not all(is_int(v) for v in span):
         raise ValueError(f"virtual_tokens_range={span!r}; give two ints (low, high) with 1 <= low <= high <= {n}.")
     low, high = int(span[0]), int(span[1])
     if not 1 <= low <= high <= n:
@@ -162,15 +214,9 @@ def format_passages(config: SpringConfig, docs: list[str]) -> str:
     return "".join(config.passage_template.format(index=i + 1, passage=doc) for i, doc in enumerate(docs))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _tokenize_init_text(config: SpringConfig) -> list[int]:
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(config.tokenizer_name_or_path))
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"Cannot load tokenizer_name_or_path={config.tokenizer_name_or_path!r} to tokenise init_text: {exc}"

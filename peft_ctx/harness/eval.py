@@ -28,18 +28,35 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import peft
 import torch
+import transformers
+import trl
+from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..encoders import Encoder
+from ..inference import (
+    build_examples,
+    collate,
+    context_length,
+    decode_new,
+    model_device,
+    template_examples,
+    text_examples,
+)
+from ..methods import get_method
+from ..prompting import RAG_TEMPLATE, Example, pad_token_id, position_ids
+from ..version import __version__
 from . import metrics
-from .inference import _context_length, build_examples, collate, template_examples, text_examples
-from .prompting import Example, pad_token_id
+from .assets import MINILM_HUB_ID, resolve
+from .data import load_corpus, load_qa
 
-RAG_TEMPLATE = "Refer to the background document and answer the question.\nBackground: {context}\nQuestion: {question}"
 TABLE_COLUMNS = (
     ("method", "method"),
     ("choice acc", "choice_accuracy"),
@@ -129,17 +146,19 @@ class TextRunner(Runner):
 class AdapterRunner(Runner):
     """A peft_ctx adapter loaded on the model under ``adapter_name``.
 
-    ``prepare(runner, model, tokenizer, rows)`` turns each row's passages into what the method reads at question time
-    (``encoder_vectors``, ``compressed_passages``; ``default_prepare`` picks by method), once per row before anything
-    is timed; without it the passages go in as text (``encoder`` is passed along).
+    With ``index=True`` each row's passages are first turned into what the method's offline index holds
+    (``ContextMethod.index_passages``: xRAG's retriever vectors, COCOM's context embeddings), once per row before
+    anything is timed, and the model is served as the method serves it (``ContextMethod.serving``: COCOM's decoder
+    LoRA merged). Methods that index nothing (SPRING) read the passages as text, as with ``index=False``.
     """
 
     adapter_name: str = "default"
     encoder: Any = None
     options: dict = field(default_factory=dict)
-    prepare: Optional[Callable[[Any, Sequence[dict]], list]] = None
-    merge_lora: bool = True  # fold a decoder LoRA (COCOM) into the base weights while prepared passages are read
+    index: bool = True
+    serve: bool = True  # decode as the method serves indexed passages (False: as trained, e.g. COCOM unmerged)
     _prepared: dict = field(default_factory=dict, repr=False)
+    _indexed: bool = field(default=False, repr=False)
     _config: Any = field(default=None, repr=False)
 
     def activate(self, model):
@@ -153,43 +172,39 @@ class AdapterRunner(Runner):
     def config(self):
         return self._config
 
+    def method(self, model):
+        return get_method(model.peft_config[self.adapter_name].method)
+
     def precompute(self, model, tokenizer, rows: Sequence[dict]) -> None:
         _require_contexts(rows)
-        if self.prepare is None:
+        if not self.index:
             return
         todo = [r for r in rows if r["id"] not in self._prepared]
-        if todo:
-            with self.activate(model):
-                prepared = self.prepare(self, model, tokenizer, todo)
-            for row, docs in zip(todo, prepared):
-                self._prepared[row["id"]] = docs
+        if not todo:
+            return
+        with self.activate(model):
+            passages = [doc for r in todo for doc in r["contexts"]]
+            index = self.method(model).index_passages(model, tokenizer, passages, encoder=self.encoder)
+        entries = passages if index is None else index.entries
+        self._indexed = self._indexed or index is not None
+        start = 0
+        for row in todo:
+            self._prepared[row["id"]] = entries[start : start + len(row["contexts"])]
+            start += len(row["contexts"])
 
     @contextlib.contextmanager
     def serving(self, model):
-        """The adapter's decoder LoRA merged into the base weights for the duration (decoding at the base model's
-        speed, as a deployment would serve it), when its passages are prepared beforehand: nothing is compressed on
-        the fly then, which needs the unmerged weights. Anything else (no LoRA, merged already) runs as it is."""
-        tuner = getattr(model, "base_model", None)
-        merge = (
-            self.merge_lora
-            and self.prepare is not None
-            and not model.training
-            and hasattr(tuner, "merged_lora_adapters")
-            and not tuner.merged_lora_adapters()
-            and bool(tuner._lora_layers(self.adapter_name))
-        )
-        if not merge:
+        """The model as the method serves it (``ContextMethod.serving``) for the duration, once its passages are
+        indexed: nothing is compressed on the fly then. Passages read as text, or training, run as they are."""
+        if not (self.serve and self._indexed) or model.training:
             yield
             return
-        self.activate(model)  # before merging: switching adapters later would unmerge
-        tuner.merge_adapter([self.adapter_name])
-        try:
+        self.activate(model)  # before serving: switching adapters later would unmerge a merged LoRA
+        with self.method(model).serving(model):
             yield
-        finally:
-            tuner.unmerge_adapter()
 
     def contexts(self, rows):
-        if self.prepare is None:
+        if not self.index:
             return [r["contexts"] for r in rows]
         return [self._prepared[r["id"]] for r in rows]
 
@@ -208,38 +223,6 @@ class AdapterRunner(Runner):
         )
 
 
-def _per_row(rows: Sequence[dict], flat: Sequence) -> list:
-    """Split one result per passage (all rows' passages in order) back into one slice per row."""
-    out, start = [], 0
-    for r in rows:
-        out.append(flat[start : start + len(r["contexts"])])
-        start += len(r["contexts"])
-    return out
-
-
-def encoder_vectors(runner: AdapterRunner, model, tokenizer, rows: Sequence[dict]) -> list[torch.Tensor]:
-    """``AdapterRunner.prepare`` for xRAG: every passage encoded once.  # per row [n_docs, d_r]"""
-    return _per_row(rows, runner.encoder.encode([doc for r in rows for doc in r["contexts"]], show_progress=False))
-
-
-def compressed_passages(runner: AdapterRunner, model, tokenizer, rows: Sequence[dict]) -> list[list]:
-    """``AdapterRunner.prepare`` for COCOM: every passage compressed once, as an offline ``CompressedIndex`` holds
-    it, instead of again for every candidate answer and every generation batch."""
-    from .cocom import compress
-
-    index = compress(model, tokenizer, [doc for r in rows for doc in r["contexts"]], show_progress=False)
-    return _per_row(rows, [index[i] for i in range(len(index))])
-
-
-def default_prepare(config, encoder=None) -> Optional[Callable]:
-    """The ``AdapterRunner.prepare`` that suits an adapter's method (None: passages go in as text)."""
-    if config.method == "xrag":
-        return encoder_vectors if encoder is not None else None
-    if config.method == "cocom":
-        return compressed_passages
-    return None
-
-
 def _require_contexts(rows) -> None:
     for r in rows:
         if not r["contexts"]:
@@ -250,18 +233,14 @@ def _require_contexts(rows) -> None:
 
 
 # ---- measurements -----------------------------------------------------------------------------------------------
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _batch(runner: Runner, model, tokenizer, examples: list[Example], padding_side: str):
     return collate(
         runner.config,
         examples,
         tokenizer,
         padding_side=padding_side,
-        max_length=_context_length(model),
-        device=_device(model),
+        max_length=context_length(model),
+        device=model_device(model),
     )
 
 
@@ -276,7 +255,7 @@ def choice_scores(model, tokenizer, runner: Runner, rows: Sequence[dict], batch_
             examples = runner.examples(model, tokenizer, [rows[i] for i, _ in chunk], answers=[c for _, c in chunk])
             batch = _batch(runner, model, tokenizer, examples, padding_side="left")
             labels = batch.pop("labels")
-            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            batch["position_ids"] = position_ids(batch["attention_mask"])
             has = (labels != -100).any(0)
             keep = labels.shape[1] - int(has.nonzero()[0]) + 1
             logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
@@ -285,10 +264,6 @@ def choice_scores(model, tokenizer, runner: Runner, rows: Sequence[dict], batch_
     for (i, _), score in zip(pairs, flat):
         out[i].append(score)
     return out
-
-
-def _decode(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
 
 
 @torch.no_grad()
@@ -309,7 +284,7 @@ def generate_answers(
             examples = runner.examples(model, tokenizer, rows[start : start + batch_size])
             batch = _batch(runner, model, tokenizer, examples, padding_side="left")
             output = model.generate(**batch, **gen)
-            answers.extend(_decode(tokenizer, output, batch["input_ids"].shape[1]))
+            answers.extend(decode_new(tokenizer, output, batch["input_ids"].shape[1]))
     return answers
 
 
@@ -455,12 +430,6 @@ def _round(value):
 
 def environment() -> dict[str, Any]:
     """The machine and the versions a result was measured with."""
-    import peft
-    import transformers
-    import trl
-
-    from .version import __version__
-
     return {
         "machine": {
             "platform": platform.platform(),
@@ -482,7 +451,7 @@ def environment() -> dict[str, Any]:
 
 def plot(results: Sequence[dict], path: str, title: str = "") -> str:
     """Accuracy (choice and generation) against mean prompt tokens, one point per method, as a PNG."""
-    import matplotlib
+    import matplotlib  # the [demo] extra: only plotting needs it, and the harness runs without it otherwise
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -572,17 +541,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         except json.JSONDecodeError:
             options[key] = value
 
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import peft_ctx  # noqa: F401  (registers the adapter type with PEFT)
-
-    from .assets import resolve
-    from .data import load_corpus, load_qa
-    from .encoders import Encoder
-
     config = PeftConfig.from_pretrained(args.adapter)
-    base_name = args.base_model or config.base_model_name_or_path or "smollm2"
+    base_name = args.base_model or config.base_model_name_or_path
     base_path = resolve(base_name)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -595,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if not rows:
         raise ValueError(f"The {args.split} split of {args.data!r} is empty.")
     if any(not r["contexts"] for r in rows):
-        retriever = encoder or Encoder(resolve("all-minilm-l6-v2"))
+        retriever = encoder or Encoder(resolve(MINILM_HUB_ID))
         hit = add_retrieved_passages(rows, retriever, load_corpus(args.corpus), k=args.top_k)
         print(f"Retrieved top-{args.top_k} passages from {args.corpus!r}: answer in them for {100 * hit:.1f}%")
     runner = AdapterRunner(
@@ -604,7 +564,6 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         adapter_name="adapter",
         encoder=encoder,
         options=options,
-        prepare=default_prepare(config, encoder),
     )
     runners: list[Runner] = []
     if not args.no_baselines:

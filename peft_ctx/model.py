@@ -1,9 +1,7 @@
-"""The PEFT tuner shared by all peft_ctx methods: it wraps the model's input embedding once.
+"""The PEFT tuner (``BaseTuner``) shared by all peft_ctx methods (``peft_type`` ``PEFT_CTX``).
 
-Context slots are marked by a boolean ``context_mask`` that travels with ``input_ids``. On the prefill call the
-wrapped embedding writes the active adapter's slot embeddings into exactly those positions (LLaVA-style
-``masked_scatter``); every other position keeps the base embedding bit for bit. Marking slots by position rather than
-by a token id means no embedding resize and no possible collision with a token the user's text contains.
+It installs the ``ContextEmbedding`` layer (``layer.py``) on the model's input embedding, lets each method add its own
+PEFT layers (COCOM's LoRA), and, for every forward / generate call, hands the method's context inputs to that layer.
 """
 
 from __future__ import annotations
@@ -21,101 +19,8 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from ._registration import PREFIX
+from .layer import COMPANION_SEP, MERGE_MESSAGE, ContextEmbedding, companion_name
 from .methods import all_input_names, get_method
-
-_MERGE_MESSAGE = (
-    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time, "
-    "which no weight delta can do. Only the LoRA layers an adapter adds to the LLM (COCOM's decoder LoRA) merge, "
-    "with model.merge_adapter() for faster decoding; model.unload() gives the unchanged base model back."
-)
-# An adapter's companion weight sets (see ContextMethod.companion_roles) sit in PEFT layers as "<adapter>__<role>";
-# in the saved file they become "<role>", so an adapter loads under any name.
-COMPANION_SEP = "__"
-
-
-def companion_name(adapter_name: str, role: str) -> str:
-    return f"{adapter_name}{COMPANION_SEP}{role}"
-
-
-class ContextEmbedding(nn.Module, BaseTunerLayer):
-    """Wraps the input embedding; holds each adapter's module (projector, virtual tokens, compressor ...)."""
-
-    adapter_layer_names = ("ctx_modules",)
-    other_param_names = ()
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.ctx_modules = nn.ModuleDict()
-        self.configs: dict[str, Any] = {}
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters = []
-        # (context_mask, inputs) set by ContextModel for the length of one forward / generate call.
-        self._pending: Optional[tuple[torch.Tensor, dict[str, Any]]] = None
-        self._consumed = False
-
-    def update_layer(self, adapter_name: str, config, model_config: Any) -> None:
-        method = get_method(config.method)
-        module = method.create_module(config, self.base_layer, model_config)
-        weight = self.base_layer.weight
-        on_meta = any(p.device.type == "meta" for p in module.parameters())
-        # low_cpu_mem_usage creates the module on the meta device; PEFT materialises it when the weights load.
-        if weight.device.type != "meta" and not on_meta:
-            module.to(weight.device)
-        self.ctx_modules[adapter_name] = module
-        self.configs[adapter_name] = config
-        self.set_adapter(self.active_adapters)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(_MERGE_MESSAGE)
-
-    def unmerge(self) -> None:
-        raise ValueError(_MERGE_MESSAGE)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.configs.pop(adapter_name, None)
-
-    def active_method_adapter(self) -> str:
-        active = [name for name in self.active_adapters if name in self.ctx_modules]
-        if len(active) != 1:
-            raise ValueError(
-                f"Exactly one peft_ctx adapter must be active to fill context slots, found {self.active_adapters}; "
-                "choose one with model.set_adapter(name)."
-            )
-        return active[0]
-
-    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        embeds = self.base_layer(input_ids, *args, **kwargs)  # [batch, seq, hidden]
-        if self._pending is None or self.disable_adapters:
-            return embeds
-        context_mask, inputs = self._pending  # [batch, prompt_len]
-        if input_ids.shape[0] != context_mask.shape[0] or input_ids.shape[1] < context_mask.shape[1]:
-            if not self._consumed:
-                raise ValueError(
-                    f"context_mask has shape {tuple(context_mask.shape)} but input_ids has shape "
-                    f"{tuple(input_ids.shape)}; build both with peft_ctx.prepare_inputs (they are padded together)."
-                )
-            # A KV-cache decoding step: the context lives in the cache already.
-            return embeds
-        if input_ids.shape[1] > context_mask.shape[1]:
-            # generate(use_cache=False) re-reads prompt + generated tokens; the slots are still the prompt's.
-            context_mask = torch.nn.functional.pad(context_mask, (0, input_ids.shape[1] - context_mask.shape[1]))
-        self._consumed = True
-        adapter_name = self.active_method_adapter()
-        config = self.configs[adapter_name]
-        method = get_method(config.method)
-        slots = method.slot_embeddings(self.ctx_modules[adapter_name], context_mask, inputs, embeds.dtype)
-        n_slots = int(context_mask.sum())
-        if slots.shape != (n_slots, embeds.shape[-1]):
-            raise ValueError(
-                f"The prompt has {n_slots} context slots but the adapter produced {slots.shape[0]} embeddings of size "
-                f"{slots.shape[-1]} (model hidden size {embeds.shape[-1]}); each document needs its slots in the "
-                "prompt."
-            )
-        # Out of place so that gradients reach the adapter module through the scattered rows only.
-        return embeds.masked_scatter(context_mask.unsqueeze(-1).to(embeds.device), slots.to(embeds.device))
 
 
 class ContextModel(BaseTuner):
@@ -296,7 +201,8 @@ class ContextModel(BaseTuner):
         # Layers that methods inject (LoRA: q_proj.lora_A.<name>.weight) follow PEFT's own key format.
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
-    def _context_layer(self) -> ContextEmbedding:
+    def context_layer(self) -> ContextEmbedding:
+        """The ``ContextEmbedding`` layer on the input embedding (its ``base_layer`` is the original embedding)."""
         layer = self.model.get_input_embeddings()
         if not isinstance(layer, ContextEmbedding):
             raise ValueError("The peft_ctx layer is missing from the model's input embedding (was it unloaded?).")
@@ -305,7 +211,7 @@ class ContextModel(BaseTuner):
     # ---- merging: only the LoRA layers a method injects have a weight delta --------------------------------------
     def _check_merge_allowed(self):
         # merge_and_unload would drop the context layer along with the LoRA layers: the slots would read token text.
-        raise ValueError(_MERGE_MESSAGE)
+        raise ValueError(MERGE_MESSAGE)
 
     def _lora_layers(self, adapter_name: Optional[str] = None) -> list[nn.Module]:
         from peft.tuners.lora import LoraLayer
@@ -327,7 +233,7 @@ class ContextModel(BaseTuner):
         A separate compressor LoRA stays unmerged, so compressing passages needs ``unmerge_adapter()`` first (or an
         index compressed beforehand); training needs it too, since merged LoRA weights get no gradient.
         """
-        active = self._context_layer().active_method_adapter()
+        active = self.context_layer().active_method_adapter()
         if adapter_names is None:
             adapter_names = [active]
         for name in adapter_names:
@@ -342,7 +248,7 @@ class ContextModel(BaseTuner):
             layers = self._lora_layers(name)
             if not layers:
                 method = self.peft_config[name].method
-                raise ValueError(f"Adapter {name!r} ({method}) adds no LoRA layer to the LLM. {_MERGE_MESSAGE}")
+                raise ValueError(f"Adapter {name!r} ({method}) adds no LoRA layer to the LLM. {MERGE_MESSAGE}")
             for layer in layers:
                 if name not in layer.merged_adapters:
                     layer.merge(safe_merge=safe_merge, adapter_names=[name])
@@ -386,7 +292,7 @@ class ContextModel(BaseTuner):
             return
         if context_mask.dtype != torch.bool:
             raise ValueError(f"context_mask must be a bool tensor, got dtype {context_mask.dtype}.")
-        layer = self._context_layer()
+        layer = self.context_layer()
         if not layer.disable_adapters:
             adapter_name = layer.active_method_adapter()
             config = self.peft_config[adapter_name]

@@ -1,0 +1,104 @@
+"""xRAG's training recipe, shared by ``train/xrag.py`` and the demo: paraphrase pretraining, then QA.
+
+- ``paraphrase`` (stage 1): the document's retriever vector in, the document's text out (NLL on the text).
+- ``instruct`` (stage 2): question + the passages' vectors in, the answer out, with self-distillation from the same
+  frozen LLM reading the passages as text (``a_kl``; the demo caches the teacher's top-k log-probs once).
+
+The retriever is frozen, so its vectors are computed once, up front, into a ``retrieval_embeds`` column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Union
+
+from datasets import Dataset
+
+from ..training import ContextDataCollator, StageReport, cut_passage, train_stage
+
+STAGES = ("paraphrase", "instruct")
+VECTORS = "retrieval_embeds"
+
+
+def text_column(stage: str) -> str:
+    """The column holding the documents' text: one passage (``text``) in stage 1, a list of passages in stage 2."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; choose one of {', '.join(STAGES)}.")
+    return "text" if stage == "paraphrase" else "contexts"
+
+
+def encode_documents(dataset: Union[Dataset, list[dict]], encoder, stage: str, batch_size: int = 64) -> Dataset:
+    """Every document encoded once (the retriever is frozen) into a ``retrieval_embeds`` column (one list of
+    ``[d_r]`` vectors per row, in passage order)."""
+    if not isinstance(dataset, Dataset):
+        dataset = Dataset.from_list(list(dataset))
+    column = text_column(stage)
+    if column not in dataset.column_names:
+        raise ValueError(f"Stage {stage!r} needs a {column!r} column; the dataset has {dataset.column_names}.")
+
+    def encode(batch):
+        docs = [[d] if stage == "paraphrase" else list(d) for d in batch[column]]
+        flat = [d for ds in docs for d in ds]
+        vectors = encoder.encode(flat, batch_size=batch_size, show_progress=False).tolist()
+        out, start = [], 0
+        for ds in docs:
+            out.append(vectors[start : start + len(ds)])
+            start += len(ds)
+        return {VECTORS: out}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, desc="Encoding documents")
+
+
+def collator(config, tokenizer, stage: str, *, distill: bool = False, **kwargs: Any) -> ContextDataCollator:
+    """The batches of one stage: vectors in, the document text (stage 1) or the answer (stage 2) out."""
+    if stage == "paraphrase" and distill:
+        raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
+    return ContextDataCollator(
+        config,
+        tokenizer,
+        task="qa" if stage == "instruct" else "paraphrase",
+        context_column=VECTORS,
+        text_column=text_column(stage),
+        distill=distill,
+        **kwargs,
+    )
+
+
+def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0) -> list[StageReport]:
+    """Both stages on the active adapter: paraphrase on ``data.corpus``, then QA with self-distillation on
+    ``data.qa_rows`` (each stage's ``StageSettings`` in ``stages``; 0 steps skips it)."""
+    reports = []
+    for stage in STAGES:
+        settings = stages.get(stage)
+        if settings is None or settings.steps <= 0:
+            continue
+        if stage == "paraphrase":
+            n = min(len(data.corpus), settings.steps * settings.batch_size)
+            rows = [{"text": cut_passage(t, settings.max_chars)} for t in data.corpus[:n]]
+        else:
+            n = min(len(data.qa_rows), settings.steps * settings.batch_size)
+            rows = [{k: r[k] for k in ("question", "answer", "contexts")} for r in data.qa_rows[:n]]
+        dataset = encode_documents(rows, data.encoder, stage)
+        batches = collator(
+            model.active_peft_config,
+            tokenizer,
+            stage,
+            distill=settings.a_kl > 0,
+            padding_side="left",
+            seed=seed,
+            method_options=dict(settings.options),
+        )
+        reports.append(
+            train_stage(
+                model,
+                tokenizer,
+                dataset,
+                settings,
+                output_dir=os.path.join(work_dir, stage),
+                name=f"xRAG {stage}",
+                seed=seed,
+                collator=batches,
+            )
+        )
+    return reports

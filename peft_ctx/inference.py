@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from transformers import GenerationConfig
+from transformers.generation.utils import GenerationMixin
 
 from .config import ContextConfig
 from .methods import get_method
@@ -218,6 +223,52 @@ def decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
 
 
+# Options every method's prepare_inputs takes.
+SHARED_OPTIONS = ("encoder", "encode_batch_size")
+
+
+def generation_names() -> frozenset[str]:
+    """The keyword arguments ``model.generate`` takes: every ``GenerationConfig`` field and generate's own parameters
+    (``generation_config``, ``streamer``, ``logits_processor`` ...)."""
+    fields = set(GenerationConfig().to_dict())
+    fields.update(inspect.signature(GenerationMixin.generate).parameters)
+    return frozenset(name for name in fields - {"self", "inputs", "kwargs"} if not name.startswith("_"))
+
+
+def split_generation_kwargs(config: ContextConfig, options: dict[str, Any]) -> tuple[dict, dict]:
+    """``generate``'s keyword arguments as (method options, generation kwargs), as transformers passes generation
+    settings through; a name that is neither is refused, naming both kinds."""
+    method = get_method(config.method)
+    own = set(method.option_names) | set(SHARED_OPTIONS)
+    generation = generation_names()
+    unknown = sorted(name for name in options if name not in own and name not in generation)
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for {method.title or method.name} adapters: its options are "
+            f"{', '.join(sorted(own))}; generation settings are GenerationConfig fields (do_sample, temperature, "
+            "top_p, num_beams ...) or generation_config=, passed on to model.generate (or give them as "
+            "generation_kwargs={...})."
+        )
+    method_options = {k: v for k, v in options.items() if k in own}
+    return method_options, {k: v for k, v in options.items() if k not in own}
+
+
+def _generate_settings(tokenizer, max_new_tokens: Optional[int], given: dict[str, Any]) -> dict[str, Any]:
+    """What ``model.generate`` gets: greedy decoding and ``max_new_tokens`` unless ``given`` says otherwise; with a
+    ``generation_config`` its own settings govern (as in transformers) and only a missing pad token is filled in."""
+    settings = dict(given)
+    config = settings.get("generation_config")
+    if config is not None:
+        if config.pad_token_id is None:
+            settings["generation_config"] = config = copy.deepcopy(config)
+            config.pad_token_id = pad_token_id(tokenizer)
+        return settings
+    defaults = {"do_sample": False, "pad_token_id": pad_token_id(tokenizer)}
+    if max_new_tokens is not None:
+        defaults["max_new_tokens"] = max_new_tokens
+    return {**defaults, **settings}
+
+
 @torch.no_grad()
 def generate_baseline(
     model,
@@ -228,11 +279,17 @@ def generate_baseline(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     generation_kwargs: Optional[dict[str, Any]] = None,
+    **generate_kwargs: Any,
 ) -> list[str]:
-    """The frozen base model with the documents as text (text RAG) or without documents (contexts=None)."""
+    """The frozen base model with the documents as text (text RAG) or without documents (contexts=None).
+
+    Generation settings (any ``GenerationConfig`` field, ``generation_config=``) pass through to ``model.generate``.
+    """
     config = active_config(model)
-    gen_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
-    gen_kwargs.update(generation_kwargs or {})
+    unknown = sorted(set(generate_kwargs) - generation_names())
+    if unknown:
+        raise ValueError(f"Unknown generation option(s) {unknown}; give GenerationConfig fields or generation_config=.")
+    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, {**(generation_kwargs or {}), **generate_kwargs})
     answers: list[str] = []
     with model.disable_adapter():
         for start in range(0, len(questions), batch_size):
@@ -260,13 +317,23 @@ def generate(
     generation_kwargs: Optional[dict[str, Any]] = None,
     **options: Any,
 ) -> list[str]:
-    """Answer questions from their documents, batched with left padding; returns one string per question."""
+    """Answer questions from their documents, batched with left padding; returns one string per question.
+
+    Keyword arguments are the method's options (SPRING's ``num_virtual_tokens``) or generation settings, which pass
+    through to ``model.generate`` as in transformers: any ``GenerationConfig`` field or ``generation_config=``
+    (greedy unless they say otherwise).
+
+    Example::
+
+        answers = peft_ctx.generate(model, tokenizer, ["Who wrote it?"], [["Ada Obi wrote the report."]],
+                                    do_sample=True, temperature=0.7, top_p=0.9)
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
     if contexts is not None and len(contexts) != len(questions):
         raise ValueError(f"Got {len(contexts)} context lists for {len(questions)} questions.")
-    gen_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
-    gen_kwargs.update(generation_kwargs or {})
+    options, passed_on = split_generation_kwargs(active_config(model), options)
+    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, {**(generation_kwargs or {}), **passed_on})
     if show_progress is None:
         show_progress = len(questions) > 4 * batch_size
     answers: list[str] = []

@@ -114,6 +114,9 @@ class ContextMethod:
     stages: tuple[str, ...] = ("qa",)
     # Extra forward / generate keyword arguments that carry this method's context (besides ``context_mask``).
     input_names: tuple[str, ...] = ()
+    # The options ``prepare_inputs`` / ``generate`` take for this method (SPRING's ``num_virtual_tokens``), besides the
+    # shared ``encoder`` / ``encode_batch_size``; ``generate`` passes every other name on to ``model.generate``.
+    option_names: tuple[str, ...] = ()
     # Shared objects that prompt building adds to this method's options (``prepare_docs`` / ``prompt_fields``):
     # "tokenizer" (the LLM's) and "model" (the PeftModel the prompts are for, when known). Only listed names are added.
     option_resources: tuple[str, ...] = ()

@@ -74,6 +74,7 @@ class CocomMethod(ContextMethod):
     title = "COCOM"
     config_class = CocomConfig
     card_template = "cocom.md.j2"
+    option_names = ("autoencode",)
     stages = STAGES
     input_names = ("cocom_passage_ids", "cocom_passage_lengths", "cocom_context_embeds", "cocom_slot_source")
     option_resources = ("tokenizer", "model")

@@ -51,6 +51,7 @@ class SpringMethod(ContextMethod):
     title = "SPRING"
     config_class = SpringConfig
     card_template = "spring.md.j2"
+    option_names = OPTIONS
     converters = {"spring": convert_official_spring}
 
     # ---- the module ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import statistics
 from typing import Optional
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_ctx.harness import assets
@@ -46,7 +47,6 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
 
 def machine() -> dict:
     """What the numbers were measured on, including how busy the machine was (timings on a shared CPU are noisy)."""
-    import transformers
 
     info = {
         "platform": platform.platform(),

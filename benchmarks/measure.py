@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_ctx.harness.fast import greedy_generate
+from peft_ctx.harness.fast import _base_lm, greedy_generate
 
 
 def _prod(shape) -> int:
@@ -104,9 +106,6 @@ def flops_estimate(model, prompt_tokens_total: int, batch: int, new_tokens: int)
     """2 x parameters x tokens: every token through every weight matrix of the transformer, plus the output head
     for the ``new_tokens`` positions whose logits are computed (the input embedding is a lookup, no FLOPs). Adapter
     modules (projectors, compressors, LoRA) are left out: the estimate is the base LLM's."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from peft_ctx.harness.fast import _base_lm
 
     lm = _base_lm(model)
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
@@ -149,7 +148,6 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 import peft_ctx
 from peft_ctx.harness.assets import MINILM_HUB_ID, resolve
@@ -89,7 +90,6 @@ class BenchMethod:
         config = self.config(env)
         if config is None:
             return base
-        from peft import get_peft_model
 
         return get_peft_model(base, config, adapter_name=self.name).eval()
 
@@ -119,7 +119,6 @@ class BenchMethod:
 
     def trainable(self, env: Env, base) -> Any:
         """The model whose trainable parameters a training step updates (LoRA SFT for the text-RAG baseline)."""
-        from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
         return get_peft_model(base, config)

@@ -166,7 +166,7 @@ def _fmt_load(load) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Speed-ups vs text RAG (TTFT and end to end) for every method, one panel per (docs, batch)."""
-    import matplotlib
+    import matplotlib  # the [demo] extra, needed only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -34,6 +34,7 @@ from peft_ctx.prompting import RAG_TEMPLATE
 from . import measure
 from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
 from .methods import BenchMethod, Env, registry, select
+from .report import markdown, plot
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -376,7 +377,6 @@ def _notes(bench: Bench, s: Settings) -> list[str]:
 
 
 def write_results(result: dict, out: str) -> dict[str, str]:
-    from .report import markdown, plot
 
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, f"bench.{name}") for name in ("json", "md", "png")}
@@ -434,7 +434,6 @@ def main(argv=None) -> dict:
     settings = parse_args(argv)
     result = Bench(settings).run()
     paths = write_results(result, settings.out)
-    from .report import markdown
 
     print(markdown(result))
     print(f"Wrote {', '.join(paths.values())}")

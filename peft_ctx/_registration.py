@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 
 import peft
-from peft.utils import peft_types
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import peft_types, register_peft_method
 
 PEFT_TYPE_NAME = "PEFT_CTX"
 PREFIX = "ctx_"
@@ -29,7 +30,7 @@ def _extend_peft_type() -> enum.Enum:
     if PEFT_TYPE_NAME in peft_type_enum.__members__:
         return peft_type_enum[PEFT_TYPE_NAME]
     try:
-        from aenum import extend_enum
+        from aenum import extend_enum  # inside the try: a failing import names the PEFT version too
 
         extend_enum(peft_type_enum, PEFT_TYPE_NAME, PEFT_TYPE_NAME)
         member = peft_type_enum[PEFT_TYPE_NAME]
@@ -52,8 +53,6 @@ PEFT_CTX = _extend_peft_type()
 
 def register(config_cls: type, model_cls: type) -> None:
     """Register peft_ctx's config and tuner classes with PEFT (idempotent, so re-imports are harmless)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
 
     if (
         PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_CTX) is config_cls

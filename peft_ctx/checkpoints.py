@@ -24,6 +24,22 @@ def load_tensor_file(path: str) -> dict[str, torch.Tensor] | torch.Tensor:
         raise ValueError(f"Cannot read {path} as a torch tensor file: {exc}") from exc
 
 
+def read_tagged_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a safetensors file peft_ctx wrote (``save_vectors``, ``CompressedIndex.save``) and the JSON it
+    keeps under the ``peft_ctx`` metadata key; a file that cannot be read gives a ValueError naming it and ``what``
+    it should hold."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("peft_ctx", "{}"))
+            return {key: f.get_tensor(key) for key in f.keys()}, metadata
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"Cannot read {what} from {path}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error type is not exported by every version
+            raise ValueError(f"{path} is not a valid safetensors file ({exc}).") from exc
+        raise
+
+
 def _weight_files(checkpoint_dir: str) -> list[str]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(checkpoint_dir, index_name)

@@ -14,6 +14,7 @@ from typing import ClassVar, Optional
 
 from packaging.version import Version
 from peft import PeftConfig
+from safetensors import safe_open
 
 from ._registration import PEFT_CTX
 from .version import __version__
@@ -25,7 +26,6 @@ _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 def check_adapter_weights(folder: str) -> None:
     """Refuse a local adapter folder whose weights are missing, truncated, corrupted, or a pickle (never unpickled)."""
-    from safetensors import safe_open
 
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -68,7 +68,8 @@ class ContextConfig(PeftConfig):
     template_fields: ClassVar[tuple[str, ...]] = ("context", "question")
 
     method: Optional[str] = field(
-        default=None, metadata={"help": "The peft_ctx method ('xrag', 'spring', 'cocom'); set by the config class."}
+        default=None,
+        metadata={"help": "The registered peft_ctx method's name (ContextMethod.name); set by the config class."},
     )
     prompt_template: Optional[str] = field(
         default=None,

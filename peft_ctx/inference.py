@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
-
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerationMixin
 
@@ -288,7 +287,9 @@ def generate_baseline(
     config = active_config(model)
     unknown = sorted(set(generate_kwargs) - generation_names())
     if unknown:
-        raise ValueError(f"Unknown generation option(s) {unknown}; give GenerationConfig fields or generation_config=.")
+        raise ValueError(
+            f"Unknown generation option(s) {unknown}; give GenerationConfig fields or generation_config=."
+        )
     gen_kwargs = _generate_settings(tokenizer, max_new_tokens, {**(generation_kwargs or {}), **generate_kwargs})
     answers: list[str] = []
     with model.disable_adapter():

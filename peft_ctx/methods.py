@@ -219,12 +219,11 @@ class ContextMethod:
 
     def train(
         self, model, tokenizer, data: TrainingData, stages: Mapping[str, Any], work_dir: str, seed: int = 0
-    ) -> list:
-        """Train the active adapter of ``model`` stage by stage (``stages``: ``StageSettings`` by stage name); returns
-        one ``peft_ctx.training.StageReport`` per stage run. The default is one QA stage on ``data.qa_rows``."""
-        from .training import train_qa  # here, not at the top: training imports this module
-
-        return train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, f"{self.title} (QA)", seed=seed)
+    ) -> Optional[list]:
+        """The method's training recipe: train the active adapter of ``model`` stage by stage (``stages``:
+        ``StageSettings`` by stage name) and return one ``StageReport`` per stage run. None (the default) means no
+        recipe of its own: ``peft_ctx.training.train_method`` then runs one QA stage on ``data.qa_rows``."""
+        return None
 
 
 def register_method(method: ContextMethod) -> ContextMethod:
@@ -237,6 +236,13 @@ def register_method(method: ContextMethod) -> ContextMethod:
             f"{type(method).__name__}.config_class must be the method's ContextConfig subclass with "
             f"method_name={method.name!r}, got {config_class!r}."
         )
+    for entry in method.demo_entries():
+        unknown = sorted({stage for table in entry.stages.values() for stage in table} - set(method.stages))
+        if unknown:
+            raise ValueError(
+                f"Demo entry {entry.name!r} of {type(method).__name__} trains stages {unknown}, which its recipe does "
+                f"not have; its stages are {list(method.stages)} (ContextMethod.stages)."
+            )
     _METHODS[method.name] = method
     return method
 

@@ -10,6 +10,8 @@ import contextlib
 from typing import Any, Optional
 
 import torch
+from accelerate import init_empty_weights
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -82,8 +84,6 @@ class ContextModel(BaseTuner):
             layer = embedding
         model_config = getattr(model, "config", None)
         if low_cpu_mem_usage:
-            from accelerate import init_empty_weights
-
             with init_empty_weights():
                 layer.update_layer(adapter_name, config, model_config)
         else:
@@ -214,7 +214,6 @@ class ContextModel(BaseTuner):
         raise ValueError(MERGE_MESSAGE)
 
     def _lora_layers(self, adapter_name: Optional[str] = None) -> list[nn.Module]:
-        from peft.tuners.lora import LoraLayer
 
         return [
             module

@@ -653,3 +653,13 @@ def train_qa(
             seed=seed,
         )
     ]
+
+
+def train_method(method, model, tokenizer, data, stages, work_dir: str, seed: int = 0) -> list[StageReport]:
+    """Train with ``method``'s own recipe (``ContextMethod.train``), or with one QA stage (``stages["qa"]``) for a
+    method that has none."""
+    reports = method.train(model, tokenizer, data, stages, work_dir, seed=seed)
+    if reports is None:
+        title = method.title or method.name
+        reports = train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, f"{title} (QA)", seed=seed)
+    return reports

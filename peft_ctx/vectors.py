@@ -7,8 +7,9 @@ import os
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .checkpoints import read_tagged_safetensors
 
 _KEY = "vectors"
 
@@ -32,15 +33,7 @@ def save_vectors(
 
 def load_vectors(path: str) -> tuple[torch.Tensor, dict]:
     """Read vectors written by ``save_vectors``; returns (vectors [n_docs, d_r], metadata)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("peft_ctx", "{}"))
-            if _KEY not in f.keys():
-                raise ValueError(f"{path} holds no {_KEY!r} tensor; it was not written by peft_ctx.save_vectors.")
-            return f.get_tensor(_KEY), meta
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"Cannot read document vectors from {path}: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__name__ == "SafetensorError":
-            raise ValueError(f"{path} is not a valid safetensors file ({exc}).") from exc
-        raise
+    tensors, meta = read_tagged_safetensors(path, "document vectors")
+    if _KEY not in tensors:
+        raise ValueError(f"{path} holds no {_KEY!r} tensor; it was not written by peft_ctx.save_vectors.")
+    return tensors[_KEY], meta

@@ -23,6 +23,7 @@ from peft_ctx.training import (
     StageSettings,
     add_teacher_cache,
     cut_passage,
+    train_method,
 )
 from peft_ctx.xrag import recipe as xrag_recipe
 from tests.helpers import changed, snapshot, tiny_model
@@ -117,7 +118,7 @@ def test_every_registered_method_trains_saves_and_evaluates_on_a_tiny_model(name
     model = get_peft_model(ctx.base_model(), row.make_config(ctx.resources()))
     before = snapshot(model.get_base_model())
     data_ = TrainingData(ctx.train_rows, ctx.corpus, ctx.encoder)
-    reports = method.train(model, ctx.tokenizer, data_, profile.stages[name], str(tmp_path / "work"))
+    reports = train_method(method, model, ctx.tokenizer, data_, profile.stages[name], str(tmp_path / "work"))
     assert reports and all(r.steps >= 1 and r.seconds_per_step > 0 for r in reports)
     assert len(reports) == len(profile.stages[name])  # every stage of the recipe ran
     moved = changed(before, model.get_base_model())

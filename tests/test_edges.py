@@ -71,8 +71,8 @@ def test_an_unknown_option_names_the_methods_options_and_generation_kwargs(metho
     "text, question, passage",
     [
         ("Question: Who won?\nContext: Ada won the race.", "Who won?", "Ada won the race."),
-        ("Who won the race in 1990?\ncontext: Ada won the race in 1990.", "Who won the race in 1990?", "Ada won the race in 1990."),
-        ("Context: The mill is blue.\nQuestion: What colour is the mill?", "What colour is the mill?", "The mill is blue."),
+        ("Who won in 1990?\ncontext: Ada won in 1990.", "Who won in 1990?", "Ada won in 1990."),
+        ("Context: The mill is blue.\nQuestion: What colour is it?", "What colour is it?", "The mill is blue."),
         ("What is the capital of France?", "What is the capital of France?", None),
         ("Explain the context: of this joke.", "Explain the context: of this joke.", None),  # not a marker
     ],

@@ -25,7 +25,7 @@ from peft_ctx.harness import eval as harness
 from peft_ctx.hub import make_card
 from peft_ctx.methods import Entry, TrainingData
 from peft_ctx.prompting import Slots, check_documents
-from peft_ctx.training import StageSettings
+from peft_ctx.training import StageSettings, train_method
 from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_model
 
 QUESTIONS = ["What colour is the door?", "Who keeps the lighthouse?"]
@@ -162,7 +162,7 @@ def test_the_fourth_method_trains_evaluates_and_gets_a_card(tokenizer, tmp_path)
         for i, c in enumerate(["blue", "green", "red", "black", "white", "pink"])
     ]  # fmt: skip
     stages = {stage: StageSettings(**values) for stage, values in row.stages["tiny"].items()}
-    reports = method.train(model, tokenizer, TrainingData(rows), stages, str(tmp_path / "work"))
+    reports = train_method(method, model, tokenizer, TrainingData(rows), stages, str(tmp_path / "work"))
     assert [r.steps for r in reports] == [3]
     moved = changed(before, model.get_base_model())
     assert moved and all(".ctx_modules.default.pool_map." in key for key in moved)  # adapter changed, base did not
@@ -195,3 +195,19 @@ def test_the_fourth_method_runs_in_the_benchmark(tokenizer, encoder_dir, tmp_pat
     row = next(r for r in result["rows"] if r["method"] == "meanpool")
     rag = next(r for r in result["rows"] if r["method"] == "rag")
     assert row["prompt_tokens"] < rag["prompt_tokens"] and row["e2e_s"] > 0 and row["train_samples_per_s"] > 0
+
+
+def test_a_registration_that_does_not_add_up_is_refused():
+    class NoConfig(MeanPoolMethod):
+        name = "meanpool_broken"
+
+    with pytest.raises(ValueError, match="config_class"):
+        register_method(NoConfig())
+
+    class UnknownStage(MeanPoolMethod):
+        def demo_entries(self):
+            return (Entry("meanpool", "Mean-pool", _config, stages={"tiny": {"pretrain": {"steps": 1}}}),)
+
+    with pytest.raises(ValueError, match=r"\['pretrain'\].*\['qa'\]"):
+        register_method(UnknownStage())
+    assert type(peft_ctx.get_method("meanpool")) is MeanPoolMethod  # the refused ones changed nothing

@@ -14,11 +14,12 @@ Stage 2, QA fine-tuning on the top-k passages of each question, starting from st
 
     python train/cocom.py --config train/configs/cocom_qa.yaml --adapter_init outputs/cocom-pretrain
 
-COCOM-light compresses with a BERT-style encoder instead of the LLM (--compressor all-minilm-l6-v2, or any encoder
-folder / Hub id): train/configs/cocom_light_pretrain.yaml. Any compression rate works (--compression_rate 4, 16,
-128 ...). Any option of the YAML file can be given on the command line too (--max_steps 50); all of
-``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl, kl_temperature) is available; a_kl > 0 in stage
-2 distils from the frozen LLM reading the passages as text.
+COCOM-light compresses with a BERT-style encoder instead of the LLM (--compressor
+sentence-transformers/all-MiniLM-L6-v2, or any encoder folder / Hub id): train/configs/cocom_light_pretrain.yaml.
+Any compression rate works (--compression_rate 4, 16, 128 ...). Any option of the YAML file can be given on the
+command line too (--max_steps 50); all of ``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl,
+kl_temperature, teacher_top_k) is available; a_kl > 0 in stage 2 distils from the frozen LLM reading the passages as
+text. The stages and their batches are ``peft_ctx.cocom.recipe``'s, which the demo runs too.
 
 Data: stage 1 takes "wiki" (10,033 Wikipedia lead paragraphs, offline), a text file (one passage a line), a JSON /
 JSONL file or a ``datasets`` folder with a ``text`` column; stage 2 a JSON / JSONL file or ``datasets`` folder with

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
+from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..checkpoints import read_tagged_safetensors
 from ..inference import active_config, with_resources
 from ..layer import COMPANION_SEP
 from ..methods import get_method
@@ -43,7 +44,6 @@ class CompressedPassage:
 
 
 def _peft_state(model, adapter_name: str) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
 
@@ -201,18 +201,10 @@ class CompressedIndex:
 
     @classmethod
     def load(cls, path: str) -> CompressedIndex:
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = json.loads((f.metadata() or {}).get("peft_ctx", "{}"))
-                if metadata.get("format") != FORMAT or not {_EMBEDDINGS, _OFFSETS} <= set(f.keys()):
-                    raise ValueError(f"{path} is not a COCOM index written by peft_ctx (CompressedIndex.save).")
-                return cls(f.get_tensor(_EMBEDDINGS), f.get_tensor(_OFFSETS), metadata, path)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"Cannot read a COCOM index from {path}: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__name__ == "SafetensorError":
-                raise ValueError(f"{path} is not a valid safetensors file ({exc}).") from exc
-            raise
+        tensors, metadata = read_tagged_safetensors(path, "a COCOM index")
+        if metadata.get("format") != FORMAT or not {_EMBEDDINGS, _OFFSETS} <= set(tensors):
+            raise ValueError(f"{path} is not a COCOM index written by peft_ctx (CompressedIndex.save).")
+        return cls(tensors[_EMBEDDINGS], tensors[_OFFSETS], metadata, path)
 
     def __repr__(self) -> str:
         return (

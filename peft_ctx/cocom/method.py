@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.pytorch_utils import Conv1D
 
 from .. import local_copies
 from ..layer import companion_name
@@ -105,8 +111,6 @@ class CocomMethod(ContextMethod):
     def inject(self, tuner, model, adapter_name, config: CocomConfig, low_cpu_mem_usage=False) -> None:
         if config.lora_r == 0:
             return
-        from peft import LoraConfig
-        from peft.tuners.lora import LoraModel
 
         names = [adapter_name] + [companion_name(adapter_name, role) for role in self.companion_roles(config)]
         targets = config.lora_target_modules
@@ -203,7 +207,6 @@ class CocomMethod(ContextMethod):
         if COMPRESSOR_ROLE not in self.companion_roles(config):
             yield
             return
-        from peft.tuners.lora import LoraLayer
 
         companion = companion_name(adapter_name, COMPRESSOR_ROLE)
         switched = []
@@ -357,9 +360,6 @@ def _all_linear(model: nn.Module) -> list[str]:
     Resolved here rather than by PEFT's "all-linear", which on transformers-5 MoE models also targets the fused expert
     parameters, where LoRA allows no dropout.
     """
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers.pytorch_utils import Conv1D
 
     linear = (nn.Linear, Conv1D)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -457,8 +457,6 @@ def _compress_with_llm(
 
 
 def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     blob = None
     if getattr(config, "_fresh_compressor", config.compressor_config is None):

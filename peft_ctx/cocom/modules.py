@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 
@@ -69,7 +70,6 @@ class CocomLightCompressor(nn.Module):
                     "This COCOM-light adapter holds no encoder tokenizer (its weights were not loaded); load it with "
                     "PeftModel.from_pretrained or create it with get_peft_model."
                 )
-            from tokenizers import Tokenizer
 
             data = json.loads(self.tokenizer_blob.cpu().numpy().tobytes().decode("utf-8"))
             tokenizer = Tokenizer.from_str(data["tokenizer"])

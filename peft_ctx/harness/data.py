@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, load_dataset
 
 from . import assets
 
@@ -246,7 +246,6 @@ def _empty() -> Dataset:
 
 
 def _hub_rows(name: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
 
     try:
         loaded = load_dataset(name)

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..encoders import Encoder
 from ..hub import make_card
 from ..methods import Entry, Resources, TrainingData, registered_methods
-from ..training import StageReport, StageSettings, save_adapter
+from ..training import StageReport, StageSettings, save_adapter, train_method
 from . import assets
 from . import eval as harness
 from .data import load_corpus, load_qa
@@ -254,7 +254,7 @@ def run(
             print(f"trainable parameters: {trainable:,}", flush=True)
             work_dir = os.path.join(output_dir, "work", entry.name)
             stages = profile.stages.get(entry.name, {})
-            reports = method.train(model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed)
+            reports = train_method(method, model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed)
             folder = save_adapter(model, os.path.join(output_dir, "adapters", entry.name), overwrite=True)
         except Exception as exc:  # one method's failure must not hide the others' results
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":

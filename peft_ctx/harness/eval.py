@@ -1,11 +1,12 @@
 """Evaluate peft_ctx adapters against no retrieval and text RAG on a QA test split.
 
-    python -m peft_ctx.eval --adapter DIR_OR_REPO --data NAME_OR_FILE [--n_test 100] [--output results.json]
+    python -m peft_ctx.harness.eval --adapter DIR_OR_REPO --data NAME_OR_FILE [--n_test 100] [--output results.json]
 
 ``--data`` is ``cpkc`` (BIG-bench contextual_parametric_knowledge_conflicts, offline), ``bigbench:TASK``, a JSON /
-JSONL file of rows (see ``peft_ctx.data.load_qa``) or a Hub dataset id. The base model and the encoder are the ones
-the adapter's config names (``--base_model`` / ``--encoder`` override them; ``smollm2`` and ``all-minilm-l6-v2`` are
-the offline assets). Rows without a gold passage get the encoder's top-k passages from ``--corpus``.
+JSONL file of rows (see ``peft_ctx.harness.data.load_qa``) or a Hub dataset id. The base model and the encoder are the
+ones the adapter's config names, by Hub id (``--base_model`` / ``--encoder`` override them; the offline assets' Hub
+ids, and the aliases ``smollm2`` / ``all-minilm-l6-v2``, load from their local copies). Rows without a gold passage
+get the encoder's top-k passages from ``--corpus``.
 
 Every row of the table reads the same test questions:
 
@@ -504,7 +505,7 @@ def add_retrieved_passages(rows: list[dict], encoder, corpus: Sequence[str], k: 
 
 # ---- command line ------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m peft_ctx.eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m peft_ctx.harness.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="saved peft_ctx adapter: a folder or a Hub repo id")
     parser.add_argument("--data", required=True, help="cpkc, bigbench:TASK, a JSON/JSONL file, or a Hub dataset id")
     parser.add_argument("--base_model", default=None, help="base model (default: the one the adapter names)")

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+from transformers import DynamicCache, StaticCache
 
 CACHES = ("static", "dynamic")
 
@@ -44,7 +46,6 @@ def _base_lm(model) -> nn.Module:
 
 
 def _make_cache(kind: str, config, max_len: int):
-    from transformers import DynamicCache, StaticCache
 
     if kind == "static":
         return StaticCache(config=config, max_cache_len=max_len)
@@ -170,7 +171,6 @@ def quantize_linear(
     (small, and some of them train). The input embedding stays as it is (a lookup reads a few rows); the output head
     gets its own copy when ``include_lm_head`` (a fifth of SmolLM2's weights, read for every token). CPU, inference.
     """
-    from torch.ao.quantization import float16_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfigs = {torch.float16: float16_dynamic_qconfig, torch.qint8: per_channel_dynamic_qconfig}
     if dtype not in qconfigs:

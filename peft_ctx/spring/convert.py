@@ -11,12 +11,15 @@ The release is one ``[N, d]`` tensor of virtual-token embeddings per base model.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoints import load_tensor_file
+from ..convert import main as convert_main
 from .config import SpringConfig
 
 # The official release is for Llama-2 and Mistral models, whose input embedding lives here.
@@ -97,7 +100,6 @@ def _read_tokens(source: str) -> torch.Tensor:
 
 def _embedding_of(base_model_name_or_path: str) -> tuple[str, int]:
     """The input embedding's module path and hidden size, from the base model's config (no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         model_config = AutoConfig.from_pretrained(base_model_name_or_path)
@@ -114,9 +116,6 @@ def _embedding_of(base_model_name_or_path: str) -> tuple[str, int]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import sys
-
-    from ..convert import main as convert_main
 
     convert_main(["spring", *(sys.argv[1:] if argv is None else argv)])
 

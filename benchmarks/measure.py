@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+from datasets import Dataset
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_ctx.harness.fast import _base_lm, greedy_generate
+from peft_ctx.training import ContextSFTConfig, ContextSFTTrainer
 
 
 def _prod(shape) -> int:
@@ -168,8 +170,8 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def make_train_step(model, batch: dict, lr: float = 1e-4) -> Callable[[], float]:
-    """One optimiser step (forward, backward, AdamW) on a fixed batch; returns the loss."""
+def make_train_step(model, batch: dict, loss: Callable, lr: float = 1e-4) -> Callable[[], float]:
+    """One optimiser step (forward, backward, AdamW) on a fixed batch with ``loss(model, batch)``; returns the loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to benchmark a training step with.")
@@ -177,10 +179,31 @@ def make_train_step(model, batch: dict, lr: float = 1e-4) -> Callable[[], float]
     model.train()
 
     def step() -> float:
-        loss = model(**batch).loss
-        loss.backward()
+        value = loss(model, dict(batch))  # a copy: the trainer's loss takes the labels out of its inputs
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(value.detach())
 
     return step
+
+
+def one_stack_loss(model, tokenizer, device: torch.device, output_dir: str) -> Callable:
+    """The loss of peft_ctx's one training stack, ``ContextSFTTrainer.compute_loss`` (answer-span NLL), for ``model``
+    (a peft_ctx adapter or the LoRA baseline alike)."""
+    args = ContextSFTConfig(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = ContextSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"question": "unused"}]),  # the steps get their batches directly
+        data_collator=lambda rows: rows,
+        processing_class=tokenizer,
+    )
+    return trainer.compute_loss

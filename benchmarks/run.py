@@ -21,6 +21,8 @@ import argparse
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -269,18 +271,21 @@ class Bench:
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training(self) -> dict[str, dict]:
-        """Samples/s of one optimiser step per method (fp32), against LoRA SFT on text-RAG prompts (row ``rag``)."""
+        """Samples/s of one optimiser step per method (fp32), against LoRA SFT on text-RAG prompts (row ``rag``); every
+        step computes the one training stack's loss (``ContextSFTTrainer.compute_loss``)."""
         s = self.settings
         questions = self.work.questions[: s.train_batch]
         passages = [self.work.docs_for(i, s.train_docs) for i in range(s.train_batch)]
         answers = [_answer(self.tokenizer, p[0], s.new_tokens) for p in passages]
         steps = {}
+        scratch = tempfile.mkdtemp(prefix="peft_ctx_bench_")  # the trainers' output_dir; nothing is saved there
         for method in tqdm(self.methods, desc="Training set-up", leave=False):
             if method.trains is None:
                 continue
             model = method.trainable(self.env, copy.deepcopy(self.base).requires_grad_(False))
             batch = method.train_inputs(self.env, model, questions, passages, answers)
-            step = measure.make_train_step(model, batch)
+            loss = measure.one_stack_loss(model, self.tokenizer, self.device, scratch)
+            step = measure.make_train_step(model, batch, loss)
             step()  # warm-up (and optimiser state allocation)
             steps[method.name] = (step, model, method)
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -300,6 +305,7 @@ class Bench:
                 "trains": method.trains,
             }
         del steps
+        shutil.rmtree(scratch, ignore_errors=True)
         return out
 
     # ---- everything ---------------------------------------------------------------------------------------------

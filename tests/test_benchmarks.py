@@ -194,3 +194,21 @@ def test_regression_check_passes_an_identical_run_and_fails_a_slower_method(tiny
     path = tmp_path / "new.json"
     path.write_text(json.dumps(slower))
     assert check.main([str(path), "--baseline", paths["json"]]) == 1
+
+
+def test_benchmark_training_steps_compute_the_one_training_stacks_loss(tokenizer, tmp_path):
+    from benchmarks import measure
+
+    model = xrag_model("llama", tokenizer).train()
+    vectors = [torch.randn(1, RETRIEVER_DIM), torch.randn(2, RETRIEVER_DIM)]
+    batch = peft_ctx.prepare_inputs(
+        model, tokenizer, ["Who?", "Where is it?"], vectors, answers=["Ada", "On the cliff"], padding_side="right"
+    )
+    loss = measure.one_stack_loss(model, tokenizer, torch.device("cpu"), str(tmp_path))
+    with torch.no_grad():
+        ours = loss(model, dict(batch))  # answer-span logits only
+        reference = model(**batch).loss  # transformers' causal-LM loss over every labelled token
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    step = measure.make_train_step(model, batch, loss, lr=1e-2)
+    first = step()
+    assert step() < first  # the same batch again: the step trained the projector

@@ -271,6 +271,48 @@ def test_the_demo_takes_any_model_encoder_data_and_corpus_and_retrieves_missing_
     assert saved["retriever_name_or_path"] == encoder.name_or_path
 
 
+def test_data_without_choices_gets_generation_metrics_and_controls(tiny_context, tmp_path, monkeypatch):
+    def without_choices(profile, output_dir, sources=None):
+        ctx = tiny_context(profile, output_dir, sources)
+        for row in ctx.train_rows + ctx.test_rows:
+            row["choices"], row["label"] = [], -1
+        return ctx
+
+    monkeypatch.setattr(demo, "load_context", without_choices)
+    payload = demo.run(tiny_profile(), str(tmp_path / "out"), methods=["xrag"])
+    assert [r["choice_accuracy"] for r in payload["rows"]] == [None, None, None]
+    (control,) = payload["controls"]
+    assert control["choice_accuracy"] is None and 0.0 <= control["accuracy"] <= 1.0 and control["n_generate"] == 4
+    assert payload["complete"] and payload["failed"] == {}
+
+
+def test_a_late_failure_keeps_what_was_measured(tiny_context, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "load_context", tiny_context)
+    evaluate = harness.evaluate
+
+    def failing_for_adapters(model, tokenizer, runners, rows, settings):
+        if any(isinstance(r, harness.AdapterRunner) for r in runners):
+            raise RuntimeError("the machine ran out of patience")
+        return evaluate(model, tokenizer, runners, rows, settings)
+
+    monkeypatch.setattr(harness, "evaluate", failing_for_adapters)
+    out = tmp_path / "out"
+    demo.run(tiny_profile(), str(out), methods=["xrag", "spring"])
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["no_retrieval", "rag"]  # the baselines were kept
+    assert set(saved["failed"]) == {"xrag", "spring"} and "out of patience" in saved["failed"]["xrag"]
+
+    def dying_in_the_control(*args, **kwargs):
+        raise KeyboardInterrupt  # the run itself dies (not a method failing)
+
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    monkeypatch.setattr(demo, "_wrong_passage_control", dying_in_the_control)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(tiny_profile(), str(out), methods=["xrag"])
+    saved = json.loads((out / "results.json").read_text())
+    assert not saved["complete"] and [r["method"] for r in saved["rows"]] == ["no_retrieval", "rag", "xrag"]
+
+
 def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -289,7 +289,48 @@ def run(
         settings,
     )
     by_name = {r["method"]: r for r in results}
-    controls = []
+    controls: list[dict] = []
+
+    def payload(complete: bool) -> dict:
+        harness.add_speedups(results)
+        return {
+            "profile": profile.name,
+            "profile_overrides": list(overrides or []),
+            "methods": [entry.name for _, entry in entries],
+            "task": f"{_task_name(sources)} (test split, seed {profile.seed})",
+            "sources": dataclasses.asdict(sources),
+            "complete": complete,  # False while rows are still being evaluated (or after a crash)
+            "wall_time_s": round(time.perf_counter() - wall_start, 1),
+            "rows": harness.json_rows(results),
+            "controls": harness.json_rows(controls),
+            "failed": failures,
+            "settings": {
+                "profile": dataclasses.asdict(profile),
+                "eval": dataclasses.asdict(settings),
+                "choice_accuracy": "share of test questions whose in-context answer has the higher length-normalised "
+                "log-likelihood among BIG-bench target_scores candidates",
+                "accuracy": "reference answer contained in a greedy generation",
+                "timing": f"median over single questions, batch 1, fixed number of new tokens, "
+                f"{torch.get_num_threads()} CPU threads",
+            },
+            "assets": assets.licences(),
+            **harness.environment(),
+        }
+
+    def write(complete: bool = False) -> dict:
+        # After every row: a run that dies later keeps what it measured.
+        data = payload(complete)
+        targets = [os.path.join(output_dir, "results.json")] + ([results_path] if results_path else [])
+        for path in targets:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(data, f, indent=2)
+            os.replace(f"{path}.tmp", path)
+        with open(os.path.join(output_dir, "results.md"), "w") as f:
+            f.write(harness.markdown_table(results) + "\n")
+        return data
+
+    write()
     for name, (method, entry, reports, folder) in trained.items():
         model = PeftModel.from_pretrained(ctx.base_model(), folder, adapter_name=name).eval()
         runner = harness.AdapterRunner(
@@ -301,56 +342,36 @@ def run(
         )
         try:
             result = harness.evaluate(model, ctx.tokenizer, [runner], ctx.test_rows, settings)[0]
+            result["training"] = [dataclasses.asdict(r) for r in reports]
+            results.append(result)
+            by_name[name] = result
+            write()
+            if profile.controls and entry.control:
+                controls.append(_wrong_passage_control(model, ctx, runner, settings))
+                write()
+            _card(model, entry, reports, by_name, ctx, sources)
         except Exception as exc:
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
                 raise
             failures[name] = f"evaluation: {type(exc).__name__}: {exc}"
             print(f"!! {entry.label} evaluation failed: {failures[name]}", flush=True)
-            continue
-        result["training"] = [dataclasses.asdict(r) for r in reports]
-        results.append(result)
-        by_name[name] = result
-        if profile.controls and entry.control:
-            controls.append(_wrong_passage_control(model, ctx, runner, settings))
-        _card(model, entry, reports, by_name, ctx, sources)
+            write()
         del model
-    harness.add_speedups(results)
 
     wall = time.perf_counter() - wall_start
     table = harness.markdown_table(results)
     _step(f"Results ({profile.name} profile, {len(ctx.test_rows)} test questions, wall time {wall / 60:.1f} min)")
     print(table)
     for control in controls:
-        print(f"control: {control['label']}: choice accuracy {100 * control['choice_accuracy']:.1f}%")
+        scores = ", ".join(
+            f"{title} {100 * control[key]:.1f}%"
+            for title, key in (("choice accuracy", "choice_accuracy"), ("accuracy", "accuracy"))
+            if control.get(key) is not None
+        )
+        print(f"control: {control['label']}: {scores}")
     for name, message in failures.items():
         print(f"failed: {name}: {message}")
-
-    payload = {
-        "profile": profile.name,
-        "profile_overrides": list(overrides or []),
-        "methods": [entry.name for _, entry in entries],
-        "task": f"{_task_name(sources)} (test split, seed {profile.seed})",
-        "sources": dataclasses.asdict(sources),
-        "wall_time_s": round(wall, 1),
-        "rows": harness.json_rows(results),
-        "controls": harness.json_rows(controls),
-        "failed": failures,
-        "settings": {
-            "profile": dataclasses.asdict(profile),
-            "eval": dataclasses.asdict(settings),
-            "choice_accuracy": "share of test questions whose in-context answer has the higher length-normalised "
-            "log-likelihood among BIG-bench target_scores candidates",
-            "accuracy": "reference answer contained in a greedy generation",
-            "timing": f"median over single questions, batch 1, fixed number of new tokens, "
-            f"{torch.get_num_threads()} CPU threads",
-        },
-        "assets": assets.licences(),
-        **harness.environment(),
-    }
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(payload, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    result_payload = write(complete=True)
     png = harness.plot(
         results,
         os.path.join(output_dir, "accuracy_vs_prompt_tokens.png"),
@@ -358,29 +379,38 @@ def run(
     )
     print(f"\nwrote {os.path.join(output_dir, 'results.json')}, {png}; adapters in {output_dir}/adapters")
     if results_path:
-        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-        with open(results_path, "w") as f:
-            json.dump(payload, f, indent=2)
         print(f"wrote {results_path}")
-    return payload
+    return result_payload
 
 
 def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunner, settings) -> dict:
     """The adapter given the NEXT test question's passage: a score this high without the right passage is a shortcut
-    (the data always swaps the answer, so "not the remembered answer" is learnable without reading anything)."""
+    (the data always swaps the answer, so "not the remembered answer" is learnable without reading anything).
+    Choice accuracy where the data lists candidates; generation accuracy where it does not."""
     rows = ctx.test_rows
     shifted = [
         dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-shifted") for i, r in enumerate(rows)
     ]
-    with_choices = [r for r in shifted if len(r["choices"]) >= 2]
-    runner.precompute(model, ctx.tokenizer, with_choices)
-    scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
-    return {
+    result = {
         "method": f"{runner.name}_wrong_passage",
         "label": f"{runner.label} reading another question's passage (control)",
-        "choice_accuracy": harness.metrics.choice_accuracy(scores, [r["label"] for r in with_choices]),
-        "n_test": len(with_choices),
+        "n_test": len(shifted),
+        "choice_accuracy": None,
     }
+    runner.precompute(model, ctx.tokenizer, shifted)
+    with_choices = [r for r in shifted if len(r["choices"]) >= 2]
+    if with_choices:
+        scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
+        result["choice_accuracy"] = harness.metrics.choice_accuracy(scores, [r["label"] for r in with_choices])
+        result["n_choice"] = len(with_choices)
+    else:
+        generated = shifted[: settings.n_generate] if settings.n_generate else shifted
+        predictions = harness.generate_answers(
+            model, ctx.tokenizer, runner, generated, settings.max_new_tokens, settings.batch_size
+        )
+        result.update(harness.metrics.generation_scores(predictions, [r["answers"] for r in generated]))
+        result["n_generate"] = len(generated)
+    return result
 
 
 def auto_threads() -> int:

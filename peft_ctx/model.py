@@ -111,7 +111,9 @@ class ContextModel(BaseTuner):
         if config.inference_mode:
             for param in self._adapter_parameters(adapter_name):
                 param.requires_grad_(False)
-        self._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # Every weight set of the adapter, companions included: AdamW on bf16 weights drops small updates.
+        for name in (adapter_name, *self._companions(adapter_name)):
+            self._cast_adapter_dtype(adapter_name=name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # ---- companions: extra weight sets of one adapter (a separate compressor LoRA) --------------------------------
     def _companions(self, adapter_name: str) -> list[str]:

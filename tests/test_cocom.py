@@ -768,3 +768,16 @@ def test_readme_cocom_example_runs_as_written(tokenizer, encoder_dir, tmp_path, 
     assert namespace["model"].merged_lora_adapters() == []
     assert len(namespace["index"]) == 3 and os.path.isfile(tmp_path / "cocom-index.safetensors")
     assert namespace["light_model"].active_peft_config.compressor_config["model_type"] == "bert"
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_every_trainable_weight_set_is_fp32_on_a_bf16_base(tokenizer, separate):
+    base = tiny_model("llama", tokenizer).to(torch.bfloat16)
+    config = CocomConfig(compression_rate=RATE, max_passage_tokens=MAX_TOKENS, separate_compressor_adapter=separate)
+    model = get_peft_model(base, config)
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any("__compressor" in name for name in trainable) == separate  # the companion LoRA trains too
+    assert trainable and set(trainable.values()) == {torch.float32}, {
+        n: d for n, d in trainable.items() if d != torch.float32
+    }
+    assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16  # the base stays as loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -226,6 +227,7 @@ def decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
 SHARED_OPTIONS = ("encoder", "encode_batch_size")
 
 
+@functools.cache
 def generation_names() -> frozenset[str]:
     """The keyword arguments ``model.generate`` takes: every ``GenerationConfig`` field and generate's own parameters
     (``generation_config``, ``streamer``, ``logits_processor`` ...)."""

@@ -209,6 +209,12 @@ class ContextMethod:
         the base weights), for the duration of the ``with`` block; the context manager yields the model."""
         return contextlib.nullcontext(model)
 
+    def diagnostics(self, model, tokenizer, passages: list[str], encoder=None) -> Optional[dict[str, float]]:
+        """Whether the active adapter carries the passages' content, measured on held-out passages (two or more), each
+        measure beside its control (``..._wrong_passage``: another passage's compressed form); None for a method that
+        compresses nothing (SPRING reads the passages as text)."""
+        return None
+
     def demo_entries(self) -> tuple[Entry, ...]:
         """Rows of ``make demo`` / ``make reproduce`` (trained with ``train``)."""
         return ()

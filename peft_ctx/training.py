@@ -372,6 +372,29 @@ def save_adapter(model, output_dir: str, overwrite: bool = False, **kwargs) -> s
     return output_dir
 
 
+def answer_logits(model, inputs: dict, labels: torch.Tensor, answer_span_only: bool = True):
+    """The model's outputs on ``inputs`` and the logits that predict each answer token (``labels`` not
+    ``IGNORE_INDEX``), with those tokens; ``answer_span_only`` computes the vocabulary projection from the first
+    answer position on.  # outputs, [n_answer_tokens, vocab], [n_answer_tokens]"""
+    kwargs = {"logits_to_keep": labels.shape[1] - _first_label(labels) + 1} if answer_span_only else {}
+    outputs = model(**inputs, use_cache=False, **kwargs)
+    logits = outputs.logits[:, :-1]  # predicts the label after each kept position
+    targets = labels[:, labels.shape[1] - logits.shape[1] :]
+    mask = targets != IGNORE_INDEX
+    return outputs, logits[mask].float(), targets[mask]
+
+
+@torch.no_grad()
+def answer_scores(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean NLL (nats per answer token) and greedy token accuracy of a labelled batch (``labels`` in ``batch``),
+    what the content diagnostics report."""
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    _, logits, targets = answer_logits(model, inputs, labels)
+    nll = F.cross_entropy(logits, targets).item()
+    return {"nll": nll, "token_accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+
+
 class ContextSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` for peft_ctx adapters: answer NLL plus optional self-distillation from text RAG.
 
@@ -439,17 +462,8 @@ class ContextSFTTrainer(SFTTrainer):
             kwargs["commit_message"] = commit_message
         return push_after_training(self, self.hub_settings, **kwargs)
 
-    def _answer_logits(self, model, inputs: dict, labels: torch.Tensor, **kwargs):
-        """The model's outputs and the logits that predict each answer token, with those tokens.
-        # [n_answer_tokens, vocab], [n_answer_tokens]"""
-        keep = labels.shape[1] - _first_label(labels) + 1 if self.args.answer_logits_only else 0
-        if keep:
-            kwargs["logits_to_keep"] = keep
-        outputs = model(**inputs, use_cache=False, **kwargs)
-        logits = outputs.logits[:, :-1]  # predicts the label after each kept position
-        targets = labels[:, labels.shape[1] - logits.shape[1] :]
-        mask = targets != IGNORE_INDEX
-        return outputs, logits[mask].float(), targets[mask]
+    def _answer_logits(self, model, inputs: dict, labels: torch.Tensor):
+        return answer_logits(model, inputs, labels, answer_span_only=self.args.answer_logits_only)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

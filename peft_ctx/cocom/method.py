@@ -30,7 +30,7 @@ from ..prompting import Slots
 from .compressed import CompressedPassage, check_passage, compress
 from .config import COMPRESSOR_ROLE, CocomConfig
 from .modules import CocomLightCompressor, CocomTokens
-from .recipe import STAGES
+from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
 
 # Options that prepare_inputs / generate / the collators may pass; COCOM reads passages itself and takes no encoder.
@@ -337,6 +337,9 @@ class CocomMethod(ContextMethod):
 
     def train(self, model, tokenizer, data, stages, work_dir, seed=0):
         return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+
+    def diagnostics(self, model, tokenizer, passages, encoder=None):
+        return diagnostics(model, tokenizer, passages)
 
     def demo_entries(self):
         return (_entry("cocom_xi4", 4), _entry("cocom_xi16", 16), _entry("cocom_light", 4, light=True))

@@ -19,12 +19,12 @@ import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
-from ..inference import with_resources
+from ..inference import collate, with_resources
 from ..methods import get_method
-from ..prompting import IGNORE_INDEX, tokenize_parts
-from ..training import ContextDataCollator, StageReport, cut_passage, train_qa, train_stage
+from ..prompting import IGNORE_INDEX, Example, pad_examples, pad_token_id, position_ids, tokenize_parts
+from ..training import ContextDataCollator, StageReport, answer_scores, cut_passage, train_qa, train_stage
 from .config import CocomConfig
 
 TASKS = ("autoencode", "continuation")
@@ -66,8 +66,9 @@ class CocomPretrainingCollator(ContextDataCollator):
             for row in rows
         ]
 
-    def example(self, text: str, task: str):
-        """One tokenised example: the compressed part as context slots, the target as labels."""
+    def example(self, text: str, task: str, context_text: Optional[str] = None):
+        """One tokenised example: the compressed part as context slots, the target as labels. ``context_text``
+        (auto-encoding only) compresses another passage than the one to write back: the diagnostics' control."""
         if task not in TASKS:
             raise ValueError(f"task={task!r}; use one of {', '.join(TASKS)}.")
         if not isinstance(text, str) or not text.strip():
@@ -78,6 +79,10 @@ class CocomPretrainingCollator(ContextDataCollator):
         if task == "autoencode":
             cut = min(len(ids), self.config.max_passage_tokens, self.max_target_tokens)
             context, target = ids[:cut], ids[:cut]
+            if context_text is not None:
+                context = self.tokenizer(context_text, add_special_tokens=False).input_ids[
+                    : self.config.max_passage_tokens
+                ]
             if self.tokenizer.eos_token_id is not None:
                 target = target + [self.tokenizer.eos_token_id]
         else:
@@ -143,3 +148,42 @@ def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed
     if "qa" in stages:
         reports += train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, "COCOM (QA)", seed=seed)
     return reports
+
+
+def diagnostics(model, tokenizer, passages: list[str], batch_size: int = 8, max_tokens: int = 64) -> dict[str, float]:
+    """Auto-encoding NLL and greedy token accuracy on the first ``max_tokens`` tokens of each passage, written back
+    from its own context embeddings, against another passage's (the next one in the list) and against the base LM
+    with no context at all (the adapter disabled, one start token as the prompt)."""
+    if len(passages) < 2:
+        raise ValueError(
+            f"The diagnostics need two or more passages (each is another's control), got {len(passages)}."
+        )
+    batches = CocomPretrainingCollator(
+        model.active_peft_config, tokenizer, max_target_tokens=max_tokens, padding_side="left", model=model
+    )
+    start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_token_id(tokenizer)]
+    out: dict[str, float] = {}
+    for suffix in ("", "_wrong_passage", "_no_context"):
+        scores = []
+        for first in range(0, len(passages), batch_size):
+            indices = range(first, min(first + batch_size, len(passages)))
+            if suffix == "_no_context":
+                examples = []
+                for i in indices:
+                    target = batches.example(passages[i], "autoencode").labels
+                    target = [t for t in target if t != IGNORE_INDEX]
+                    examples.append(Example(start + target, [False] * (1 + len(target)), [IGNORE_INDEX] + target))
+                batch = pad_examples(examples, pad_token_id(tokenizer))
+                batch.pop("context_mask")
+                batch["position_ids"] = position_ids(batch["attention_mask"])
+                with model.disable_adapter():
+                    scores.append(answer_scores(model, batch))
+                continue
+            context = (lambda i: None) if not suffix else (lambda i: passages[(i + 1) % len(passages)])
+            examples = [batches.example(passages[i], "autoencode", context_text=context(i)) for i in indices]
+            batch = collate(batches.config, examples, tokenizer, padding_side="left")
+            batch["position_ids"] = position_ids(batch["attention_mask"])
+            scores.append(answer_scores(model, batch))
+        for name in ("nll", "token_accuracy"):
+            out[f"autoencode_{name}{suffix}"] = sum(s[name] for s in scores) / len(scores)
+    return out

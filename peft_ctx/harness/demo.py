@@ -60,6 +60,7 @@ class Profile:
     timing_examples: int
     max_context_chars: int
     controls: bool = True  # also score entries with Entry.control reading another question's passage
+    diagnostic_passages: int = 16  # held-out test passages for the content diagnostics (ContextMethod.diagnostics)
     seed: int = 0
     stages: dict[str, dict[str, StageSettings]] = field(default_factory=dict)
 
@@ -275,7 +276,10 @@ def run(
 
     _step(f"Evaluating on {len(ctx.test_rows)} held-out test questions")
     settings = harness.EvalSettings(
-        n_test=len(ctx.test_rows), n_generate=profile.n_generate, timing_examples=profile.timing_examples
+        n_test=len(ctx.test_rows),
+        n_generate=profile.n_generate,
+        timing_examples=profile.timing_examples,
+        diagnostic_passages=profile.diagnostic_passages,
     )
     base = ctx.base_model().eval()
     results = harness.evaluate(
@@ -369,6 +373,10 @@ def run(
             if control.get(key) is not None
         )
         print(f"control: {control['label']}: {scores}")
+    for result in results:
+        if result.get("diagnostics"):
+            shown = ", ".join(f"{key} {value:.3f}" for key, value in result["diagnostics"].items())
+            print(f"diagnostics ({profile.diagnostic_passages} held-out passages): {result['label']}: {shown}")
     for name, message in failures.items():
         print(f"failed: {name}: {message}")
     result_payload = write(complete=True)

@@ -81,6 +81,8 @@ class EvalSettings:
     batch_size: int = 8
     timing_examples: int = 10
     timing_new_tokens: int = 12
+    # Held-out passages (the test rows' first ones) for the content diagnostics (ContextMethod.diagnostics); 0: none.
+    diagnostic_passages: int = 0
     show_progress: bool = True
 
     def __post_init__(self):
@@ -89,6 +91,11 @@ class EvalSettings:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.timing_examples < 0:
             raise ValueError(f"timing_examples={self.timing_examples} must be >= 0.")
+        if self.diagnostic_passages == 1 or self.diagnostic_passages < 0:
+            raise ValueError(
+                f"diagnostic_passages={self.diagnostic_passages}: give 0 (none) or 2 or more (each passage is "
+                "another's control)."
+            )
 
 
 # ---- runners: how one row of the table turns questions into model inputs -----------------------------------------
@@ -329,11 +336,27 @@ def evaluate_runner(model, tokenizer, runner: Runner, rows: Sequence[dict], sett
     if not rows:
         raise ValueError("No test rows to evaluate.")
     serving = contextlib.nullcontext()
+    diagnostics = None
     if isinstance(runner, AdapterRunner):
+        if settings.diagnostic_passages:
+            diagnostics = content_diagnostics(model, tokenizer, runner, rows, settings.diagnostic_passages)
         runner.precompute(model, tokenizer, rows)
         serving = runner.serving(model)
     with serving:
-        return _evaluate_prepared(model, tokenizer, runner, rows, settings)
+        result = _evaluate_prepared(model, tokenizer, runner, rows, settings)
+    if diagnostics is not None:
+        result["diagnostics"] = diagnostics
+    return result
+
+
+def content_diagnostics(model, tokenizer, runner: AdapterRunner, rows: Sequence[dict], n: int) -> Optional[dict]:
+    """The method's content diagnostics (``ContextMethod.diagnostics``) on the first passage of up to ``n`` distinct
+    test rows (held out from training), with the adapter as trained (before it is served merged)."""
+    passages = list(dict.fromkeys(r["contexts"][0] for r in rows if r["contexts"]))[:n]
+    if len(passages) < 2:
+        return None
+    with runner.activate(model):
+        return runner.method(model).diagnostics(model, tokenizer, passages, encoder=runner.encoder)
 
 
 def _evaluate_prepared(model, tokenizer, runner: Runner, rows: list[dict], settings: EvalSettings) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ..vectors import save_vectors
 from .config import XRAGConfig
 from .convert import convert_official_xrag
 from .modules import XRAGProjector
-from .recipe import STAGES
+from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
 
 # The demo's training per profile (StageSettings fields by stage): stage 1 on short Wikipedia passages, stage 2 with
@@ -131,6 +131,11 @@ class XRAGMethod(ContextMethod):
 
     def train(self, model, tokenizer, data, stages, work_dir, seed=0):
         return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+
+    def diagnostics(self, model, tokenizer, passages, encoder=None):
+        if encoder is None:
+            raise ValueError("xRAG's diagnostics encode the passages: pass encoder=peft_ctx.Encoder(...).")
+        return diagnostics(model, tokenizer, passages, encoder)
 
     def demo_entries(self):
         return (Entry("xrag", "xRAG (1 token)", _config, stages=_DEMO_STAGES, control=True),)

@@ -338,6 +338,7 @@ def test_threads_drop_to_one_when_the_cores_are_busy(monkeypatch):
 
 # ---- the real thing ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole demo: 12-17 minutes on 2 cores, more than the suite's per-test limit
 def test_make_demo_runs_end_to_end_on_the_offline_assets(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(

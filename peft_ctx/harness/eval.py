@@ -567,6 +567,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     config = PeftConfig.from_pretrained(args.adapter)
     base_name = args.base_model or config.base_model_name_or_path
+    if not base_name:
+        parser.error(f"The adapter config of {args.adapter} names no base model; pass --base_model.")
     base_path = resolve(base_name)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

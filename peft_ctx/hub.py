@@ -397,7 +397,8 @@ def make_card(
     # A method without a template of its own gets the shared layout with its title.
     template = Path(method.card_template or "_base.md.j2")
     # A method outside peft_ctx keeps its template next to its code (an absolute path); it still extends _base.md.j2.
-    search = [str(directory)] + ([str(template.parent)] if template.is_absolute() else [])
+    # Its own folder first, so that a template named like one of ours is still its own.
+    search = ([str(template.parent)] if template.is_absolute() else []) + [str(directory)]
     template_name = template.name
     if not any((Path(folder) / template_name).is_file() for folder in search):
         raise ValueError(

@@ -262,16 +262,13 @@ def teacher_topk(
         batch = collate(config, examples, tokenizer, padding_side="left", device=device)
         labels = batch.pop("labels")
         batch.pop("context_mask", None)
-        keep_from = int(_first_label(labels))
         batch["position_ids"] = position_ids(batch["attention_mask"])
         with disable() if disable is not None else contextlib.nullcontext():
-            logits = model(**batch, use_cache=False, logits_to_keep=labels.shape[1] - keep_from + 1).logits
-        labels = labels[:, labels.shape[1] - logits.shape[1] :]
-        log_probs = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-        top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
-        mask = labels[:, 1:] != IGNORE_INDEX  # positions whose logits predict an answer token
-        for row in range(labels.shape[0]):
-            out.append((top.indices[row][mask[row]].tolist(), top.values[row][mask[row]].tolist()))
+            _, logits, _ = answer_logits(model, batch, labels)  # [n_answer_tokens, vocab], row by row
+        top = F.log_softmax(logits / temperature, dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+        counts = (labels != IGNORE_INDEX).sum(-1).tolist()
+        for ids, values in zip(top.indices.split(counts), top.values.split(counts)):
+            out.append((ids.tolist(), values.tolist()))
         bar.update(labels.shape[0])
     bar.close()
     return out

@@ -133,17 +133,18 @@ class ContextDataCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         self._rng = self._batch_rng(rows)
+        batch = self.pad(self.examples(rows))
+        if self.distill:
+            batch.update(self._teacher(rows))
+        return batch
+
+    def pad(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """Examples padded into a batch on this collator's side (left also gets ``position_ids``)."""
         batch = collate(
-            self.config,
-            self.examples(rows),
-            self.tokenizer,
-            padding_side=self.padding_side,
-            max_length=self.max_length,
+            self.config, examples, self.tokenizer, padding_side=self.padding_side, max_length=self.max_length
         )
         if self.padding_side == "left":
             batch["position_ids"] = position_ids(batch["attention_mask"])
-        if self.distill:
-            batch.update(self._teacher(rows))
         return batch
 
     def _teacher(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -379,6 +380,21 @@ def answer_logits(model, inputs: dict, labels: torch.Tensor, answer_span_only: b
     targets = labels[:, labels.shape[1] - logits.shape[1] :]
     mask = targets != IGNORE_INDEX
     return outputs, logits[mask].float(), targets[mask]
+
+
+def mean_answer_scores(model, batches) -> dict[str, float]:
+    """``answer_scores`` averaged over batches (each batch counts once), what the content diagnostics report."""
+    scores = [answer_scores(model, batch) for batch in batches]
+    if not scores:
+        raise ValueError("No batches to score; the content diagnostics need two or more passages.")
+    return {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
+
+
+def check_diagnostic_passages(passages) -> None:
+    if len(passages) < 2:
+        raise ValueError(
+            f"The diagnostics need two or more passages (each is another's control), got {len(passages)}."
+        )
 
 
 @torch.no_grad()

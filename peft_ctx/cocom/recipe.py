@@ -21,10 +21,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from ..inference import collate, with_resources
+from ..inference import with_resources
 from ..methods import get_method
-from ..prompting import IGNORE_INDEX, Example, pad_examples, pad_token_id, position_ids, tokenize_parts
-from ..training import ContextDataCollator, StageReport, answer_scores, cut_passage, train_qa, train_stage
+from ..prompting import IGNORE_INDEX, Example, pad_token_id, tokenize_parts
+from ..training import (
+    ContextDataCollator,
+    StageReport,
+    check_diagnostic_passages,
+    cut_passage,
+    mean_answer_scores,
+    train_qa,
+    train_stage,
+)
 from .config import CocomConfig
 
 TASKS = ("autoencode", "continuation")
@@ -154,36 +162,31 @@ def diagnostics(model, tokenizer, passages: list[str], batch_size: int = 8, max_
     """Auto-encoding NLL and greedy token accuracy on the first ``max_tokens`` tokens of each passage, written back
     from its own context embeddings, against another passage's (the next one in the list) and against the base LM
     with no context at all (the adapter disabled, one start token as the prompt)."""
-    if len(passages) < 2:
-        raise ValueError(
-            f"The diagnostics need two or more passages (each is another's control), got {len(passages)}."
-        )
+    check_diagnostic_passages(passages)
     batches = CocomPretrainingCollator(
         model.active_peft_config, tokenizer, max_target_tokens=max_tokens, padding_side="left", model=model
     )
     start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_token_id(tokenizer)]
+
+    def own(i: int):
+        return batches.example(passages[i], "autoencode")
+
+    def wrong(i: int):
+        return batches.example(passages[i], "autoencode", context_text=passages[(i + 1) % len(passages)])
+
+    def no_context(i: int):
+        target = [t for t in own(i).labels if t != IGNORE_INDEX]
+        return Example(start + target, [False] * (1 + len(target)), [IGNORE_INDEX] + target)
+
+    def scored(make) -> dict[str, float]:
+        chunks = [
+            range(first, min(first + batch_size, len(passages))) for first in range(0, len(passages), batch_size)
+        ]
+        return mean_answer_scores(model, (batches.pad([make(i) for i in chunk]) for chunk in chunks))
+
     out: dict[str, float] = {}
-    for suffix in ("", "_wrong_passage", "_no_context"):
-        scores = []
-        for first in range(0, len(passages), batch_size):
-            indices = range(first, min(first + batch_size, len(passages)))
-            if suffix == "_no_context":
-                examples = []
-                for i in indices:
-                    target = batches.example(passages[i], "autoencode").labels
-                    target = [t for t in target if t != IGNORE_INDEX]
-                    examples.append(Example(start + target, [False] * (1 + len(target)), [IGNORE_INDEX] + target))
-                batch = pad_examples(examples, pad_token_id(tokenizer))
-                batch.pop("context_mask")
-                batch["position_ids"] = position_ids(batch["attention_mask"])
-                with model.disable_adapter():
-                    scores.append(answer_scores(model, batch))
-                continue
-            context = (lambda i: None) if not suffix else (lambda i: passages[(i + 1) % len(passages)])
-            examples = [batches.example(passages[i], "autoencode", context_text=context(i)) for i in indices]
-            batch = collate(batches.config, examples, tokenizer, padding_side="left")
-            batch["position_ids"] = position_ids(batch["attention_mask"])
-            scores.append(answer_scores(model, batch))
-        for name in ("nll", "token_accuracy"):
-            out[f"autoencode_{name}{suffix}"] = sum(s[name] for s in scores) / len(scores)
+    for suffix, make in (("", own), ("_wrong_passage", wrong)):
+        out.update({f"autoencode_{name}{suffix}": value for name, value in scored(make).items()})
+    with model.disable_adapter():
+        out.update({f"autoencode_{name}_no_context": value for name, value in scored(no_context).items()})
     return out

@@ -15,7 +15,14 @@ from typing import Any, Union
 
 from datasets import Dataset
 
-from ..training import ContextDataCollator, StageReport, answer_scores, cut_passage, train_stage
+from ..training import (
+    ContextDataCollator,
+    StageReport,
+    check_diagnostic_passages,
+    cut_passage,
+    mean_answer_scores,
+    train_stage,
+)
 
 STAGES = ("paraphrase", "instruct")
 VECTORS = "retrieval_embeds"
@@ -107,16 +114,14 @@ def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed
 def diagnostics(model, tokenizer, passages: list[str], encoder, batch_size: int = 8) -> dict[str, float]:
     """Paraphrase NLL and token accuracy of each passage's text from its own vector, against another passage's vector
     (the next one in the list): the gap is what the projector carries of the passage."""
-    if len(passages) < 2:
-        raise ValueError(
-            f"The diagnostics need two or more passages (each is another's control), got {len(passages)}."
-        )
+    check_diagnostic_passages(passages)
     vectors = encoder.encode(list(passages), show_progress=False).tolist()
     batches = collator(model.active_peft_config, tokenizer, "paraphrase", padding_side="left", model=model)
     out: dict[str, float] = {}
     for suffix, shift in (("", 0), ("_wrong_passage", 1)):
         rows = [{"text": t, VECTORS: [vectors[(i + shift) % len(passages)]]} for i, t in enumerate(passages)]
-        scores = [answer_scores(model, batches(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
-        for name in ("nll", "token_accuracy"):
-            out[f"paraphrase_{name}{suffix}"] = sum(s[name] for s in scores) / len(scores)
+        scores = mean_answer_scores(
+            model, (batches(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
+        )
+        out.update({f"paraphrase_{name}{suffix}": value for name, value in scores.items()})
     return out

@@ -344,7 +344,7 @@ def _metadata_defaults(
     metadata: dict[str, Any] = {
         "library_name": "peft",
         "pipeline_tag": "text-generation",
-        "tags": [*TAGS, config.method],
+        "tags": list(dict.fromkeys([*TAGS, config.method])),
     }
     if base_model:
         metadata.update(base_model=base_model, base_model_relation="adapter")
@@ -386,7 +386,6 @@ def make_card(
     method_title = method.title or method.name
     evaluation, measured = _evaluation(records, method_title)
     metadata = _metadata_defaults(config, base_model, datasets, license)
-    metadata["tags"] = list(dict.fromkeys(metadata["tags"]))
     metadata["peft_ctx"] = {"method": config.method, "version": __version__, "card_sha256": _HASH_PLACEHOLDER}
     model_index = _model_index(records)
     if model_index:

@@ -20,6 +20,7 @@ from .config import ContextConfig
 from .encoders import Encoder
 from .hub import load, push_to_hub
 from .inference import generate, generate_baseline, prepare_inputs
+from .serving import check_export, export_for_serving, prompt_embeds
 from .layer import ContextEmbedding
 from .methods import ContextMethod, get_method, register_method, registered_methods
 from .model import ContextModel
@@ -40,7 +41,9 @@ __all__ = [
     "XRAGConfig",
     "__version__",
     "adapter_size",
+    "check_export",
     "compress",
+    "export_for_serving",
     "generate",
     "generate_baseline",
     "get_method",
@@ -48,6 +51,7 @@ __all__ = [
     "local_copies",
     "load_vectors",
     "prepare_inputs",
+    "prompt_embeds",
     "push_to_hub",
     "register_method",
     "registered_methods",

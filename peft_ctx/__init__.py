@@ -18,12 +18,13 @@ from .cocom import CocomConfig, CompressedIndex, adapter_size, compress
 # isort: split
 from .config import ContextConfig
 from .encoders import Encoder
+from .engines import LlamaCppEngine
 from .hub import load, push_to_hub
 from .inference import generate, generate_baseline, prepare_inputs
-from .serving import check_export, export_for_serving, prompt_embeds
 from .layer import ContextEmbedding
 from .methods import ContextMethod, get_method, register_method, registered_methods
 from .model import ContextModel
+from .serving import check_export, export_for_serving, prompt_embeds
 from .vectors import load_vectors, save_vectors
 from .version import __version__
 
@@ -37,6 +38,7 @@ __all__ = [
     "ContextMethod",
     "ContextModel",
     "Encoder",
+    "LlamaCppEngine",
     "SpringConfig",
     "XRAGConfig",
     "__version__",

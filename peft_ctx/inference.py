@@ -6,6 +6,7 @@ import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -218,9 +219,103 @@ def prepare_inputs(
     )
 
 
+@dataclass
+class ServingPrompt:
+    """One question's prompt as an engine receives it (no padding).
+
+    ``input_ids`` are the prompt's token ids, with a placeholder id at each context slot; ``slot_mask`` marks the
+    slots; ``embeds`` is the whole input-embedding sequence (the token embeddings, the slots filled).
+    ``peft_ctx.prompt_embeds`` returns the ``embeds``; engines feed token runs as tokens and slots as embeddings."""
+
+    input_ids: torch.Tensor  # [seq] long
+    slot_mask: torch.Tensor  # [seq] bool
+    embeds: Optional[torch.Tensor] = None  # [seq, hidden], the base model's dtype; None for a text-only prompt
+
+    def segments(self) -> list[tuple[bool, int, int]]:
+        """Runs of plain tokens and of slots, as ``(is_slot, start, stop)``: what an engine feeds batch by batch."""
+        mask = self.slot_mask.tolist()
+        runs, start = [], 0
+        for i in range(1, len(mask) + 1):
+            if i == len(mask) or mask[i] != mask[start]:
+                runs.append((bool(mask[start]), start, i))
+                start = i
+        return runs
+
+
+@torch.no_grad()
+def serving_prompts(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    contexts: Optional[Sequence] = None,
+    *,
+    encoder=None,
+    **options: Any,
+) -> list[ServingPrompt]:
+    """The prompts of ``peft_ctx.generate`` as an engine receives them: per question its token ids, slot mask and
+    input-embedding sequence (see ``prompt_embeds``)."""
+    layer = model.base_model.context_layer()
+    if layer.disable_adapters:
+        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
+    inputs = prepare_inputs(model, tokenizer, questions, contexts, encoder=encoder, padding_side="left", **options)
+    return batch_prompts(model, inputs)
+
+
+@torch.no_grad()
+def batch_prompts(model, batch: dict[str, torch.Tensor]) -> list[ServingPrompt]:
+    """A padded batch of model inputs (``prepare_inputs`` / ``collate``) as unpadded engine prompts. Prompts without
+    context slots (the baselines) are token ids only; with slots, the embeddings come from the tuner's own forward
+    path: the method's ``before_forward`` (COCOM compresses here), then the wrapped embedding fills the slots, and
+    the decoder never runs."""
+    inputs = dict(batch)
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # [batch, seq]
+    inputs.pop("position_ids", None)
+    inputs.pop("labels", None)
+    slot_mask = inputs.get("context_mask")
+    embeds = None
+    if slot_mask is not None and bool(slot_mask.any()):
+        tuner = model.base_model
+        layer = tuner.context_layer()
+        if layer.disable_adapters:
+            raise ValueError("The prompts have context slots but the adapter is disabled (inside disable_adapter()).")
+        with tuner._context(inputs):
+            embeds = layer(input_ids)  # [batch, seq, hidden]
+    else:
+        slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    prompts = []
+    for i in range(input_ids.shape[0]):
+        keep = attention_mask[i].bool()
+        prompts.append(
+            ServingPrompt(
+                input_ids=input_ids[i][keep].cpu(),
+                slot_mask=slot_mask[i][keep].cpu(),
+                embeds=None if embeds is None else embeds[i][keep].detach(),
+            )
+        )
+    return prompts
+
+
 def decode_new(tokenizer, output: torch.Tensor, prompt_len: int) -> list[str]:
     """The generated continuations of a left-padded batch, as stripped text."""
     return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The end tokens ``model.generate`` stops at: the generation config's and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def engine_answers(
+    engine, model, tokenizer, prompts: list[ServingPrompt], max_new_tokens: int, min_new_tokens: int = 0
+) -> list[str]:
+    """An engine's greedy answers to prompts, decoded as ``decode_new`` decodes the torch path's."""
+    stop = eos_ids(model, tokenizer)
+    outputs = engine.generate_prompts(prompts, max_new_tokens, stop, min_new_tokens=min_new_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 
 # Options every method's prepare_inputs takes.
@@ -280,11 +375,13 @@ def generate_baseline(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     generation_kwargs: Optional[dict[str, Any]] = None,
+    engine=None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """The frozen base model with the documents as text (text RAG) or without documents (contexts=None).
 
     Generation settings (any ``GenerationConfig`` field, ``generation_config=``) pass through to ``model.generate``.
+    ``engine`` (e.g. ``peft_ctx.LlamaCppEngine`` on the base model's GGUF) decodes the same prompts instead.
     """
     config = active_config(model)
     unknown = sorted(set(generate_kwargs) - generation_names())
@@ -292,7 +389,11 @@ def generate_baseline(
         raise ValueError(
             f"Unknown generation option(s) {unknown}; give GenerationConfig fields or generation_config=."
         )
-    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, {**(generation_kwargs or {}), **generate_kwargs})
+    given = {**(generation_kwargs or {}), **generate_kwargs}
+    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, given)
+    if engine is not None:
+        engine.check_settings(given)
+        engine.check_base(model)
     answers: list[str] = []
     with model.disable_adapter():
         for start in range(0, len(questions), batch_size):
@@ -301,6 +402,9 @@ def generate_baseline(
                 config, tokenizer, questions[start:stop], None if contexts is None else contexts[start:stop]
             )
             inputs = collate(config, examples, tokenizer, max_length=context_length(model), device=model_device(model))
+            if engine is not None:
+                answers.extend(engine_answers(engine, model, tokenizer, batch_prompts(model, inputs), max_new_tokens))
+                continue
             output = model.generate(**inputs, **gen_kwargs)
             answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
     return answers
@@ -318,13 +422,15 @@ def generate(
     max_new_tokens: int = 32,
     show_progress: Optional[bool] = None,
     generation_kwargs: Optional[dict[str, Any]] = None,
+    engine=None,
     **options: Any,
 ) -> list[str]:
     """Answer questions from their documents, batched with left padding; returns one string per question.
 
     Keyword arguments are the method's options (SPRING's ``num_virtual_tokens``) or generation settings, which pass
     through to ``model.generate`` as in transformers: any ``GenerationConfig`` field or ``generation_config=``
-    (greedy unless they say otherwise).
+    (greedy unless they say otherwise). ``engine`` (``peft_ctx.LlamaCppEngine`` on the GGUF of this adapter's
+    ``export_for_serving``) decodes the same input embeddings with an inference engine instead of ``model.generate``.
 
     Example::
 
@@ -336,12 +442,27 @@ def generate(
     if contexts is not None and len(contexts) != len(questions):
         raise ValueError(f"Got {len(contexts)} context lists for {len(questions)} questions.")
     options, passed_on = split_generation_kwargs(active_config(model), options)
-    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, {**(generation_kwargs or {}), **passed_on})
+    given = {**(generation_kwargs or {}), **passed_on}
+    gen_kwargs = _generate_settings(tokenizer, max_new_tokens, given)
+    if engine is not None:
+        engine.check_settings(given)
+        engine.check_model(model)
     if show_progress is None:
         show_progress = len(questions) > 4 * batch_size
     answers: list[str] = []
     for start in tqdm(range(0, len(questions), batch_size), desc="Generating", disable=not show_progress):
         stop = start + batch_size
+        if engine is not None:
+            prompts = serving_prompts(
+                model,
+                tokenizer,
+                questions[start:stop],
+                None if contexts is None else contexts[start:stop],
+                encoder=encoder,
+                **options,
+            )
+            answers.extend(engine_answers(engine, model, tokenizer, prompts, max_new_tokens))
+            continue
         inputs = prepare_inputs(
             model,
             tokenizer,

@@ -27,44 +27,32 @@ import json
 import os
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from .inference import active_config, prepare_inputs
+from .inference import ServingPrompt, active_config, serving_prompts
 from .layer import COMPANION_SEP
 from .methods import get_method
 from .version import __version__
+
+__all__ = [
+    "ServingPrompt",
+    "adapter_fingerprint",
+    "check_export",
+    "export_base",
+    "export_for_serving",
+    "prompt_embeds",
+    "read_export",
+    "serving_prompts",
+]
 
 SERVING_FILE = "peft_ctx_serving.json"
 # Config fields that say nothing about the embeddings an adapter builds.
 _NOT_FINGERPRINTED = frozenset({"inference_mode", "base_model_name_or_path", "revision", "peft_version"})
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class ServingPrompt:
-    """One question's prompt as an engine receives it (no padding).
-
-    ``input_ids`` are the prompt's token ids, with a placeholder id at each context slot; ``slot_mask`` marks the
-    slots; ``embeds`` is the whole input-embedding sequence (the token embeddings, the slots filled)."""
-
-    input_ids: torch.Tensor  # [seq] long
-    slot_mask: torch.Tensor  # [seq] bool
-    embeds: torch.Tensor  # [seq, hidden], the base model's dtype
-
-    def segments(self) -> list[tuple[bool, int, int]]:
-        """Runs of plain tokens and of slots, as ``(is_slot, start, stop)``: what an engine feeds batch by batch."""
-        mask = self.slot_mask.tolist()
-        runs, start = [], 0
-        for i in range(1, len(mask) + 1):
-            if i == len(mask) or mask[i] != mask[start]:
-                runs.append((bool(mask[start]), start, i))
-                start = i
-        return runs
 
 
 def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
@@ -92,45 +80,6 @@ def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     cache[adapter_name] = (key, digest.hexdigest())
     return cache[adapter_name][1]
-
-
-@torch.no_grad()
-def serving_prompts(
-    model,
-    tokenizer,
-    questions: Sequence[str],
-    contexts: Optional[Sequence] = None,
-    *,
-    encoder=None,
-    **options: Any,
-) -> list[ServingPrompt]:
-    """The prompts of ``peft_ctx.generate`` as an engine receives them: per question its token ids, slot mask and
-    input-embedding sequence (see ``prompt_embeds``)."""
-    inputs = prepare_inputs(model, tokenizer, questions, contexts, encoder=encoder, padding_side="left", **options)
-    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # [batch, seq]
-    inputs.pop("position_ids", None)
-    tuner = model.base_model
-    layer = tuner.context_layer()
-    if layer.disable_adapters:
-        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
-    slot_mask = inputs.get("context_mask")
-    if slot_mask is None:
-        slot_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    # The tuner's own forward path: the method's before_forward (COCOM compresses here), then the wrapped embedding
-    # fills the slots; the decoder never runs.
-    with tuner._context(dict(inputs)):
-        embeds = layer(input_ids)  # [batch, seq, hidden]
-    prompts = []
-    for i in range(input_ids.shape[0]):
-        keep = attention_mask[i].bool()
-        prompts.append(
-            ServingPrompt(
-                input_ids=input_ids[i][keep].cpu(),
-                slot_mask=slot_mask[i][keep].cpu(),
-                embeds=embeds[i][keep].detach(),
-            )
-        )
-    return prompts
 
 
 def prompt_embeds(
@@ -238,6 +187,37 @@ def export_for_serving(model, out_dir: str, tokenizer=None, *, overwrite: bool =
     return out_dir
 
 
+def export_base(model, out_dir: str, tokenizer=None, *, overwrite: bool = False, **save_kwargs: Any) -> str:
+    """Write the unchanged base model of a PeftModel (every adapter left out, no LoRA merged): what an engine loads
+    to serve the baselines (text RAG, no retrieval). Its ``peft_ctx_serving.json`` names no method."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(
+            f"{out_dir!r} exists and is not empty; choose a new folder or pass overwrite=True to replace its files."
+        )
+    tuner = model.base_model
+    if tuner.merged_lora_adapters():
+        raise ValueError(
+            f"The LoRA of {tuner.merged_lora_adapters()} is merged into the base weights; call "
+            "model.base_model.unmerge_adapter() before exporting the base model."
+        )
+    base = model.get_base_model()
+    os.makedirs(out_dir, exist_ok=True)
+    base.save_pretrained(out_dir, state_dict=_served_state_dict(base), safe_serialization=True, **save_kwargs)
+    embedding = base.get_input_embeddings()
+    info = {
+        "peft_ctx_version": __version__,
+        "method": None,
+        "lora_merged": False,
+        "hidden_size": int(embedding.weight.shape[-1]),
+        "vocab_size": int(embedding.weight.shape[0]),
+    }
+    with open(os.path.join(out_dir, SERVING_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def read_export(export_dir: str) -> dict[str, Any]:
     """The ``peft_ctx_serving.json`` of a folder written by ``export_for_serving``."""
     path = os.path.join(export_dir, SERVING_FILE)
@@ -255,6 +235,11 @@ def check_export(model, export: dict[str, Any] | str) -> None:
     info = read_export(export) if isinstance(export, str) else export
     config = active_config(model)
     adapter_name = model.base_model.context_layer().active_method_adapter()
+    if info.get("method") is None:
+        raise ValueError(
+            "The export is the plain base model (peft_ctx.serving.export_base), for the baselines only; export this "
+            "adapter with peft_ctx.export_for_serving to serve its embeddings."
+        )
     if info.get("method") != config.method:
         raise ValueError(
             f"The export serves {info.get('method')!r} embeddings, but the active adapter is {config.method!r}; "

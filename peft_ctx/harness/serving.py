@@ -1,0 +1,99 @@
+"""Serving tools: convert an ``export_for_serving`` folder to GGUF for llama.cpp, and the engines the harness builds.
+
+    python -m peft_ctx.harness.serving gguf EXPORT_DIR [--outtype f16|bf16|q8_0|f32]
+
+The converter is the one that ships with llama.cpp (``convert_hf_to_gguf.py``), unpacked into the venv by
+``make install`` (``peft_ctx.harness.llama_cpp_build``); it runs in a subprocess because it brings its own ``gguf``
+package. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the ``peft_ctx_serving.json`` that
+``LlamaCppEngine`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Optional
+
+from ..engines import LlamaCppEngine
+from ..serving import export_base, export_for_serving
+from .llama_cpp_build import CONVERTER_DIR
+
+OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+ENGINES = ("torch", "llama.cpp")
+
+
+def converter_path() -> str:
+    path = os.environ.get("PEFT_CTX_GGUF_CONVERTER") or os.path.join(CONVERTER_DIR, "convert_hf_to_gguf.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"llama.cpp's converter is not at {path}; `make install` (python -m peft_ctx.harness.llama_cpp_build) "
+            "unpacks it, or set PEFT_CTX_GGUF_CONVERTER to a convert_hf_to_gguf.py."
+        )
+    return path
+
+
+def to_gguf(export_dir: str, outtype: str = "f16", out_file: Optional[str] = None, quiet: bool = True) -> str:
+    """Convert a transformers folder (an ``export_for_serving`` export) to one GGUF file; returns its path.
+
+    An existing GGUF of the same folder and type is kept when it is newer than the folder's weights."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype={outtype!r}; choose one of {', '.join(OUTTYPES)}.")
+    out_file = out_file or os.path.join(export_dir, f"model-{outtype}.gguf")
+    weights = [os.path.join(export_dir, f) for f in os.listdir(export_dir) if f.endswith(".safetensors")]
+    if not weights:
+        raise ValueError(f"{export_dir!r} holds no safetensors weights; write it with peft_ctx.export_for_serving.")
+    if os.path.isfile(out_file) and os.path.getmtime(out_file) >= max(os.path.getmtime(w) for w in weights):
+        return out_file
+    tmp = out_file + ".tmp"
+    command = [sys.executable, converter_path(), export_dir, "--outtype", outtype, "--outfile", tmp]
+    result = subprocess.run(command, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or "")[-1500:] if quiet else ""
+        raise RuntimeError(f"GGUF conversion of {export_dir!r} failed (exit {result.returncode}):\n{detail}")
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def llama_cpp_engine(
+    model,
+    tokenizer,
+    work_dir: str,
+    name: str,
+    *,
+    base: bool = False,
+    outtype: str = "f16",
+    n_seq_max: int = 8,
+    n_ctx: int = 2048,
+) -> LlamaCppEngine:
+    """A llama.cpp engine for the active adapter of ``model`` (``base=True``: for the baselines, on the base model):
+    the export (``export_for_serving`` / ``export_base``) in ``work_dir/name``, converted to GGUF, loaded.
+
+    ``work_dir`` belongs to the harness: an earlier export there is replaced."""
+    out = os.path.join(work_dir, name)
+    if base:
+        export_base(model, out, tokenizer=tokenizer, overwrite=True)
+    else:
+        export_for_serving(model, out, tokenizer=tokenizer, overwrite=True)
+    engine = LlamaCppEngine(to_gguf(out, outtype), n_seq_max=n_seq_max, n_ctx=n_ctx)
+    if base:
+        engine.check_base(model)
+    else:
+        engine.check_model(model)
+    return engine
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gguf = sub.add_parser("gguf", help="Convert an export_for_serving folder to GGUF.")
+    gguf.add_argument("export_dir")
+    gguf.add_argument("--outtype", default="f16", choices=OUTTYPES)
+    gguf.add_argument("--outfile", default=None)
+    args = parser.parse_args(argv)
+    print(to_gguf(args.export_dir, args.outtype, args.outfile, quiet=False))
+
+
+if __name__ == "__main__":
+    main()

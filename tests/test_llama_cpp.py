@@ -1,0 +1,146 @@
+"""llama.cpp engine on the real SmolLM2-135M-Instruct (f16 GGUF of each adapter's export) against the torch path.
+
+50 held-out CPKC questions (evaluation only, nothing trains here), one passage each: for text RAG and for every
+method's embeddings, the first generated token must agree on >= 95% of the questions and the whole greedy answer on
+>= 90%. Needs llama-cpp-python, which ``make install`` builds; with PEFT_CTX_REQUIRE_ENGINES=1 (``make test`` sets it)
+a missing build fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import peft_ctx
+from peft_ctx.harness import assets
+from peft_ctx.harness.data import load_qa
+from peft_ctx.harness.serving import to_gguf
+from tests.helpers import tiny_model
+
+if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") == "1":
+    import llama_cpp  # noqa: F401  (make test: a missing build is a failure)
+else:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
+
+N_QUESTIONS = 50
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = assets.smollm2_model_dir()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return peft_ctx.Encoder(assets.minilm_dir())
+
+
+@pytest.fixture(scope="module")
+def rows():
+    test = load_qa("cpkc")["test"].select(range(N_QUESTIONS))
+    return [r["question"] for r in test], [r["contexts"][:1] for r in test]
+
+
+def _configs(minilm):
+    return {
+        "xrag": peft_ctx.XRAGConfig(**minilm.describe()),
+        "spring": peft_ctx.SpringConfig(num_virtual_tokens=8),
+        "cocom_xi16": peft_ctx.CocomConfig(compression_rate=16, max_passage_tokens=256, lora_r=8),
+        "cocom_light": peft_ctx.CocomConfig(
+            compression_rate=4, max_passage_tokens=256, lora_r=8, compressor=assets.hub_id(assets.minilm_dir())
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, minilm, tmp_path_factory):
+    """One PeftModel with every method's adapter (random LoRA B, so COCOM's merged export differs from the base), and
+    each adapter's f16 GGUF engine."""
+    base, tokenizer = smollm2
+    configs = _configs(minilm)
+    names = list(configs)
+    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, configs[name])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.01)
+    model.eval()
+    engines = {}
+    for name in names:
+        model.set_adapter(name)
+        out = tmp_path_factory.mktemp(f"served_{name}")
+        peft_ctx.export_for_serving(model, str(out), tokenizer=tokenizer, overwrite=True)
+        engines[name] = peft_ctx.LlamaCppEngine(to_gguf(str(out), "f16"), n_seq_max=8)
+    return model, tokenizer, engines
+
+
+def _agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def _compare(run, n_tokens):
+    torch_answers, engine_answers = run(None, n_tokens), run("engine", n_tokens)
+    return torch_answers, engine_answers, _agreement(torch_answers, engine_answers)
+
+
+@pytest.mark.parametrize("row", ["rag", "xrag", "spring", "cocom_xi16", "cocom_light"])
+def test_llama_cpp_answers_as_the_torch_path_does(row, served, rows, minilm):
+    model, tokenizer, engines = served
+    questions, contexts = rows
+    if row == "rag":
+        model.set_adapter("xrag")  # its export is the plain base model
+
+        def run(engine, n):
+            return peft_ctx.generate_baseline(
+                model, tokenizer, questions, contexts, max_new_tokens=n, engine=engines["xrag"] if engine else None
+            )
+    else:
+        model.set_adapter(row)
+        encoder = minilm if row == "xrag" else None
+
+        def run(engine, n):
+            return peft_ctx.generate(
+                model,
+                tokenizer,
+                questions,
+                contexts,
+                encoder=encoder,
+                max_new_tokens=n,
+                engine=engines[row] if engine else None,
+            )
+
+    _, _, first = _compare(run, 1)
+    torch_answers, engine_answers, whole = _compare(run, NEW_TOKENS)
+    print(f"{row}: first token {first:.0%}, answers {whole:.0%}; e.g. {torch_answers[0]!r} / {engine_answers[0]!r}")
+    assert first >= 0.95, (row, first)
+    assert whole >= 0.90, (row, whole, list(zip(torch_answers, engine_answers))[:5])
+    assert len(set(torch_answers)) > 1  # the answers depend on the question: not a degenerate constant output
+
+
+def test_the_engine_refuses_another_adapters_embeddings_and_the_wrong_width(served, rows, tokenizer):
+    model, tok, engines = served
+    questions, contexts = rows
+    model.set_adapter("spring")
+    with pytest.raises(ValueError, match="serves 'xrag' embeddings, but the active adapter is 'spring'"):
+        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["xrag"])
+    model.set_adapter("cocom_xi16")
+    with pytest.raises(ValueError, match="made for another cocom adapter"):
+        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["cocom_light"])
+    with pytest.raises(ValueError, match="decoder LoRA merged; the baselines"):
+        peft_ctx.generate_baseline(model, tok, questions[:1], contexts[:1], engine=engines["cocom_xi16"])
+    with pytest.raises(ValueError, match="decodes greedily"):
+        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["cocom_xi16"], do_sample=True)
+    # Embeddings of another width (a tiny model's) reach the engine directly: refused, naming both widths.
+    tiny = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
+    prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
+    with pytest.raises(ValueError, match="width 64, the GGUF model's hidden size is 576"):
+        engines["spring"].generate_prompts(prompts, 4)

@@ -31,12 +31,12 @@ def _load(path: str) -> dict:
 
 def compare(new: dict, baseline: dict, tolerance: float, fields=RATIOS, allow_missing: bool = False) -> list[str]:
     """Human-readable regressions; empty when there are none."""
-    key = lambda r: (r["method"], r["docs"], r["batch"])  # noqa: E731
+    key = lambda r: (r["method"], r["docs"], r["batch"], r.get("engine", "torch"))  # noqa: E731
     fresh = {key(r): r for r in new["rows"]}
     problems = []
     for old in baseline["rows"]:
         row = fresh.get(key(old))
-        name = f"{old['method']} ({old['docs']} docs, batch {old['batch']})"
+        name = f"{old['method']} ({old['docs']} docs, batch {old['batch']}, {old.get('engine', 'torch')})"
         if row is None:
             if not allow_missing:
                 problems.append(f"{name}: missing from the new run")

@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+import peft_ctx
 from peft_ctx.harness.fast import CACHES, WEIGHT_FORMATS, convert_weights, greedy_generate, weight_bytes
+from peft_ctx.inference import batch_prompts
 from peft_ctx.prompting import RAG_TEMPLATE
 
 from . import measure
@@ -41,6 +43,25 @@ from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WEIGHTS = ("auto",) + WEIGHT_FORMATS
+BENCH_ENGINES = ("torch", "llama.cpp", "both")
+EXPORT_TYPES = ("f16", "bf16", "q8_0")  # what llama.cpp's converter writes for any export (COCOM's merged one too)
+
+
+def recommended_gguf_type() -> tuple[str, str]:
+    """The GGUF weight type ``benchmarks/engines.py`` found fastest with torch's first tokens, and where from."""
+    path = os.path.join(RESULTS, "engines.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            pick = (json.load(f).get("recommended") or {}).get("weights")
+        if pick in EXPORT_TYPES:
+            return pick, path
+    return "f16", "default (no engines.json pick)"
+
+
+@dataclass
+class EngineRun:
+    ttft_s: float
+    e2e_s: float
 
 
 @dataclass
@@ -65,6 +86,8 @@ class Settings:
     skip_training: bool = False
     skip_memory: bool = False
     adapters: dict[str, str] = field(default_factory=dict)
+    engine: str = "both"  # torch, llama.cpp, or both (every row on each engine)
+    gguf_type: str = "auto"  # llama.cpp weights: engines.json's pick, else f16
     out: str = RESULTS
 
     def __post_init__(self):
@@ -88,6 +111,10 @@ class Settings:
             raise ValueError(f"--weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}.")
         if self.cache not in ("auto",) + CACHES:
             raise ValueError(f"--cache={self.cache!r}; choose auto or one of {', '.join(CACHES)}.")
+        if self.engine not in BENCH_ENGINES:
+            raise ValueError(f"--engine={self.engine!r}; choose one of {', '.join(BENCH_ENGINES)}.")
+        if self.gguf_type not in ("auto",) + EXPORT_TYPES:
+            raise ValueError(f"--gguf-type={self.gguf_type!r}; choose auto or one of {', '.join(EXPORT_TYPES)}.")
         known = registry()
         unknown = sorted(set(self.adapters) - set(known))
         if unknown:
@@ -148,6 +175,11 @@ class Bench:
         self.entries: dict[str, list] = {}
         self.setup_s: dict[str, float] = {}
         self.warmup_s: dict[str, float] = {}
+        self.engines: dict[str, object] = {}
+        self.engine_names = ["torch", "llama.cpp"] if settings.engine == "both" else [settings.engine]
+        self.gguf_type, self.gguf_source = (
+            recommended_gguf_type() if settings.gguf_type == "auto" else (settings.gguf_type, "--gguf-type")
+        )
 
     # ---- building -----------------------------------------------------------------------------------------------
     def _load_adapter(self, method: BenchMethod, model) -> None:
@@ -167,6 +199,30 @@ class Bench:
             self._load_adapter(method, model)
             self.models[method.name] = model.eval()
             self.setup_s[method.name] = time.perf_counter() - start
+
+    def export_engines(self) -> None:
+        """Each method's model as llama.cpp serves it: ``export_for_serving`` (COCOM: decoder LoRA merged; the
+        baselines: the base model), converted to GGUF, loaded by a ``LlamaCppEngine`` sized for the largest batch."""
+        if "llama.cpp" not in self.engine_names:
+            return
+        from peft_ctx.harness.serving import to_gguf
+
+        self._engine_dir = tempfile.mkdtemp(prefix="peft_ctx_bench_engines_")
+        s = self.settings
+        longest = max(s.docs) * (s.doc_tokens + 40) + s.instruction_tokens + 120 + s.new_tokens
+        for method in tqdm(self.methods, desc="Exporting for llama.cpp"):
+            start = time.perf_counter()
+            model = self.models[method.name]
+            out = os.path.join(self._engine_dir, method.name)
+            if method.adapter:
+                peft_ctx.export_for_serving(model, out, tokenizer=self.tokenizer)
+            else:
+                model.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+            self.engines[method.name] = peft_ctx.LlamaCppEngine(
+                to_gguf(out, self.gguf_type), n_seq_max=max(s.batch), n_ctx=longest, n_threads=self.threads
+            )
+            self.setup_s[method.name] += time.perf_counter() - start
 
     def serve(self) -> None:
         """Every model as a server runs it once its index is built (merged LoRA), in the benchmark's weight format."""
@@ -206,8 +262,17 @@ class Bench:
         return self.work.questions[:batch], entries
 
     # ---- inference ----------------------------------------------------------------------------------------------
-    def _generate(self, name: str, inputs: dict):
-        return greedy_generate(self.models[name], inputs, self.settings.new_tokens, cache=self.cache)
+    def _generate(self, name: str, inputs: dict, engine: str = "torch"):
+        if engine == "torch":
+            return greedy_generate(self.models[name], inputs, self.settings.new_tokens, cache=self.cache)
+        # The same inputs: the slots are filled (embedding lookup, COCOM's index entries) inside the timed part, as
+        # in the torch path; no end token, so every row decodes exactly new_tokens tokens.
+        start = time.perf_counter()
+        prompts = batch_prompts(self.models[name], inputs)
+        runner = self.engines[name]
+        runner.generate_prompts(prompts, self.settings.new_tokens)
+        e2e = time.perf_counter() - start
+        return EngineRun(ttft_s=e2e - runner.timings.decode_s, e2e_s=e2e)
 
     def group(self, docs: int, batch: int) -> list[dict]:
         """All methods at one (docs, batch) point, timed interleaved."""
@@ -242,18 +307,44 @@ class Bench:
                 "_ttft": [],
                 "_e2e": [],
             }
-        order = list(self.methods)
+        for row in rows.values():
+            row["engine"] = self.engine_names[0]
+        if "llama.cpp" in self.engine_names:
+            for method in self.methods:
+                torch_row = rows[method.name]
+                engine = self.engines[method.name]
+                self._generate(method.name, inputs[method.name], "llama.cpp")  # warm-up
+                kv = engine.kv_bytes_per_token() * torch_row["prompt_tokens"] * batch
+                rows[(method.name, "llama.cpp")] = {
+                    **torch_row,
+                    "engine": "llama.cpp",
+                    "gguf_type": self.gguf_type,
+                    "weight_bytes": engine.weight_bytes(),
+                    "peak_activation_bytes": None,
+                    "kv_cache_bytes": kv,
+                    "peak_mem_bytes": engine.weight_bytes() + kv,
+                    "_ttft": [],
+                    "_e2e": [],
+                }
+            if "torch" not in self.engine_names:
+                for method in self.methods:
+                    del rows[method.name]
+            else:
+                for method in self.methods:
+                    rows[method.name]["engine"] = "torch"
+        timed = [
+            (key, key if isinstance(key, str) else key[0], "torch" if isinstance(key, str) else key[1]) for key in rows
+        ]
         for rep in tqdm(range(s.repeats), desc=f"Timing, {docs} docs, batch {batch}", leave=False):
             # Rotate the order each repetition: a method never always runs right after the same neighbour.
-            shift = rep % len(order)
-            for method in order[shift:] + order[:shift]:
-                result = self._generate(method.name, inputs[method.name])
-                rows[method.name]["_ttft"].append(result.ttft_s)
-                rows[method.name]["_e2e"].append(result.e2e_s)
+            shift = rep % len(timed)
+            for key, name, engine in timed[shift:] + timed[:shift]:
+                result = self._generate(name, inputs[name], engine)
+                rows[key]["_ttft"].append(result.ttft_s)
+                rows[key]["_e2e"].append(result.e2e_s)
         out = []
-        rag = rows["rag"]
-        for method in self.methods:
-            row = rows[method.name]
+        for key, _, _ in timed:
+            row = rows[key]
             ttfts, e2es = row.pop("_ttft"), row.pop("_e2e")
             row["ttft_s"], row["e2e_s"] = median(ttfts), median(e2es)
             row["ttft_runs_s"], row["e2e_runs_s"] = ttfts, e2es
@@ -261,12 +352,18 @@ class Bench:
             row["decode_s_per_token"] = (row["e2e_s"] - row["ttft_s"]) / (s.new_tokens - 1)
             out.append(row)
         for row in out:
+            rag = next(r for r in out if r["method"] == "rag" and r["engine"] == row["engine"])  # same engine
             row["ttft_speedup_vs_rag"] = rag["ttft_s"] / row["ttft_s"]
             row["e2e_speedup_vs_rag"] = rag["e2e_s"] / row["e2e_s"]
             row["prompt_token_ratio_vs_rag"] = rag["prompt_tokens"] / row["prompt_tokens"]
             row["flops_ratio_vs_rag"] = rag["flops"] / row["flops"]
             # Paired ratios (same repetition) are steadier than ratios of medians when the machine's load drifts.
             row["e2e_speedup_paired_median"] = median(r / m for r, m in zip(rag["e2e_runs_s"], row["e2e_runs_s"]))
+        fastest_rag = min((r for r in out if r["method"] == "rag"), key=lambda r: r["e2e_s"])
+        for row in out:
+            # Against text RAG on whichever engine serves it fastest (issue 16's end-to-end comparison).
+            row["e2e_speedup_vs_fastest_rag"] = fastest_rag["e2e_s"] / row["e2e_s"]
+            row["fastest_rag_engine"] = fastest_rag["engine"]
         return out
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -315,6 +412,7 @@ class Bench:
         started = time.perf_counter()
         self.build()
         index = self.index()
+        self.export_engines()
         self.serve()
         rows = []
         for docs in s.docs:
@@ -325,7 +423,7 @@ class Bench:
         for row in rows:
             row.update(index[row["method"]])
             row.update(training.get(row["method"], {}))
-            row["weights"] = self.weights
+            row["weights"] = self.weights if row["engine"] == "torch" else self.gguf_type
             row["adapter"] = (
                 "trained" if row["method"] in s.adapters else ("untrained" if by_name[row["method"]].adapter else None)
             )
@@ -333,7 +431,14 @@ class Bench:
         info["load_average_before"] = load_before
         return {
             "description": "peft_ctx benchmarks: methods vs text RAG, one process, medians of interleaved runs",
-            "settings": {**asdict(s), "weights": self.weights, "cache": self.cache},
+            "settings": {
+                **asdict(s),
+                "weights": self.weights,
+                "cache": self.cache,
+                "engines": self.engine_names,
+                "gguf_type": self.gguf_type if "llama.cpp" in self.engine_names else None,
+                "gguf_type_source": self.gguf_source,
+            },
             "machine": info,
             "notes": _notes(self, s),
             "timing_s": {
@@ -423,6 +528,12 @@ def parse_args(argv=None) -> Settings:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=DIR", help="Load a trained adapter for a method."
+    )
+    parser.add_argument(
+        "--engine", default=d.engine, choices=BENCH_ENGINES, help="who decodes: torch, llama.cpp or both (default)"
+    )
+    parser.add_argument(
+        "--gguf-type", default=d.gguf_type, help=f"llama.cpp weights: auto or one of {', '.join(EXPORT_TYPES)}"
     )
     parser.add_argument("--out", default=d.out, help="Folder for bench.json / bench.md / bench.png.")
     args = parser.parse_args(argv)

@@ -150,6 +150,16 @@ class LlamaCppEngine:
         method = (self.info or {}).get("method", "base model")
         return f"LlamaCppEngine({self.model_path!r}, {method}, threads={self.n_threads})"
 
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as llama.cpp holds them."""
+        return int(self._lib.llama_model_size(self._model))
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes (f16 keys and values in every layer, llama.cpp's default)."""
+        lib, model = self._lib, self._model
+        head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
+        return 2 * 2 * lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * head_dim
+
     # ---- checks ------------------------------------------------------------------------------------------------
     def check_settings(self, settings: dict[str, Any]) -> None:
         """This engine decodes greedily: refuse sampling or beam settings rather than ignore them."""

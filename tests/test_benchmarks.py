@@ -4,6 +4,7 @@ gives exactly what transformers' generate gives."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from benchmarks.methods import registry, select
 from benchmarks.run import Bench, Settings, write_results
 from peft_ctx.harness.fast import convert_weights, greedy_generate, quantize_linear, weight_bytes
 from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, tiny_model
+
+# The benchmark's llama.cpp rows run where the binding is built (make install builds it; make test requires it).
+try:
+    import llama_cpp  # noqa: F401
+
+    ENGINE = "both"
+except ImportError:
+    if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") == "1":
+        raise
+    ENGINE = "torch"
 
 PASSAGES = [
     f"Passage {i} tells how the harbour town of Vell{i} rebuilt its stone lighthouse after the storm of 18{i}0, and "
@@ -127,6 +138,8 @@ def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
         train_batch=2,
         train_steps=1,
         encode_passages=3,
+        engine=ENGINE,
+        gguf_type="f16",
         out=str(tmp_path_factory.mktemp("bench")),
     )
     result = Bench(settings, base=base, tokenizer=tokenizer, passages=PASSAGES).run()
@@ -138,8 +151,10 @@ def test_benchmark_writes_a_row_per_method_docs_and_batch_with_the_issue_fields(
     with open(paths["json"]) as f:
         saved = json.load(f)
     rows = saved["rows"]
-    assert [(r["method"], r["docs"], r["batch"]) for r in rows] == [
-        (m, 2, 2) for m in ("no_retrieval", "rag", "xrag", "spring", "cocom_xi4", "cocom_light")
+    names = ("no_retrieval", "rag", "xrag", "spring", "cocom_xi4", "cocom_light")
+    engines = ("torch", "llama.cpp") if ENGINE == "both" else ("torch",)
+    assert [(r["method"], r["docs"], r["batch"], r["engine"]) for r in rows] == [
+        (m, 2, 2, e) for e in engines for m in names
     ]
     required = {
         "method",
@@ -163,7 +178,7 @@ def test_benchmark_writes_a_row_per_method_docs_and_batch_with_the_issue_fields(
 
 def test_benchmark_figures_are_consistent(tiny_result):
     result, _ = tiny_result
-    rows = {r["method"]: r for r in result["rows"]}
+    rows = {r["method"]: r for r in result["rows"] if r["engine"] == "torch"}
     rag, xrag = rows["rag"], rows["xrag"]
     assert rag["ttft_speedup_vs_rag"] == 1.0 and rag["e2e_speedup_vs_rag"] == 1.0
     # xRAG puts one slot where text RAG puts a whole document: fewer prompt tokens and fewer FLOPs.
@@ -179,6 +194,10 @@ def test_benchmark_figures_are_consistent(tiny_result):
         assert 0.95 < row["flops_linear_vs_estimate"] < 1.05, row["method"]
         assert row["peak_mem_bytes"] > row["weight_bytes"] > 0
         assert row["e2e_s"] >= row["ttft_s"] > 0
+    for row in result["rows"]:
+        if row["engine"] == "llama.cpp":  # the same prompts decoded by llama.cpp on each row's own GGUF export
+            assert row["kv_cache_bytes"] > 0 and row["weights"] == "f16"
+            assert row["e2e_speedup_vs_fastest_rag"] > 0
     assert rows["rag"]["train_speedup_vs_lora_sft"] == 1.0
     assert rows["xrag"]["train_samples_per_s"] > 0
     assert rows["no_retrieval"].get("train_samples_per_s") is None
@@ -189,7 +208,7 @@ def test_regression_check_passes_an_identical_run_and_fails_a_slower_method(tiny
     assert check.main([paths["json"], "--baseline", paths["json"]]) == 0
     slower = json.loads(json.dumps(result))
     for row in slower["rows"]:
-        if row["method"] == "xrag":
+        if row["method"] == "xrag" and row["engine"] == "torch":
             row["e2e_speedup_vs_rag"] *= 0.5
     path = tmp_path / "new.json"
     path.write_text(json.dumps(slower))

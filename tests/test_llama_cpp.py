@@ -27,7 +27,7 @@ else:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
 
 N_QUESTIONS = 50
-NEW_TOKENS = 12
+NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
@@ -83,47 +83,67 @@ def served(smollm2, minilm, tmp_path_factory):
     return model, tokenizer, engines
 
 
-def _agreement(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-
-
-def _compare(run, n_tokens):
-    torch_answers, engine_answers = run(None, n_tokens), run("engine", n_tokens)
-    return torch_answers, engine_answers, _agreement(torch_answers, engine_answers)
+def _torch_ids(model, tokenizer, prompts_inputs) -> list[list[int]]:
+    out = []
+    for inputs in prompts_inputs:
+        generated = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[:, inputs["input_ids"].shape[1] :]
+        stop = set(peft_ctx.inference.eos_ids(model, tokenizer))
+        for row in generated.tolist():
+            while row and row[-1] in stop:  # padding after the end token, and the end token itself
+                row.pop()
+            out.append(row)
+    return out
 
 
 @pytest.mark.parametrize("row", ["rag", "xrag", "spring", "cocom_xi16", "cocom_light"])
 def test_llama_cpp_answers_as_the_torch_path_does(row, served, rows, minilm):
+    """One greedy pass on each engine over the same prompts (the ones peft_ctx.generate builds, batches of 8)."""
     model, tokenizer, engines = served
     questions, contexts = rows
+    config = model.peft_config["xrag"]
+    batches = [slice(i, i + 8) for i in range(0, len(questions), 8)]
     if row == "rag":
         model.set_adapter("xrag")  # its export is the plain base model
-
-        def run(engine, n):
-            return peft_ctx.generate_baseline(
-                model, tokenizer, questions, contexts, max_new_tokens=n, engine=engines["xrag"] if engine else None
-            )
+        engine = engines["xrag"]
+        engine.check_base(model)
+        with model.disable_adapter():
+            inputs = [
+                peft_ctx.inference.collate(
+                    config, peft_ctx.inference.text_examples(config, tokenizer, questions[b], contexts[b]), tokenizer
+                )
+                for b in batches
+            ]
+            expected = _torch_ids(model, tokenizer, inputs)
+            prompts = [p for batch in inputs for p in peft_ctx.inference.batch_prompts(model, batch)]
     else:
         model.set_adapter(row)
+        engine = engines[row]
+        engine.check_model(model)
         encoder = minilm if row == "xrag" else None
-
-        def run(engine, n):
-            return peft_ctx.generate(
-                model,
-                tokenizer,
-                questions,
-                contexts,
-                encoder=encoder,
-                max_new_tokens=n,
-                engine=engines[row] if engine else None,
-            )
-
-    _, _, first = _compare(run, 1)
-    torch_answers, engine_answers, whole = _compare(run, NEW_TOKENS)
-    print(f"{row}: first token {first:.0%}, answers {whole:.0%}; e.g. {torch_answers[0]!r} / {engine_answers[0]!r}")
+        inputs = [
+            peft_ctx.prepare_inputs(model, tokenizer, questions[b], contexts[b], encoder=encoder) for b in batches
+        ]
+        expected = _torch_ids(model, tokenizer, inputs)
+        prompts = [p for batch in inputs for p in peft_ctx.inference.batch_prompts(model, batch)]
+    got = engine.generate_prompts(prompts, NEW_TOKENS, peft_ctx.inference.eos_ids(model, tokenizer))
+    first = sum(a[:1] == b[:1] for a, b in zip(expected, got, strict=True)) / len(got)
+    whole = sum(a == b for a, b in zip(expected, got, strict=True)) / len(got)
+    print(f"{row}: first token {first:.0%}, answers {whole:.0%}")
+    # The public entry point decodes the same prompts with the engine: its strings are these token ids.
+    if row == "rag":
+        public = peft_ctx.generate_baseline(
+            model, tokenizer, questions[:8], contexts[:8], max_new_tokens=NEW_TOKENS, engine=engine
+        )
+    else:
+        public = peft_ctx.generate(
+            model, tokenizer, questions[:8], contexts[:8], encoder=encoder, max_new_tokens=NEW_TOKENS, engine=engine
+        )
+    assert public == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in got[:8]]
     assert first >= 0.95, (row, first)
-    assert whole >= 0.90, (row, whole, list(zip(torch_answers, engine_answers))[:5])
-    assert len(set(torch_answers)) > 1  # the answers depend on the question: not a degenerate constant output
+    assert whole >= 0.90, (row, whole)
+    assert len({tuple(ids) for ids in expected}) > 1  # the answers depend on the question: not a constant output
 
 
 def test_the_engine_refuses_another_adapters_embeddings_and_the_wrong_width(served, rows, tokenizer):
@@ -144,3 +164,30 @@ def test_the_engine_refuses_another_adapters_embeddings_and_the_wrong_width(serv
     prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
     with pytest.raises(ValueError, match="width 64, the GGUF model's hidden size is 576"):
         engines["spring"].generate_prompts(prompts, 4)
+
+
+def test_the_evaluation_harness_decodes_with_llama_cpp(served, rows, minilm, tmp_path):
+    from peft_ctx.harness import eval as harness
+
+    model, tokenizer, _ = served
+    questions, contexts = rows
+    test_rows = [
+        {"id": str(i), "question": q, "contexts": c, "answers": ["x"], "answer": "x", "choices": [], "label": None}
+        for i, (q, c) in enumerate(zip(questions[:8], contexts[:8]))
+    ]
+    runners = [
+        harness.TextRunner("rag", "text RAG"),
+        harness.AdapterRunner(name="cocom_xi16", label="COCOM", adapter_name="cocom_xi16"),
+    ]
+    by_engine = {}
+    for engine in ("torch", "llama.cpp"):
+        settings = harness.EvalSettings(
+            n_test=8, timing_examples=2, engine=engine, engine_dir=str(tmp_path), show_progress=False
+        )
+        by_engine[engine] = harness.evaluate(model, tokenizer, runners, test_rows, settings)
+    for torch_row, engine_row in zip(by_engine["torch"], by_engine["llama.cpp"]):
+        assert engine_row["engine"] == "llama.cpp" and torch_row["engine"] == "torch"
+        agree = [a["prediction"] == b["prediction"] for a, b in zip(torch_row["examples"], engine_row["examples"])]
+        assert sum(agree) >= 4, (torch_row["method"], torch_row["examples"], engine_row["examples"])
+        assert engine_row["e2e_s"] > engine_row["ttft_s"] > 0
+    assert model.base_model.merged_lora_adapters() == []  # COCOM served merged, then unmerged again

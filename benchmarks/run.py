@@ -54,7 +54,7 @@ def recommended_gguf_type() -> tuple[str, str]:
         with open(path) as f:
             pick = (json.load(f).get("recommended") or {}).get("weights")
         if pick in EXPORT_TYPES:
-            return pick, path
+            return pick, os.path.relpath(path)
     return "f16", "default (no engines.json pick)"
 
 
@@ -480,6 +480,23 @@ def _notes(bench: Bench, s: Settings) -> list[str]:
         f"Training: samples/s of one AdamW step, fp32, batch {s.train_batch}, {s.train_docs} document(s) of "
         f"{s.doc_tokens} tokens and a {s.new_tokens}-token answer; the rag row is LoRA SFT on the text-RAG prompt.",
     ]
+    if "llama.cpp" in bench.engine_names:
+        notes += [
+            f"llama.cpp rows: peft_ctx.LlamaCppEngine (llama-cpp-python, built for this CPU by make install) on a "
+            f"{bench.gguf_type} GGUF of each row's own export (export_for_serving: the base model for the baselines, "
+            "xRAG and SPRING; COCOM's decoder LoRA merged), weights chosen by benchmarks/engines.py "
+            f"({bench.gguf_source}). Timed from the same model inputs: the slots are filled (embedding lookup) inside "
+            "the timed part, then token runs and slot embeddings are fed to llama.cpp; greedy, no end token. FLOPs "
+            "are the torch path's count (the same products); peak MB of a llama.cpp row = its weights as llama.cpp "
+            "holds them + the f16 KV cache of the row's tokens (computed, not measured).",
+            "Which engine each row should use: llama.cpp decodes faster, torch prefills faster here. Long prompts "
+            "(text RAG, SPRING) are fastest on torch, short ones (no retrieval, xRAG, COCOM) on llama.cpp; the "
+            "issue-16 targets compare each method on its fastest engine with text RAG on its fastest engine. "
+            "llama.cpp's prefill loses because ggml's CPU matrix kernels (llamafile tinyBLAS, AVX-512, "
+            "f16/bf16/q8_0) run the prompt's products at about two thirds of torch's fp32 GEMM speed on these 2 cores "
+            "(benchmarks/results/engines.md); AMX, which would speed quantized prefill, crashes in this VM, and a "
+            "BLAS-backed build was not tried.",
+        ]
     if any(m.adapter and m.name not in s.adapters for m in bench.methods):
         notes.append(
             "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."

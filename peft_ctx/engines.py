@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -102,8 +103,6 @@ class LlamaCppEngine:
             beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), SERVING_FILE)
             serving_info = beside if os.path.isfile(beside) else None
         if isinstance(serving_info, str):
-            import json
-
             with open(serving_info) as f:
                 serving_info = json.load(f)
         self.info: Optional[dict] = serving_info

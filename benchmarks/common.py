@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -73,6 +74,18 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_report(out: str, name: str, result: dict, markdown) -> str:
+    """``<out>/<name>.json`` and ``<name>.md`` (``markdown(result)``), printed too; returns the markdown."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = markdown(result)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
 
 
 def median(values) -> float:

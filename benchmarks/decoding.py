@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -26,7 +25,7 @@ from peft_ctx.harness.fast import convert_weights, greedy_generate, weight_bytes
 from peft_ctx.inference import template_examples
 from peft_ctx.prompting import RAG_TEMPLATE, pad_examples, pad_token_id
 
-from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
+from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads, write_report
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -151,12 +150,7 @@ def main(argv=None) -> dict:
         "accuracy_vs_fp32": accuracy,
     }
     result["recommended"] = recommend(rows, accuracy, args.max_logit_diff)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decoding.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "decoding.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "decoding", result, markdown)
     return result
 
 

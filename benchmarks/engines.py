@@ -16,7 +16,6 @@ whose first tokens all match torch's. Writes ``benchmarks/results/engines.json``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -26,12 +25,12 @@ import torch
 import peft_ctx
 from peft_ctx.harness import assets
 from peft_ctx.harness.fast import greedy_generate, weight_bytes
-from peft_ctx.harness.llama_cpp_build import STAMP
+from peft_ctx.harness.llama_cpp_build import read_stamp
 from peft_ctx.harness.serving import to_gguf
 from peft_ctx.inference import ServingPrompt, template_examples
 from peft_ctx.prompting import RAG_TEMPLATE, pad_examples, pad_token_id
 
-from .common import DEFAULT_MODEL, load_model, machine, median, set_threads
+from .common import DEFAULT_MODEL, load_model, machine, median, set_threads, write_report
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -59,14 +58,6 @@ def gguf_files(model_dir: str, work: str, types=GGUF_TYPES) -> dict[str, str]:
         os.makedirs(work, exist_ok=True)
         files[kind] = to_gguf(model_dir, kind, out_file=os.path.join(work, f"model-{kind}.gguf"))
     return files
-
-
-def build_info() -> dict:
-    try:
-        with open(STAMP) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def main(argv=None) -> dict:
@@ -174,7 +165,7 @@ def main(argv=None) -> dict:
         "new_tokens": n,
         "repeats": args.repeats,
         "threads": threads,
-        "llama_cpp_build": build_info(),
+        "llama_cpp_build": read_stamp(),
         "machine": machine(),
         "rows": rows,
         "recommended": None if best is None else {"engine": "llama.cpp", "weights": best["weights"]},
@@ -190,12 +181,7 @@ def main(argv=None) -> dict:
             },
         },
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "engines.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "engines.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "engines", result, markdown)
     if os.path.isdir(args.work) and args.work.startswith("build"):
         shutil.rmtree(args.work, ignore_errors=True)
     return result

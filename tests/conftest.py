@@ -75,3 +75,19 @@ def trainable_base_dir(tokenizer, tmp_path):
     tiny_model("llama", tokenizer, initializer_range=0.2).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (fp32) and its tokenizer; one per test module (tests adapt it in place)."""
+    from tests.helpers import real_smollm2
+
+    return real_smollm2()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real all-MiniLM-L6-v2 encoder."""
+    from tests.helpers import real_minilm
+
+    return real_minilm()

@@ -56,6 +56,24 @@ def tiny_model(arch: str, tokenizer, seed: int = 0, hidden_size: int = 64, initi
     return model.eval()
 
 
+def real_smollm2():
+    """SmolLM2-135M-Instruct in fp32 and its tokenizer, from the offline asset (the slow / engine tests)."""
+    from transformers import AutoTokenizer
+
+    from peft_ctx.harness import assets
+
+    path = assets.smollm2_model_dir()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def real_minilm():
+    """all-MiniLM-L6-v2 as a peft_ctx Encoder, from the offline asset."""
+    import peft_ctx
+    from peft_ctx.harness import assets
+
+    return peft_ctx.Encoder(assets.minilm_dir())
+
+
 def tiny_bert(tokenizer, hidden_size: int = RETRIEVER_DIM, seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(

@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_ctx
 from peft_ctx.harness import assets
@@ -28,17 +27,6 @@ else:
 
 N_QUESTIONS = 50
 NEW_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = assets.smollm2_model_dir()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return peft_ctx.Encoder(assets.minilm_dir())
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_ctx
-from peft_ctx.harness import assets
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = assets.smollm2_model_dir()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return peft_ctx.Encoder(assets.minilm_dir())
 
 
 def test_the_frozen_base_answers_with_and_without_text_documents(smollm2, minilm):

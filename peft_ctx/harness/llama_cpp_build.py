@@ -77,7 +77,8 @@ def cmake_args(wanted: tuple[str, ...] = tuple(X86_OPTIONS)) -> list[str]:
     return ["-DGGML_NATIVE=OFF"] + [f"-D{o}=ON" for o in enabled] + [f"-D{o}=OFF" for o in disabled] + COMMON
 
 
-def _stamp() -> dict:
+def read_stamp() -> dict:
+    """What the last build recorded (version, flags, which rung of ``LADDER``); empty before any build."""
     try:
         with open(STAMP) as f:
             return json.load(f)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     ladder = LADDER[-1:] if args.portable else ((WITH_AMX,) + LADDER if args.amx else LADDER)
     requested = cmake_args(ladder[0][1])
     gguf = _asset_gguf()
-    stamp = _stamp()
+    stamp = read_stamp()
     if not args.force and os.path.isfile(os.path.join(CONVERTER_DIR, "convert_hf_to_gguf.py")):
         if stamp.get("version") == VERSION and stamp.get("requested") == requested:
             ok, detail = smoke_test(gguf)

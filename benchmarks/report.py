@@ -265,7 +265,9 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(f"{docs} doc{'s' if docs > 1 else ''}, batch {batch}")
     axes[0][0].set_ylabel("speed-up vs text RAG (x)")
     axes[0][0].legend()
-    fig.suptitle(f"{result['settings']['model']}, {result['settings']['weights']} weights")
+    settings = result["settings"]
+    engines = f"; llama.cpp {settings.get('gguf_type')} GGUF" if both else ""
+    fig.suptitle(f"{settings['model']}, torch {settings['weights']} weights{engines}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,7 +26,7 @@ else:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
 
 N_QUESTIONS = 50
-NEW_TOKENS = 10
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_the_evaluation_harness_decodes_with_llama_cpp(served, rows, minilm, tmp
     questions, contexts = rows
     test_rows = [
         {"id": str(i), "question": q, "contexts": c, "answers": ["x"], "answer": "x", "choices": [], "label": None}
-        for i, (q, c) in enumerate(zip(questions[:8], contexts[:8]))
+        for i, (q, c) in enumerate(zip(questions[:5], contexts[:5]))
     ]
     runners = [
         harness.TextRunner("rag", "text RAG"),
@@ -170,12 +170,12 @@ def test_the_evaluation_harness_decodes_with_llama_cpp(served, rows, minilm, tmp
     by_engine = {}
     for engine in ("torch", "llama.cpp"):
         settings = harness.EvalSettings(
-            n_test=8, timing_examples=2, engine=engine, engine_dir=str(tmp_path), show_progress=False
+            n_test=5, timing_examples=1, engine=engine, engine_dir=str(tmp_path), show_progress=False
         )
         by_engine[engine] = harness.evaluate(model, tokenizer, runners, test_rows, settings)
     for torch_row, engine_row in zip(by_engine["torch"], by_engine["llama.cpp"]):
         assert engine_row["engine"] == "llama.cpp" and torch_row["engine"] == "torch"
         agree = [a["prediction"] == b["prediction"] for a, b in zip(torch_row["examples"], engine_row["examples"])]
-        assert sum(agree) >= 4, (torch_row["method"], torch_row["examples"], engine_row["examples"])
+        assert sum(agree) >= 4, (torch_row["method"], torch_row["examples"], engine_row["examples"])  # of 5
         assert engine_row["e2e_s"] > engine_row["ttft_s"] > 0
     assert model.base_model.merged_lora_adapters() == []  # COCOM served merged, then unmerged again

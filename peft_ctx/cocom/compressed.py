@@ -9,10 +9,8 @@ adapter's: embeddings from another compressor would be read silently wrong.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -24,13 +22,12 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import read_tagged_safetensors
 from ..inference import active_config, with_resources
-from ..layer import COMPANION_SEP
 from ..methods import get_method
+from ..serving import adapter_digest
 from .config import COMPRESSOR_ROLE, CocomConfig
 
 FORMAT = "peft_ctx.cocom_index/1"
 _EMBEDDINGS, _OFFSETS = "embeddings", "offsets"
-_FINGERPRINT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -46,13 +43,6 @@ class CompressedPassage:
 def _peft_state(model, adapter_name: str) -> dict[str, torch.Tensor]:
 
     return get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-
-
-def _adapter_tensors(model, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer of one adapter (its context module, its LoRA matrices, its companions)."""
-    marks = (f".{adapter_name}.", f".{adapter_name}{COMPANION_SEP}")
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return [(name, tensor) for name, tensor in named if any(mark in name for mark in marks)]
 
 
 def _compressor_keys(config: CocomConfig, keys) -> list[str]:
@@ -86,25 +76,7 @@ def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
         "light": config.is_light,
         "hidden_size": config.base_hidden_size,
     }
-    # Checked for every precomputed passage, so at request time: the cached digest stands while none of the adapter's
-    # tensors moved or changed in place (version counters move with training steps and loading). Building PEFT's
-    # state dict costs ~0.1 s on a 135M model; walking the adapter's tensors costs a few milliseconds.
-    key = (json.dumps(settings, sort_keys=True),) + tuple(
-        (name, tensor.data_ptr(), tensor._version, tuple(tensor.shape), str(tensor.dtype))
-        for name, tensor in _adapter_tensors(model, adapter_name)
-    )
-    cache = _FINGERPRINT_CACHE.setdefault(model, {})
-    if cache.get(adapter_name, (None,))[0] == key:
-        return cache[adapter_name][1]
-    state = _peft_state(model, adapter_name)
-    keys = _compressor_keys(config, state)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name in keys:
-        tensor = state[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    cache[adapter_name] = (key, digest.hexdigest())
-    return cache[adapter_name][1]
+    return adapter_digest(model, adapter_name, settings, select=lambda keys: _compressor_keys(config, keys))
 
 
 def adapter_size(model, adapter_name: Optional[str] = None) -> dict[str, int]:

@@ -51,8 +51,7 @@ class Entry:
 
     ``make_config(resources)`` builds the adapter config; ``options`` go to ``prepare_inputs`` when the row is
     evaluated; ``stages`` maps a demo profile name to the settings of each training stage (``StageSettings``
-    fields, by stage name of ``ContextMethod.stages``); ``control`` also scores the adapter reading another question's
-    passage (what it gets from the passage itself); ``trains`` says what a training step updates and ``targets``
+    fields, by stage name of ``ContextMethod.stages``); ``trains`` says what a training step updates and ``targets``
     what speed the row must reach (benchmarks).
     """
 
@@ -61,7 +60,6 @@ class Entry:
     make_config: Callable[[Resources], ContextConfig]
     options: Mapping[str, Any] = field(default_factory=dict)
     stages: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
-    control: bool = False
     trains: str = "the adapter"
     targets: tuple[Target, ...] = ()
 
@@ -224,11 +222,19 @@ class ContextMethod:
         return ()
 
     def train(
-        self, model, tokenizer, data: TrainingData, stages: Mapping[str, Any], work_dir: str, seed: int = 0
+        self,
+        model,
+        tokenizer,
+        data: TrainingData,
+        stages: Mapping[str, Any],
+        work_dir: str,
+        seed: int = 0,
+        callbacks: Optional[Sequence[Any]] = None,
     ) -> Optional[list]:
         """The method's training recipe: train the active adapter of ``model`` stage by stage (``stages``:
-        ``StageSettings`` by stage name) and return one ``StageReport`` per stage run. None (the default) means no
-        recipe of its own: ``peft_ctx.training.train_method`` then runs one QA stage on ``data.qa_rows``."""
+        ``StageSettings`` by stage name) and return one ``StageReport`` per stage run. ``callbacks`` (transformers
+        ``TrainerCallback``s) go to every stage's trainer (``peft_ctx.training.train_stage``). None (the default)
+        means no recipe of its own: ``peft_ctx.training.train_method`` then runs one QA stage on ``data.qa_rows``."""
         return None
 
 

@@ -590,16 +590,19 @@ def train_stage(
     name: str,
     seed: int = 0,
     collator=None,
+    callbacks=None,
 ) -> StageReport:
     """Train the active adapter of ``model`` for ``settings.steps`` steps on ``rows`` (the recipes' stage runner).
 
     The default batches are QA rows (``question``, ``answer``, passages as text in ``contexts``), left-padded so that
     every answer ends its row; the step computes logits for the answer span only; with ``a_kl`` > 0 the text-RAG
     teacher's top-k log-probs are computed once, before the first step. ``collator`` replaces the default (a recipe's
-    own ``ContextDataCollator``: xRAG's vectors, COCOM's pretraining).
+    own ``ContextDataCollator``: xRAG's vectors, COCOM's pretraining). ``callbacks`` go to the trainer; the stage's
+    ``name`` is its ``run_name``, so that a callback shared by several stages can tell them apart.
     """
     args = ContextSFTConfig(
         output_dir=output_dir,
+        run_name=name,
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
@@ -638,6 +641,7 @@ def train_stage(
         train_dataset=rows if isinstance(rows, Dataset) else Dataset.from_list(rows),
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=list(callbacks or []),
     )
     resume = last_complete_checkpoint(output_dir) if settings.save_steps else None
     start = time.perf_counter()
@@ -661,7 +665,14 @@ def train_stage(
 
 
 def train_qa(
-    model, tokenizer, qa_rows: list[dict], settings: StageSettings, work_dir: str, name: str, seed: int = 0
+    model,
+    tokenizer,
+    qa_rows: list[dict],
+    settings: StageSettings,
+    work_dir: str,
+    name: str,
+    seed: int = 0,
+    callbacks=None,
 ) -> list[StageReport]:
     """One QA stage of any method on (question, passages as text, answer) rows; the cached text-RAG teacher when
     ``a_kl`` > 0."""
@@ -678,15 +689,20 @@ def train_qa(
             output_dir=os.path.join(work_dir, "qa"),
             name=name,
             seed=seed,
+            callbacks=callbacks,
         )
     ]
 
 
-def train_method(method, model, tokenizer, data, stages, work_dir: str, seed: int = 0) -> list[StageReport]:
+def train_method(
+    method, model, tokenizer, data, stages, work_dir: str, seed: int = 0, callbacks=None
+) -> list[StageReport]:
     """Train with ``method``'s own recipe (``ContextMethod.train``), or with one QA stage (``stages["qa"]``) for a
     method that has none."""
-    reports = method.train(model, tokenizer, data, stages, work_dir, seed=seed)
+    reports = method.train(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)
     if reports is None:
         title = method.title or method.name
-        reports = train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, f"{title} (QA)", seed=seed)
+        reports = train_qa(
+            model, tokenizer, data.qa_rows, stages["qa"], work_dir, f"{title} (QA)", seed=seed, callbacks=callbacks
+        )
     return reports

@@ -13,7 +13,7 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from peft_ctx.harness import data, demo
+from peft_ctx.harness import curves, data, demo
 from peft_ctx.harness import eval as harness
 from peft_ctx.methods import TrainingData
 from peft_ctx.training import (
@@ -88,6 +88,7 @@ def tiny_context(tokenizer, encoder, tmp_path):
             corpus=[f"Document {i} says the sky was grey on day {i}." for i in range(8)],
             output_dir=output_dir,
             profile=profile,
+            validation_rows=tiny_rows(16)[12:] if profile.curve_points else [],
             base_name="org/tiny-llama",  # a Hub id, as the real demo records rather than its cache path
             encoder_name=encoder.name_or_path,
         )
@@ -231,7 +232,13 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
         assert set(harness.JSON_KEYS) <= set(row) and row["n_test"] == 4
     xrag = payload["rows"][2]
     assert [stage["name"] for stage in xrag["training"]] == ["xRAG paraphrase", "xRAG instruct"]
-    assert payload["controls"][0]["method"] == "xrag_wrong_passage"
+    # every row that reads passages is scored beside another question's passage; no retrieval reads none
+    assert "wrong_passage" not in payload["rows"][0]
+    for row in payload["rows"][1:]:
+        assert row["wrong_passage"]["method"] == f"{row['method']}_wrong_passage"
+        assert row["choice_accuracy_wrong_passage"] == row["wrong_passage"]["choice_accuracy"]
+        assert row["wrong_passage"]["n_choice"] == 4
+    assert "choice acc, wrong passage" in printed
     diagnostics = xrag["diagnostics"]  # the 4 test passages, each beside another one's vector
     assert diagnostics["paraphrase_nll"] > 0 and "paraphrase_nll_wrong_passage" in diagnostics
     assert payload["profile"] == "tiny" and payload["failed"] == {}
@@ -283,8 +290,10 @@ def test_data_without_choices_gets_generation_metrics_and_controls(tiny_context,
     monkeypatch.setattr(demo, "load_context", without_choices)
     payload = demo.run(tiny_profile(), str(tmp_path / "out"), methods=["xrag"])
     assert [r["choice_accuracy"] for r in payload["rows"]] == [None, None, None]
-    (control,) = payload["controls"]
-    assert control["choice_accuracy"] is None and 0.0 <= control["accuracy"] <= 1.0 and control["n_generate"] == 4
+    for row in payload["rows"][1:]:  # text RAG and xRAG: generation accuracy with another question's passage
+        control = row["wrong_passage"]
+        assert control["choice_accuracy"] is None and 0.0 <= control["accuracy"] <= 1.0 and control["n_generate"] == 4
+        assert row["accuracy_wrong_passage"] == control["accuracy"]
     assert payload["complete"] and payload["failed"] == {}
 
 
@@ -304,15 +313,70 @@ def test_a_late_failure_keeps_what_was_measured(tiny_context, tmp_path, monkeypa
     assert [r["method"] for r in saved["rows"]] == ["no_retrieval", "rag"]  # the baselines were kept
     assert set(saved["failed"]) == {"xrag", "spring"} and "out of patience" in saved["failed"]["xrag"]
 
-    def dying_in_the_control(*args, **kwargs):
-        raise KeyboardInterrupt  # the run itself dies (not a method failing)
+    def dying_in_the_last_row(model, tokenizer, runners, rows, settings):
+        if any(r.name == "spring" for r in runners):
+            raise KeyboardInterrupt  # the run itself dies (not a method failing)
+        return evaluate(model, tokenizer, runners, rows, settings)
 
-    monkeypatch.setattr(harness, "evaluate", evaluate)
-    monkeypatch.setattr(demo, "_wrong_passage_control", dying_in_the_control)
+    monkeypatch.setattr(harness, "evaluate", dying_in_the_last_row)
     with pytest.raises(KeyboardInterrupt):
-        demo.run(tiny_profile(), str(out), methods=["xrag"])
+        demo.run(tiny_profile(), str(out), methods=["xrag", "spring"])
     saved = json.loads((out / "results.json").read_text())
     assert not saved["complete"] and [r["method"] for r in saved["rows"]] == ["no_retrieval", "rag", "xrag"]
+
+
+def test_learning_curves_probe_every_entry_on_validation_rows_and_resume(tiny_context, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "load_context", tiny_context)
+    out, committed = tmp_path / "out", tmp_path / "committed" / "demo.json"
+    profile = tiny_profile(curve_points=[2, 4], curve_passages=3)
+    demo.run(profile, str(out), methods=["xrag", "cocom_xi4"], results_path=str(committed))
+    for folder in (out, committed.parent):
+        saved = json.loads((folder / "learning_curves.json").read_text())
+        assert (folder / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["questions"] == 4 and set(saved["entries"]) == {"xrag", "cocom_xi4"}
+    # untrained, at 2 and 4 examples (inside stage 1), then at the end of stage 2 (4 + 2 x 2)
+    xrag = saved["entries"]["xrag"]
+    assert [(r["stage"], r["examples"]) for r in xrag] == [
+        ("untrained", 0),
+        ("xRAG paraphrase", 2),
+        ("xRAG paraphrase", 4),
+        ("xRAG instruct", 8),
+    ]
+    for record in xrag:
+        assert 0 <= record["choice_accuracy"] <= 1 and 0 <= record["choice_accuracy_wrong_passage"] <= 1
+        assert record["n_choice"] == 4 and "paraphrase_nll_wrong_passage" in record
+    assert xrag[-1]["paraphrase_nll"] != xrag[0]["paraphrase_nll"]  # the probe sees the weights as they train
+    assert "autoencode_token_accuracy_no_context" in saved["entries"]["cocom_xi4"][-1]
+
+    # A resumed run keeps what its checkpoints keep: these stages save none, so training and the curve start over.
+    work_curve = out / "work" / "xrag" / "learning_curve.json"
+    records = json.loads(work_curve.read_text())["records"]
+    records[-1]["choice_accuracy"] = -1.0  # a marker: a record measured again is a new one
+    work_curve.write_text(json.dumps({"records": records}))
+    demo.run(profile, str(out), methods=["xrag"], resume=True)
+    again = json.loads(work_curve.read_text())["records"]
+    assert [r["examples"] for r in again] == [0, 2, 4, 8] and again[-1]["choice_accuracy"] >= 0
+
+
+def test_a_learning_curve_measures_once_per_point_passed(tmp_path):
+    from types import SimpleNamespace
+
+    calls = []
+    model = torch.nn.Linear(1, 1)
+    curve = curves.LearningCurve(
+        lambda m: calls.append(m.training) or {"x": 1.0}, [3, 5, 6], str(tmp_path / "c.json"), model
+    )
+    args = SimpleNamespace(run_name="s1", per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    state = SimpleNamespace(global_step=0)
+    curve.on_train_begin(args, state, None)
+    for step in (1, 2):
+        state.global_step = step
+        curve.on_step_end(args, state, None)
+    curve.on_train_end(args, state, None)
+    # step 1 (4 examples) passes 3; step 2 (8) passes 5 and 6 at once; the stage's end (8) is already measured
+    assert [r["examples"] for r in curve.records] == [4, 8] and calls == [False, False] and model.training
+    with pytest.raises(ValueError, match="positive"):
+        curves.LearningCurve(lambda m: {}, [0], str(tmp_path / "d.json"), model)
 
 
 def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):

@@ -335,8 +335,8 @@ class CocomMethod(ContextMethod):
         finally:
             tuner.unmerge_adapter()
 
-    def train(self, model, tokenizer, data, stages, work_dir, seed=0):
-        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+    def train(self, model, tokenizer, data, stages, work_dir, seed=0, callbacks=None):
+        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)
 
     def diagnostics(self, model, tokenizer, passages, encoder=None):
         return diagnostics(model, tokenizer, passages)

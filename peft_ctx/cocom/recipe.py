@@ -132,7 +132,9 @@ def collator(
     return ContextDataCollator(config, tokenizer, task="qa", distill=distill, **kwargs)
 
 
-def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0) -> list[StageReport]:
+def train(
+    model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0, callbacks=None
+) -> list[StageReport]:
     """Pretraining on ``data.corpus`` (auto-encoding + continuation), then QA on ``data.qa_rows`` (each stage's
     ``StageSettings`` in ``stages``; 0 steps skips it)."""
     reports = []
@@ -151,10 +153,13 @@ def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed
                 name="COCOM pretraining",
                 seed=seed,
                 collator=batches,
+                callbacks=callbacks,
             )
         )
     if "qa" in stages:
-        reports += train_qa(model, tokenizer, data.qa_rows, stages["qa"], work_dir, "COCOM (QA)", seed=seed)
+        reports += train_qa(
+            model, tokenizer, data.qa_rows, stages["qa"], work_dir, "COCOM (QA)", seed=seed, callbacks=callbacks
+        )
     return reports
 
 

@@ -38,7 +38,7 @@ from ..encoders import Encoder
 from ..hub import make_card
 from ..methods import Entry, Resources, TrainingData, registered_methods
 from ..training import StageReport, StageSettings, save_adapter, train_method
-from . import assets
+from . import assets, curves
 from . import eval as harness
 from .data import load_corpus, load_qa
 
@@ -59,8 +59,14 @@ class Profile:
     n_generate: int
     timing_examples: int
     max_context_chars: int
-    controls: bool = True  # also score entries with Entry.control reading another question's passage
+    controls: bool = True  # also score every row that reads passages on another question's passage
     diagnostic_passages: int = 16  # held-out test passages for the content diagnostics (ContextMethod.diagnostics)
+    # Learning curves (peft_ctx.harness.curves): each entry probed at these numbers of training examples seen (and
+    # untrained, and at the end of every stage) on the first curve_questions validation questions and curve_passages
+    # validation passages; none: no curve.
+    curve_points: list = field(default_factory=list)
+    curve_questions: int = 50
+    curve_passages: int = 8
     seed: int = 0
     stages: dict[str, dict[str, StageSettings]] = field(default_factory=dict)
 
@@ -83,7 +89,14 @@ def profiles() -> dict[str, Profile]:
     """The two profiles, built from the methods registered now (a method registered later is in the next call's)."""
     return {
         "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=3, max_context_chars=1000),
-        "reproduce": Profile(name="reproduce", n_test=100, n_generate=100, timing_examples=5, max_context_chars=1000),
+        "reproduce": Profile(
+            name="reproduce",
+            n_test=100,
+            n_generate=100,
+            timing_examples=5,
+            max_context_chars=1000,
+            curve_points=[64, 256, 1024, 4096, 16384],
+        ),
     }
 
 
@@ -98,6 +111,7 @@ class DemoContext:
     corpus: list
     output_dir: str
     profile: Profile
+    validation_rows: list = field(default_factory=list)  # the learning curves' held-out questions
     # What adapter configs record as their base model and encoder: Hub ids, which resolve on any machine.
     base_name: str = assets.SMOLLM2_HUB_ID
     encoder_name: str = assets.MINILM_HUB_ID
@@ -164,10 +178,12 @@ def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()
     corpus = load_corpus(sources.corpus)
     train_rows = [dict(r) for r in dataset["train"]]
     test_rows = [dict(r) for r in dataset["test"]][: profile.n_test]
+    n_curve = profile.curve_questions if profile.curve_points else 0
+    validation_rows = [dict(r) for r in dataset["validation"]][:n_curve]
     # Questions without a gold passage read the encoder's top-k corpus passages. Training keeps the rows that have
     # one; when none do, the rows the run trains on get retrieved ones too.
     train_rows = [r for r in train_rows if r["contexts"]] or train_rows[: _train_rows_needed(profile)]
-    hit = harness.add_retrieved_passages(train_rows + test_rows, encoder, corpus, k=sources.top_k)
+    hit = harness.add_retrieved_passages(train_rows + validation_rows + test_rows, encoder, corpus, k=sources.top_k)
     print(
         f"base model {sources.base_model} ({model_dir})\nencoder {sources.encoder} ({encoder.name_or_path})\n"
         f"data: {sources.data}: train {len(dataset['train'])} / validation {len(dataset['validation'])} / test "
@@ -185,6 +201,7 @@ def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()
         corpus=corpus,
         output_dir=output_dir,
         profile=profile,
+        validation_rows=validation_rows,
         base_name=assets.hub_id(sources.base_model),
         encoder_name=assets.hub_id(sources.encoder),
     )
@@ -246,6 +263,7 @@ def run(
 
     trained: dict[str, tuple[Any, Entry, list[StageReport], str]] = {}
     failures: dict[str, str] = {}
+    curves: dict[str, list[dict]] = {}
     for method, entry in entries:
         _step(f"Training {entry.label}")
         start = time.perf_counter()
@@ -255,8 +273,15 @@ def run(
             print(f"trainable parameters: {trainable:,}", flush=True)
             work_dir = os.path.join(output_dir, "work", entry.name)
             stages = profile.stages.get(entry.name, {})
-            reports = train_method(method, model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed)
+            curve = _learning_curve(model, method, entry, ctx, work_dir)
+            callbacks = [curve] if curve else []
+            reports = train_method(
+                method, model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed, callbacks=callbacks
+            )
             folder = save_adapter(model, os.path.join(output_dir, "adapters", entry.name), overwrite=True)
+            if curve:
+                curves[entry.name] = curve.records
+                _write_curves(curves, ctx, sources, results_path)
         except Exception as exc:  # one method's failure must not hide the others' results
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
                 raise
@@ -280,6 +305,7 @@ def run(
         n_generate=profile.n_generate,
         timing_examples=profile.timing_examples,
         diagnostic_passages=profile.diagnostic_passages,
+        wrong_passage=profile.controls,
     )
     base = ctx.base_model().eval()
     results = harness.evaluate(
@@ -293,7 +319,6 @@ def run(
         settings,
     )
     by_name = {r["method"]: r for r in results}
-    controls: list[dict] = []
 
     def payload(complete: bool) -> dict:
         harness.add_speedups(results)
@@ -306,7 +331,6 @@ def run(
             "complete": complete,  # False while rows are still being evaluated (or after a crash)
             "wall_time_s": round(time.perf_counter() - wall_start, 1),
             "rows": harness.json_rows(results),
-            "controls": harness.json_rows(controls),
             "failed": failures,
             "settings": {
                 "profile": dataclasses.asdict(profile),
@@ -350,9 +374,6 @@ def run(
             results.append(result)
             by_name[name] = result
             write()
-            if profile.controls and entry.control:
-                controls.append(_wrong_passage_control(model, ctx, runner, settings))
-                write()
             _card(model, entry, reports, by_name, ctx, sources)
         except Exception as exc:
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
@@ -366,7 +387,7 @@ def run(
     table = harness.markdown_table(results)
     _step(f"Results ({profile.name} profile, {len(ctx.test_rows)} test questions, wall time {wall / 60:.1f} min)")
     print(table)
-    for control in controls:
+    for control in (r["wrong_passage"] for r in results if r.get("wrong_passage")):
         scores = ", ".join(
             f"{title} {100 * control[key]:.1f}%"
             for title, key in (("choice accuracy", "choice_accuracy"), ("accuracy", "accuracy"))
@@ -391,34 +412,54 @@ def run(
     return result_payload
 
 
-def _wrong_passage_control(model, ctx: DemoContext, runner: harness.AdapterRunner, settings) -> dict:
-    """The adapter given the NEXT test question's passage: a score this high without the right passage is a shortcut
-    (the data always swaps the answer, so "not the remembered answer" is learnable without reading anything).
-    Choice accuracy where the data lists candidates; generation accuracy where it does not."""
-    rows = ctx.test_rows
-    shifted = [
-        dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-shifted") for i, r in enumerate(rows)
-    ]
-    result = {
-        "method": f"{runner.name}_wrong_passage",
-        "label": f"{runner.label} reading another question's passage (control)",
-        "n_test": len(shifted),
-        "choice_accuracy": None,
+def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str):
+    """The entry's LearningCurve on the validation questions and passages (None when the profile asks for no curve or
+    the data has no validation split), measured once untrained."""
+    if not (ctx.profile.curve_points and ctx.validation_rows):
+        if ctx.profile.curve_points:
+            print("no learning curve: the data has no validation split", flush=True)
+        return None
+    passages = list(dict.fromkeys(r["contexts"][0] for r in ctx.validation_rows if r["contexts"]))
+    measure = curves.probe(
+        ctx.tokenizer,
+        lambda m: harness.AdapterRunner(
+            name=entry.name,
+            label=entry.label,
+            adapter_name=m.active_adapter,
+            encoder=ctx.encoder if method.uses_encoder else None,
+            options=dict(entry.options),
+            serve=False,
+        ),
+        ctx.validation_rows,
+        passages[: ctx.profile.curve_passages],
+    )
+    curve = curves.LearningCurve(
+        measure, ctx.profile.curve_points, os.path.join(work_dir, "learning_curve.json"), model
+    )
+    curve.measure("untrained", 0)
+    return curve
+
+
+def _write_curves(curves_by_entry: dict, ctx: DemoContext, sources: Sources, results_path: Optional[str]) -> None:
+    """learning_curves.json / .png in the output folder (and beside ``results_path``), rewritten after every entry."""
+    payload = {
+        "profile": ctx.profile.name,
+        "task": f"{_task_name(sources)} (validation split, seed {ctx.profile.seed})",
+        "questions": len(ctx.validation_rows),
+        "passages": min(ctx.profile.curve_passages, len(ctx.validation_rows)),
+        "x": "training examples seen, over all of the entry's stages",
+        "entries": curves_by_entry,
     }
-    runner.precompute(model, ctx.tokenizer, shifted)
-    with_choices = [r for r in shifted if len(r["choices"]) >= 2]
-    if with_choices:
-        scores = harness.choice_scores(model, ctx.tokenizer, runner, with_choices, settings.batch_size)
-        result["choice_accuracy"] = harness.metrics.choice_accuracy(scores, [r["label"] for r in with_choices])
-        result["n_choice"] = len(with_choices)
-    else:
-        generated = shifted[: settings.n_generate] if settings.n_generate else shifted
-        predictions = harness.generate_answers(
-            model, ctx.tokenizer, runner, generated, settings.max_new_tokens, settings.batch_size
+    folders = [ctx.output_dir] + ([os.path.dirname(os.path.abspath(results_path))] if results_path else [])
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "learning_curves.json"), "w") as f:
+            json.dump(payload, f, indent=2)
+        curves.plot(
+            curves_by_entry,
+            os.path.join(folder, "learning_curves.png"),
+            title=f"{_model_name(sources)}, {_task_name(sources)}: held-out validation sample",
         )
-        result.update(harness.metrics.generation_scores(predictions, [r["answers"] for r in generated]))
-        result["n_generate"] = len(generated)
-    return result
 
 
 def auto_threads() -> int:

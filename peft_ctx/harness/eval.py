@@ -65,6 +65,7 @@ from .serving import ENGINES, OUTTYPES, llama_cpp_engine
 TABLE_COLUMNS = (
     ("method", "method"),
     ("choice acc", "choice_accuracy"),
+    ("choice acc, wrong passage", "choice_accuracy_wrong_passage"),
     ("accuracy", "accuracy"),
     ("EM", "em"),
     ("F1", "f1"),
@@ -87,6 +88,9 @@ class EvalSettings:
     timing_new_tokens: int = 12
     # Held-out passages (the test rows' first ones) for the content diagnostics (ContextMethod.diagnostics); 0: none.
     diagnostic_passages: int = 0
+    # Also score every row that reads passages on another question's passage (the next test row's): a score that
+    # holds up without the right passage comes from a shortcut, not from reading it.
+    wrong_passage: bool = False
     show_progress: bool = True
     # Who decodes the generation and timing rows: "torch" (model.generate) or "llama.cpp" (LlamaCppEngine on a GGUF
     # of each row's export, written under engine_dir). Choice accuracy and the diagnostics score with torch.
@@ -131,6 +135,10 @@ class Runner:
     def config(self):
         return None
 
+    @property
+    def reads_passages(self) -> bool:
+        return True
+
 
 @dataclass
 class TextRunner(Runner):
@@ -142,6 +150,10 @@ class TextRunner(Runner):
     system_prompt: Optional[str] = None
     use_chat_template: bool = True
     adapter_config: Any = None
+
+    @property
+    def reads_passages(self) -> bool:
+        return self.use_context
 
     def activate(self, model):
         disable = getattr(model, "disable_adapter", None)
@@ -359,15 +371,62 @@ def evaluate_runner(model, tokenizer, runner: Runner, rows: Sequence[dict], sett
         raise ValueError("No test rows to evaluate.")
     serving = contextlib.nullcontext()
     diagnostics = None
+    shifted = wrong_passage_rows(rows) if settings.wrong_passage and runner.reads_passages else None
     if isinstance(runner, AdapterRunner):
         if settings.diagnostic_passages:
             diagnostics = content_diagnostics(model, tokenizer, runner, rows, settings.diagnostic_passages)
-        runner.precompute(model, tokenizer, rows)
+        runner.precompute(model, tokenizer, rows + (shifted or []))
         serving = runner.serving(model)
     with serving:
         result = _evaluate_prepared(model, tokenizer, runner, rows, settings)
+        if shifted:
+            control = wrong_passage_control(model, tokenizer, runner, shifted, settings)
+            result["wrong_passage"] = control
+            for key in ("choice_accuracy", "accuracy"):
+                if control.get(key) is not None:
+                    result[f"{key}_wrong_passage"] = control[key]
     if diagnostics is not None:
         result["diagnostics"] = diagnostics
+    return result
+
+
+def wrong_passage_rows(rows: Sequence[dict]) -> Optional[list[dict]]:
+    """Each row with the NEXT row's passages (and its own question, choices and answers); None for fewer than two
+    rows, where there is no other passage."""
+    rows = list(rows)
+    if len(rows) < 2:
+        return None
+    return [
+        dict(r, contexts=rows[(i + 1) % len(rows)]["contexts"], id=f"{r['id']}-wrong-passage")
+        for i, r in enumerate(rows)
+    ]
+
+
+def score_rows(model, tokenizer, runner: Runner, rows: Sequence[dict], settings: EvalSettings) -> dict[str, float]:
+    """Choice accuracy where the rows list candidate answers, else generation accuracy (on the first
+    ``settings.n_generate`` rows), with the counts they were measured on."""
+    with_choices = [r for r in rows if len(r["choices"]) >= 2]
+    if with_choices:
+        scores = choice_scores(model, tokenizer, runner, with_choices, settings.batch_size)
+        accuracy = metrics.choice_accuracy(scores, [r["label"] for r in with_choices])
+        return {"choice_accuracy": accuracy, "n_choice": len(with_choices)}
+    generated = list(rows[: settings.n_generate] if settings.n_generate else rows)
+    predictions = generate_answers(model, tokenizer, runner, generated, settings.max_new_tokens, settings.batch_size)
+    return {**metrics.generation_scores(predictions, [r["answers"] for r in generated]), "n_generate": len(generated)}
+
+
+def wrong_passage_control(model, tokenizer, runner: Runner, shifted: Sequence[dict], settings: EvalSettings) -> dict:
+    """The control of one row: the same questions read with another question's passage (``wrong_passage_rows``),
+    scored by ``score_rows``. On this data the answer is always swapped away from the one the model remembers, so "not
+    the remembered answer" is learnable without reading anything: a method that has learned only that scores as high
+    here as with the right passage."""
+    result: dict[str, Any] = {
+        "method": f"{runner.name}_wrong_passage",
+        "label": f"{runner.label} reading another question's passage (control)",
+        "n_test": len(shifted),
+        "choice_accuracy": None,
+    }
+    result.update(score_rows(model, tokenizer, runner, shifted, settings))
     return result
 
 
@@ -461,7 +520,7 @@ def _summary(result: dict) -> str:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key in ("choice_accuracy", "accuracy", "em", "f1"):
+    if key in ("choice_accuracy", "choice_accuracy_wrong_passage", "accuracy", "em", "f1"):
         return f"{100 * value:.1f}%"
     if key == "prompt_tokens":
         return f"{value:.1f}"
@@ -592,6 +651,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--timing_examples", type=int, default=10)
     parser.add_argument("--no_baselines", action="store_true", help="skip the no-retrieval and text-RAG rows")
     parser.add_argument(
+        "--wrong_passage",
+        action="store_true",
+        help="also score every row that reads passages with another question's passage (the control)",
+    )
+    parser.add_argument(
         "--engine", default="torch", choices=ENGINES, help="who decodes the generation and timing rows (every row)"
     )
     parser.add_argument("--engine_dir", default=None, help="folder for the llama.cpp exports (default: a temp dir)")
@@ -659,6 +723,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         timing_examples=args.timing_examples,
+        wrong_passage=args.wrong_passage,
         engine=args.engine,
         engine_dir=engine_dir,
         gguf_type=args.gguf_type,

@@ -129,8 +129,8 @@ class XRAGMethod(ContextMethod):
         vectors = encoder.encode(list(passages), batch_size=32, show_progress=False)  # [n_passages, d_r]
         return PassageIndex(list(vectors), lambda path: save_vectors(path, vectors, encoder=encoder))
 
-    def train(self, model, tokenizer, data, stages, work_dir, seed=0):
-        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed)
+    def train(self, model, tokenizer, data, stages, work_dir, seed=0, callbacks=None):
+        return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)
 
     def diagnostics(self, model, tokenizer, passages, encoder=None):
         if encoder is None:
@@ -138,7 +138,7 @@ class XRAGMethod(ContextMethod):
         return diagnostics(model, tokenizer, passages, encoder)
 
     def demo_entries(self):
-        return (Entry("xrag", "xRAG (1 token)", _config, stages=_DEMO_STAGES, control=True),)
+        return (Entry("xrag", "xRAG (1 token)", _config, stages=_DEMO_STAGES),)
 
     def benchmark_entries(self):
         return (

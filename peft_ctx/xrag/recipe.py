@@ -72,7 +72,9 @@ def collator(config, tokenizer, stage: str, *, distill: bool = False, **kwargs: 
     )
 
 
-def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0) -> list[StageReport]:
+def train(
+    model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed: int = 0, callbacks=None
+) -> list[StageReport]:
     """Both stages on the active adapter: paraphrase on ``data.corpus``, then QA with self-distillation on
     ``data.qa_rows`` (each stage's ``StageSettings`` in ``stages``; 0 steps skips it)."""
     reports = []
@@ -106,6 +108,7 @@ def train(model, tokenizer, data, stages: Mapping[str, Any], work_dir: str, seed
                 name=f"xRAG {stage}",
                 seed=seed,
                 collator=batches,
+                callbacks=callbacks,
             )
         )
     return reports

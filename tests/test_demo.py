@@ -239,6 +239,9 @@ def test_the_demo_trains_evaluates_and_writes_table_json_plot_and_cards(tiny_con
         assert row["choice_accuracy_wrong_passage"] == row["wrong_passage"]["choice_accuracy"]
         assert row["wrong_passage"]["n_choice"] == 4
     assert "choice acc, wrong passage" in printed
+    for row in payload["rows"]:  # timed at the end, interleaved, with the spread
+        assert row["timed_examples"] == 1 and row["e2e_p25_s"] <= row["e2e_s"] <= row["e2e_p75_s"]
+        assert row["ttft_s"] > 0 and row["speedup_vs_rag"] > 0
     diagnostics = xrag["diagnostics"]  # the 4 test passages, each beside another one's vector
     assert diagnostics["paraphrase_nll"] > 0 and "paraphrase_nll_wrong_passage" in diagnostics
     assert payload["profile"] == "tiny" and payload["failed"] == {}
@@ -356,6 +359,24 @@ def test_learning_curves_probe_every_entry_on_validation_rows_and_resume(tiny_co
     demo.run(profile, str(out), methods=["xrag"], resume=True)
     again = json.loads(work_curve.read_text())["records"]
     assert [r["examples"] for r in again] == [0, 2, 4, 8] and again[-1]["choice_accuracy"] >= 0
+
+
+def test_interleaved_timing_rotates_the_rows_and_reports_quartiles(monkeypatch):
+    order = []
+    seconds = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def timed(model, tokenizer, runner, row, new_tokens, engine=None):
+        order.append((row["id"], runner.name, new_tokens))
+        return seconds[runner.name] * new_tokens + int(row["id"])
+
+    monkeypatch.setattr(harness, "_timed", timed)
+    runners = [(None, harness.TextRunner(name, name, use_context=False)) for name in "abc"]
+    rows = [{"id": str(i)} for i in range(4)]
+    out = harness.interleaved_latency(runners, None, rows, new_tokens=10)
+    timed_order = [name for row, name, n in order[3:] if n == 10]  # after one warm-up call each
+    assert timed_order == list("abcbcacababc")
+    assert out["b"]["e2e_s"] == 21.5 and out["b"]["e2e_p25_s"] == 20.75 and out["b"]["e2e_p75_s"] == 22.25
+    assert out["a"]["ttft_s"] == 2.5 and out["c"]["timed_examples"] == 4
 
 
 def test_a_learning_curve_measures_once_per_point_passed(tmp_path):

@@ -88,12 +88,12 @@ def demo_entries() -> list[tuple[Any, Entry]]:
 def profiles() -> dict[str, Profile]:
     """The two profiles, built from the methods registered now (a method registered later is in the next call's)."""
     return {
-        "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=3, max_context_chars=1000),
+        "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=8, max_context_chars=1000),
         "reproduce": Profile(
             name="reproduce",
             n_test=100,
             n_generate=100,
-            timing_examples=5,
+            timing_examples=20,
             max_context_chars=1000,
             curve_points=[64, 256, 1024, 4096, 16384],
         ),
@@ -303,21 +303,18 @@ def run(
     settings = harness.EvalSettings(
         n_test=len(ctx.test_rows),
         n_generate=profile.n_generate,
-        timing_examples=profile.timing_examples,
+        timing_examples=0,  # timed at the end, every row interleaved with the others (harness.interleaved_latency)
         diagnostic_passages=profile.diagnostic_passages,
         wrong_passage=profile.controls,
     )
     base = ctx.base_model().eval()
-    results = harness.evaluate(
-        base,
-        ctx.tokenizer,
-        [
-            harness.TextRunner("no_retrieval", "no retrieval", use_context=False),
-            harness.TextRunner("rag", "text RAG (upper bound)", use_context=True),
-        ],
-        ctx.test_rows,
-        settings,
-    )
+    baselines = [
+        harness.TextRunner("no_retrieval", "no retrieval", use_context=False),
+        harness.TextRunner("rag", "text RAG (upper bound)", use_context=True),
+    ]
+    results = harness.evaluate(base, ctx.tokenizer, baselines, ctx.test_rows, settings)
+    timed: list[tuple[Any, harness.Runner]] = [(base, runner) for runner in baselines]
+    carded: list[tuple[Any, Entry, list[StageReport]]] = []
     by_name = {r["method"]: r for r in results}
 
     def payload(complete: bool) -> dict:
@@ -375,6 +372,8 @@ def run(
             by_name[name] = result
             write()
             _card(model, entry, reports, by_name, ctx, sources)
+            timed.append((model, runner))
+            carded.append((model, entry, reports))
         except Exception as exc:
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
                 raise
@@ -383,6 +382,18 @@ def run(
             write()
         del model
 
+    if profile.timing_examples:
+        timing_rows = ctx.test_rows[: profile.timing_examples]
+        _step(f"Timing: {len(timing_rows)} questions, batch 1, every row in turn")
+        for name, timing in harness.interleaved_latency(
+            timed, ctx.tokenizer, timing_rows, settings.timing_new_tokens
+        ).items():
+            by_name[name].update(timing)
+        harness.add_speedups(results)
+        write()
+        for model, entry, reports in carded:  # again, now with the latencies
+            _card(model, entry, reports, by_name, ctx, sources)
+    del timed, carded
     wall = time.perf_counter() - wall_start
     table = harness.markdown_table(results)
     _step(f"Results ({profile.name} profile, {len(ctx.test_rows)} test questions, wall time {wall / 60:.1f} min)")

@@ -72,6 +72,7 @@ TABLE_COLUMNS = (
     ("prompt tokens", "prompt_tokens"),
     ("TTFT (s)", "ttft_s"),
     ("e2e latency (s)", "e2e_s"),
+    ("e2e p25-p75 (s)", "e2e_spread"),
     ("speed-up vs RAG", "speedup_vs_rag"),
 )
 
@@ -339,23 +340,65 @@ def latency(
     if not rows:
         return None, None
     ttft, e2e = [], []
-    pad = pad_token_id(tokenizer)
     with runner.activate(model):
-
-        def once(row, n):
-            start = time.perf_counter()
-            batch = _batch(runner, model, tokenizer, runner.examples(model, tokenizer, [row]), "left")
-            if engine is not None:
-                engine_answers(engine, model, tokenizer, batch_prompts(model, batch), n, min_new_tokens=n)
-            else:
-                model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
-            return time.perf_counter() - start
-
-        once(rows[0], 2)  # warm-up: first-call allocations
+        _timed(model, tokenizer, runner, rows[0], 2, engine)  # warm-up: first-call allocations
         for row in rows:
-            ttft.append(once(row, 1))
-            e2e.append(once(row, new_tokens))
+            ttft.append(_timed(model, tokenizer, runner, row, 1, engine))
+            e2e.append(_timed(model, tokenizer, runner, row, new_tokens, engine))
     return statistics.median(ttft), statistics.median(e2e)
+
+
+def _timed(model, tokenizer, runner: Runner, row: dict, new_tokens: int, engine=None) -> float:
+    """Seconds to answer one question with exactly ``new_tokens`` new tokens, the prompt built and tokenised inside
+    the timing (the runner already active)."""
+    start = time.perf_counter()
+    batch = _batch(runner, model, tokenizer, runner.examples(model, tokenizer, [row]), "left")
+    if engine is not None:
+        engine_answers(engine, model, tokenizer, batch_prompts(model, batch), new_tokens, min_new_tokens=new_tokens)
+    else:
+        pad = pad_token_id(tokenizer)
+        model.generate(
+            **batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad
+        )
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def interleaved_latency(
+    timed: Sequence[tuple[Any, Runner]], tokenizer, rows: Sequence[dict], new_tokens: int = 12
+) -> dict[str, dict[str, float]]:
+    """Time to first token and end-to-end latency (batch 1) of several rows of the table, interleaved: question by
+    question, every (model, runner) in turn, the order rotated from one question to the next, so that a machine
+    that slows down or speeds up during the run moves every row alike. Each runner's passages must be indexed
+    (``precompute``) and each adapter is timed as it is served (``AdapterRunner.serving``).
+
+    Returns per runner name the median and the 25th / 75th percentiles (``ttft_s``, ``e2e_s``, ``ttft_p25_s`` ...).
+    """
+    rows = list(rows)
+    if not rows or not timed:
+        return {}
+    times: dict[str, dict[str, list[float]]] = {runner.name: {"ttft": [], "e2e": []} for _, runner in timed}
+    with contextlib.ExitStack() as stack:
+        for model, runner in timed:
+            if isinstance(runner, AdapterRunner):
+                stack.enter_context(runner.serving(model))
+        for model, runner in timed:  # warm-up: first-call allocations
+            with runner.activate(model):
+                _timed(model, tokenizer, runner, rows[0], 2)
+        for i, row in enumerate(tqdm(rows, desc="Timing, interleaved")):
+            for model, runner in timed[i % len(timed) :] + timed[: i % len(timed)]:
+                with runner.activate(model):
+                    times[runner.name]["ttft"].append(_timed(model, tokenizer, runner, row, 1))
+                    times[runner.name]["e2e"].append(_timed(model, tokenizer, runner, row, new_tokens))
+    out = {}
+    for name, measured in times.items():
+        out[name] = {"timed_examples": len(rows)}
+        for key, values in measured.items():
+            quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+            out[name].update(
+                {f"{key}_s": statistics.median(values), f"{key}_p25_s": quartiles[0], f"{key}_p75_s": quartiles[-1]}
+            )
+    return out
 
 
 def prompt_tokens(model, tokenizer, runner: Runner, rows: Sequence[dict]) -> float:
@@ -512,7 +555,7 @@ def add_speedups(results: list[dict]) -> None:
 
 def _summary(result: dict) -> str:
     parts = []
-    for title, key in TABLE_COLUMNS[1:6]:
+    for title, key in TABLE_COLUMNS[1:7]:
         parts.append(f"{title} {_fmt(key, result.get(key))}")
     return ", ".join(parts)
 
@@ -537,6 +580,8 @@ def markdown_table(results: Sequence[dict]) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
     ]
     for r in results:
+        if r.get("e2e_p25_s") is not None:
+            r = {**r, "e2e_spread": f"{r['e2e_p25_s']:.3f}-{r['e2e_p75_s']:.3f}"}
         cells = [r.get("label", r["method"])] + [_fmt(key, r.get(key)) for _, key in TABLE_COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -259,6 +259,33 @@ def test_choice_scores_do_not_depend_on_batching_or_padding(tokenizer, rows):
     assert torch.allclose(torch.tensor(one), torch.tensor(many), atol=1e-4)
 
 
+def test_the_wrong_passage_control_reads_the_next_questions_passage(tokenizer, encoder, rows):
+    shifted = harness.wrong_passage_rows(rows)
+    assert [r["contexts"] for r in shifted] == [r["contexts"] for r in rows[1:] + rows[:1]]
+    assert [(r["question"], r["choices"], r["label"]) for r in shifted] == [
+        (r["question"], r["choices"], r["label"]) for r in rows
+    ]
+    assert harness.wrong_passage_rows(rows[:1]) is None  # one question has no other passage
+    model = tiny_model("llama", tokenizer)
+    settings = harness.EvalSettings(n_test=len(rows), max_new_tokens=2, timing_examples=0, wrong_passage=True)
+    labels = [r["label"] for r in rows]
+    rag = harness.TextRunner("rag", "text RAG")
+    result = harness.evaluate_runner(model, tokenizer, rag, rows, settings)
+    scores = harness.choice_scores(model, tokenizer, rag, shifted)
+    assert scores != harness.choice_scores(model, tokenizer, rag, rows)  # the passage moves the scores
+    assert result["choice_accuracy_wrong_passage"] == metrics.choice_accuracy(scores, labels)
+    assert result["wrong_passage"]["n_choice"] == len(rows)
+    plain = harness.TextRunner("no_retrieval", "no retrieval", use_context=False)
+    assert "wrong_passage" not in harness.evaluate_runner(model, tokenizer, plain, rows, settings)
+    # an adapter row: its passages indexed (xRAG vectors) for both readings
+    xrag = get_peft_model(model, peft_ctx.XRAGConfig(**encoder.describe()))
+    runner = harness.AdapterRunner(name="xrag", label="xRAG", adapter_name="default", encoder=encoder)
+    result = harness.evaluate_runner(xrag, tokenizer, runner, rows, settings)
+    reference = harness.AdapterRunner(name="xrag", label="xRAG", adapter_name="default", encoder=encoder)
+    expected = metrics.choice_accuracy(harness.choice_scores(xrag, tokenizer, reference, shifted), labels)
+    assert result["choice_accuracy_wrong_passage"] == expected
+
+
 @pytest.mark.parametrize("light", [False, True], ids=["cocom", "cocom_light"])
 def test_cocom_passages_compressed_once_score_and_generate_like_compression_on_the_fly(
     tokenizer, encoder, rows, light
@@ -403,6 +430,7 @@ def test_the_command_line_evaluates_a_saved_adapter_and_writes_json(tokenizer, e
         "2",
         "--timing_examples",
         "1",
+        "--wrong_passage",
         "--output",
         str(out),
     ]
@@ -411,6 +439,7 @@ def test_the_command_line_evaluates_a_saved_adapter_and_writes_json(tokenizer, e
     payload = json.loads(out.read_text())
     assert [r["method"] for r in payload["rows"]] == ["no_retrieval", "rag", "xrag"]
     assert payload["rows"][2]["n_test"] == 3 and "torch" in payload["versions"]
+    assert [("wrong_passage" in r) for r in payload["rows"]] == [False, True, True]
     assert "| xrag (adapter) |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         harness.main(argv)  # the results file exists and --overwrite was not given

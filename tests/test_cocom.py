@@ -781,3 +781,35 @@ def test_every_trainable_weight_set_is_fp32_on_a_bf16_base(tokenizer, separate):
         n: d for n, d in trainable.items() if d != torch.float32
     }
     assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16  # the base stays as loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("separate", [False, True], ids=["shared_lora", "separate_compressor_lora"])
+def test_gradient_checkpointing_gives_the_plain_backward_gradients(tokenizer, separate, reentrant, dtype):
+    """The recomputation of a compression layer runs with the LoRA the compression ran with (the compressor's), not
+    the one active when the backward pass reaches it (the decoder's)."""
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model, _ = cocom_model("llama", tokenizer, separate_compressor_adapter=separate)
+        model.get_base_model().to(dtype)  # the trainable weights stay fp32 (autocast-free: a bf16 base)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()  # PEFT's path: reentrant checkpoints need an input that requires grad
+        model.train()
+        inputs = peft_ctx.prepare_inputs(
+            model, tokenizer, QUESTIONS, PASSAGES, answers=["blue", "red", "green"][: len(QUESTIONS)]
+        )
+        model(**inputs).loss.backward()
+        return {
+            n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert set(plain) == set(checkpointed) and any("__compressor" in n for n in plain) == separate
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
+    wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], **tolerance)]
+    assert not wrong, f"{len(wrong)} of {len(plain)} gradients differ, e.g. {wrong[:3]}"

@@ -9,12 +9,14 @@ filling, with the gradient flowing into the compressor; ``slot_embeddings`` then
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -220,13 +222,41 @@ class CocomMethod(ContextMethod):
                         "compressing, or compress beforehand (peft_ctx.compress) and pass the CompressedIndex."
                     )
                 switched.append((module, module._active_adapter))
-                # Not set_adapter: that would also flip requires_grad, and both LoRAs train.
+
+        @contextlib.contextmanager
+        def compressor_active():
+            # Not set_adapter: that would also flip requires_grad, and both LoRAs train.
+            previous = [module._active_adapter for module, _ in switched]
+            for module, _ in switched:
                 module._active_adapter = [companion]
+            try:
+                yield
+            finally:
+                for (module, _), active in zip(switched, previous):
+                    module._active_adapter = active
+
+        # Under gradient checkpointing the backward pass recomputes each compression layer after this context has
+        # ended, when the decoder's LoRA is active again: wrong gradients in fp32, a CheckpointError in bf16. For the
+        # compression pass the checkpointed layers get a checkpoint whose recomputation selects the compressor's
+        # LoRA too (non-reentrant: only that kind takes a context for the recomputation).
+        checkpointed = [
+            (layer, layer._gradient_checkpointing_func)
+            for layer in model.modules()
+            if getattr(layer, "gradient_checkpointing", False) and hasattr(layer, "_gradient_checkpointing_func")
+        ]
+        recompute = functools.partial(
+            torch.utils.checkpoint.checkpoint,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), compressor_active()),
+        )
+        for layer, _ in checkpointed:
+            layer._gradient_checkpointing_func = recompute
         try:
-            yield
+            with compressor_active():
+                yield
         finally:
-            for module, active in switched:
-                module._active_adapter = active
+            for layer, function in checkpointed:
+                layer._gradient_checkpointing_func = function
 
     def slot_embeddings(self, module: nn.Module, context_mask, inputs, dtype) -> torch.Tensor:
         marker = module.ae_marker  # [1, hidden]

@@ -18,6 +18,7 @@ def script_args(script, base_dir, encoder_dir, output_dir, per_device_batch):
     common = [
         "--model_name_or_path", str(base_dir), "--output_dir", str(output_dir), "--max_steps", "4",
         "--per_device_train_batch_size", str(per_device_batch), "--learning_rate", "0.01", "--disable_tqdm", "true",
+        "--dtype", "fp32",  # the shipped configs say auto; these runs compare adapters exactly, on any CPU
         "--dataset_name", "train/data/example_stage2.jsonl",
     ]  # fmt: skip
     if script == "xrag":

@@ -23,6 +23,7 @@ def script_command(script, base_dir, encoder_dir, output_dir, *extra):
         "--model_name_or_path", str(base_dir), "--dataset_name", "train/data/example_stage2.jsonl",
         "--output_dir", str(output_dir), "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2",
         "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--disable_tqdm", "true",
+        "--dtype", "fp32",  # the shipped configs say auto; these runs compare adapters exactly, on any CPU
         "--dataloader_num_workers", "0", *extra,
     ]  # fmt: skip
     if script == "xrag":

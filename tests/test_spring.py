@@ -515,3 +515,49 @@ def test_readme_spring_section_runs_as_written(tokenizer, tmp_path, monkeypatch)
         assert torch.equal(loaded(**inputs).logits, namespace["model"](**inputs).logits)
         plain = peft_ctx.prepare_inputs(loaded, tokenizer, questions)
         assert torch.equal(loaded(**plain).logits, reference(**plain).logits)
+
+
+def test_train_script_loads_the_base_in_bf16_with_the_adapter_in_fp32(tokenizer, tmp_path, monkeypatch):
+    base_dir = tmp_path / "base"
+    tiny_model("llama", tokenizer).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in qa_rows(4)))
+    monkeypatch.chdir(REPO)
+    script = load_script(monkeypatch)
+    built = []
+    build_adapter_model = script.build_adapter_model
+
+    def recorded(*args, **kwargs):  # the script's own build_model, its base model and adapter kept for the checks
+        built.append(build_adapter_model(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(script, "build_adapter_model", recorded)
+    argv = [
+        "--config", "train/configs/spring.yaml", "--model_name_or_path", str(base_dir), "--dataset_name", str(data),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--num_virtual_tokens", "4", "--disable_tqdm", "true", "--dtype", "bf16", "--attn_implementation", "eager",
+    ]  # fmt: skip
+    out = script.main(argv)
+    (model,) = built
+    assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16
+    assert model.get_base_model().config._attn_implementation == "eager"
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}
+    assert isinstance(PeftConfig.from_pretrained(out), peft_ctx.SpringConfig)
+
+
+def test_dtype_auto_is_measured_on_the_cpu_and_bad_names_are_refused(monkeypatch):
+    from peft_ctx import scripts
+
+    assert scripts.resolve_dtype("fp16") == torch.float16 and scripts.resolve_dtype("fp32") == torch.float32
+    monkeypatch.setattr(scripts.torch.cuda, "is_available", lambda: False)
+    for speedup, expected in ((2.0, torch.bfloat16), (1.2, torch.float32), (0.1, torch.float32)):
+        monkeypatch.setattr(scripts, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert scripts.resolve_dtype("auto") == expected
+    monkeypatch.undo()
+    assert scripts.cpu_bf16_speedup(size=64, repeats=3) > 0  # measured here, whatever this CPU has
+    with pytest.raises(ValueError, match="dtype='half'; choose auto, bf16, fp16, fp32"):
+        scripts.ModelArguments(dtype="half")
+    with pytest.raises(ValueError, match="dtype='half'"):
+        scripts.resolve_dtype("half")

@@ -40,7 +40,14 @@ import peft_ctx
 from peft_ctx.cocom import CocomConfig, recipe
 from peft_ctx.harness.data import load_corpus
 from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
+from peft_ctx.scripts import (
+    ModelArguments,
+    build_adapter_model,
+    load_rows,
+    refuse_existing_adapter,
+    require_columns,
+    train_and_save,
+)
 from peft_ctx.training import ContextSFTConfig
 
 STAGES = recipe.STAGES
@@ -110,7 +117,7 @@ def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
     return kept
 
 
-def build_model(script_args: ScriptArguments):
+def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] = None):
     def make_config():
         return CocomConfig(
             compression_rate=script_args.compression_rate,
@@ -123,12 +130,14 @@ def build_model(script_args: ScriptArguments):
             base_model_name_or_path=script_args.model_name_or_path,
         )
 
-    return build_adapter_model(script_args.model_name_or_path, script_args.adapter_init, CocomConfig, make_config)
+    return build_adapter_model(
+        script_args.model_name_or_path, script_args.adapter_init, CocomConfig, make_config, loading
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ContextSFTConfig))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
+    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
+    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     if script_args.stage == "pretrain" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (qa); pretraining has no text-RAG teacher.")
@@ -139,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     dataset = prepare_rows(dataset, script_args.stage, script_args.top_k)
     set_seed(training_args.seed)  # the new adapter's initialisation is part of the run's reproducibility
-    model = build_model(script_args)
+    model = build_model(script_args, loading)
     config = model.active_peft_config
     collator = recipe.collator(
         config,

@@ -25,7 +25,14 @@ from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, require_columns, train_and_save
+from peft_ctx.scripts import (
+    ModelArguments,
+    build_adapter_model,
+    load_rows,
+    refuse_existing_adapter,
+    require_columns,
+    train_and_save,
+)
 from peft_ctx.spring.method import check_range
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 
@@ -62,7 +69,7 @@ class ScriptArguments:
             )
 
 
-def build_model(script_args: ScriptArguments):
+def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] = None):
     def make_config():
         return peft_ctx.SpringConfig(
             num_virtual_tokens=script_args.num_virtual_tokens,
@@ -72,13 +79,13 @@ def build_model(script_args: ScriptArguments):
         )
 
     return build_adapter_model(
-        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.SpringConfig, make_config
+        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.SpringConfig, make_config, loading
     )
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ContextSFTConfig))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
+    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
+    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
     dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
@@ -88,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         limit = script_args.max_passages
         dataset = dataset.map(lambda row: {"contexts": row["contexts"][:limit]}, desc="Keeping the top passages")
     set_seed(training_args.seed)  # the new tokens' initialisation is part of the run's reproducibility
-    model = build_model(script_args)
+    model = build_model(script_args, loading)
     config = model.active_peft_config
     # Checked now rather than at the first batch.
     virtual_tokens_range = check_range(

@@ -30,7 +30,7 @@ from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import build_adapter_model, load_rows, refuse_existing_adapter, train_and_save
+from peft_ctx.scripts import ModelArguments, build_adapter_model, load_rows, refuse_existing_adapter, train_and_save
 from peft_ctx.training import ContextSFTConfig
 from peft_ctx.xrag import recipe
 
@@ -64,7 +64,7 @@ class ScriptArguments:
             raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
 
 
-def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
+def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading: Optional[ModelArguments] = None):
     def make_config():
         return peft_ctx.XRAGConfig(
             projector_type=script_args.projector_type,
@@ -73,15 +73,15 @@ def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder):
         )
 
     model = build_adapter_model(
-        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.XRAGConfig, make_config
+        script_args.model_name_or_path, script_args.adapter_init, peft_ctx.XRAGConfig, make_config, loading
     )
     encoder.check_compatible(model.active_peft_config)  # a stage-1 adapter made with another retriever
     return model
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ContextSFTConfig))
-    script_args, training_args = parser.parse_args_and_config(args=argv)
+    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
+    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
     encoder = peft_ctx.Encoder(script_args.encoder_name_or_path, pooling=script_args.encoder_pooling)
@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     dataset = recipe.encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
     set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
-    model = build_model(script_args, encoder)
+    model = build_model(script_args, encoder, loading)
     collator = recipe.collator(
         model.active_peft_config,
         tokenizer,

@@ -1,0 +1,62 @@
+"""What training at scale relies on, checked on tiny models on the CPU for every method: a bf16 base trains with fp32
+adapter tensors, and gradient checkpointing is exact (the same gradients as a plain backward pass, through PEFT's
+``enable_input_require_grads`` path (reentrant checkpoints) and non-reentrant ones; COCOM's dtype x reentrancy matrix
+with a separate compressor LoRA is in test_cocom.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_ctx
+from tests.helpers import changed, snapshot, tiny_model
+from tests.test_serving import METHODS, _build, _encoder, _perturb
+
+QUESTIONS = ["What colour is the sky?", "Who wrote the letter?"]
+PASSAGES = [["The sky was green all day long in the story."], ["The letter was written by Ada in the spring."]]
+ANSWERS = ["green", "Ada"]
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_checkpointed_gradients_equal_the_plain_ones(method, arch, reentrant, tokenizer, encoder_dir, encoder):
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = _build(method, arch, tokenizer, encoder_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        inputs = peft_ctx.prepare_inputs(
+            model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=_encoder(method, encoder)
+        )
+        model(**inputs).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain and set(plain) == set(checkpointed)
+    wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], rtol=1e-4, atol=1e-6)]
+    assert not wrong, f"{len(wrong)} of {len(plain)} gradients differ, e.g. {wrong[:3]}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_bf16_base_trains_a_step_with_fp32_adapter_tensors(method, tokenizer, encoder_dir, encoder):
+    base = tiny_model("llama", tokenizer, initializer_range=0.2).to(torch.bfloat16)
+    model = _perturb(get_peft_model(base, METHODS[method](encoder_dir)))  # the tuner keeps its tensors fp32
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    before = snapshot(model)
+    model.train()
+    inputs = peft_ctx.prepare_inputs(
+        model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=_encoder(method, encoder)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    torch.optim.AdamW(trainable, lr=1e-3).step()
+    moved = changed(before, model)
+    assert moved and not moved & frozen  # adapter parameters changed, the base did not
+    assert {p.dtype for p in trainable} == {torch.float32}

@@ -18,9 +18,13 @@ PASSAGES = [["The sky was green all day long in the story."], ["The letter was w
 ANSWERS = ["green", "Ada"]
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+# Both kinds of checkpoint on llama; PEFT's usual (reentrant) one on gpt2, whose blocks are built differently.
+CASES = [(m, "llama", r) for m in sorted(METHODS) for r in (True, False)] + [
+    (m, "gpt2", True) for m in sorted(METHODS)
+]
+
+
+@pytest.mark.parametrize(("method", "arch", "reentrant"), CASES)
 def test_checkpointed_gradients_equal_the_plain_ones(method, arch, reentrant, tokenizer, encoder_dir, encoder):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = _build(method, arch, tokenizer, encoder_dir)

@@ -88,7 +88,7 @@ def demo_entries() -> list[tuple[Any, Entry]]:
 def profiles() -> dict[str, Profile]:
     """The two profiles, built from the methods registered now (a method registered later is in the next call's)."""
     return {
-        "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=8, max_context_chars=1000),
+        "demo": Profile(name="demo", n_test=50, n_generate=50, timing_examples=6, max_context_chars=1000),
         "reproduce": Profile(
             name="reproduce",
             n_test=100,

@@ -263,7 +263,7 @@ def run(
 
     trained: dict[str, tuple[Any, Entry, list[StageReport], str]] = {}
     failures: dict[str, str] = {}
-    curves: dict[str, list[dict]] = {}
+    curve_records: dict[str, list[dict]] = {}
     for method, entry in entries:
         _step(f"Training {entry.label}")
         start = time.perf_counter()
@@ -280,8 +280,8 @@ def run(
             )
             folder = save_adapter(model, os.path.join(output_dir, "adapters", entry.name), overwrite=True)
             if curve:
-                curves[entry.name] = curve.records
-                _write_curves(curves, ctx, sources, results_path)
+                curve_records[entry.name] = curve.records
+                _write_curves(curve_records, ctx, sources, results_path)
         except Exception as exc:  # one method's failure must not hide the others' results
             if os.environ.get("PEFT_CTX_DEMO_STRICT") == "1":
                 raise
@@ -430,7 +430,6 @@ def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str
         if ctx.profile.curve_points:
             print("no learning curve: the data has no validation split", flush=True)
         return None
-    passages = list(dict.fromkeys(r["contexts"][0] for r in ctx.validation_rows if r["contexts"]))
     measure = curves.probe(
         ctx.tokenizer,
         lambda m: harness.AdapterRunner(
@@ -442,7 +441,7 @@ def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str
             serve=False,
         ),
         ctx.validation_rows,
-        passages[: ctx.profile.curve_passages],
+        _curve_passages(ctx),
     )
     curve = curves.LearningCurve(
         measure, ctx.profile.curve_points, os.path.join(work_dir, "learning_curve.json"), model
@@ -451,13 +450,19 @@ def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str
     return curve
 
 
+def _curve_passages(ctx: DemoContext) -> list[str]:
+    """The learning curves' diagnostic passages: the first distinct passages of the validation questions."""
+    passages = dict.fromkeys(r["contexts"][0] for r in ctx.validation_rows if r["contexts"])
+    return list(passages)[: ctx.profile.curve_passages]
+
+
 def _write_curves(curves_by_entry: dict, ctx: DemoContext, sources: Sources, results_path: Optional[str]) -> None:
     """learning_curves.json / .png in the output folder (and beside ``results_path``), rewritten after every entry."""
     payload = {
         "profile": ctx.profile.name,
         "task": f"{_task_name(sources)} (validation split, seed {ctx.profile.seed})",
         "questions": len(ctx.validation_rows),
-        "passages": min(ctx.profile.curve_passages, len(ctx.validation_rows)),
+        "passages": len(_curve_passages(ctx)),
         "x": "training examples seen, over all of the entry's stages",
         "entries": curves_by_entry,
     }

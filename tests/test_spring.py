@@ -342,14 +342,19 @@ def load_script(monkeypatch):
     return module
 
 
-def test_train_script_runs_end_to_end_from_yaml(tokenizer, tmp_path, monkeypatch):
+def script_setup(tokenizer, tmp_path, monkeypatch):
+    """train/spring.py loaded from the repository root, a tiny saved base model and a 4-row QA file."""
     base_dir = tmp_path / "base"
     tiny_model("llama", tokenizer).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in qa_rows(4)))
     monkeypatch.chdir(REPO)
-    script = load_script(monkeypatch)
+    return load_script(monkeypatch), base_dir, data
+
+
+def test_train_script_runs_end_to_end_from_yaml(tokenizer, tmp_path, monkeypatch):
+    script, base_dir, data = script_setup(tokenizer, tmp_path, monkeypatch)
     argv = [
         "--config", "train/configs/spring.yaml", "--model_name_or_path", str(base_dir), "--dataset_name", str(data),
         "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
@@ -518,13 +523,7 @@ def test_readme_spring_section_runs_as_written(tokenizer, tmp_path, monkeypatch)
 
 
 def test_train_script_loads_the_base_in_bf16_with_the_adapter_in_fp32(tokenizer, tmp_path, monkeypatch):
-    base_dir = tmp_path / "base"
-    tiny_model("llama", tokenizer).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in qa_rows(4)))
-    monkeypatch.chdir(REPO)
-    script = load_script(monkeypatch)
+    script, base_dir, data = script_setup(tokenizer, tmp_path, monkeypatch)
     built = []
     build_adapter_model = script.build_adapter_model
 

@@ -97,11 +97,12 @@ def probe(
     tokenizer,
     runner_factory: Callable[[Any], harness.AdapterRunner],
     questions: Sequence[dict],
-    passages: Sequence[str],
+    n_passages: int,
     batch_size: int = 8,
 ) -> Callable[[Any], dict]:
     """The demo's probe: choice accuracy (generation accuracy on data without candidates) on ``questions`` with their
-    own and with another question's passage, and the method's content diagnostics on ``passages``. A fresh runner
+    own and with another question's passage, and the method's content diagnostics on the first ``n_passages``
+    distinct passages of ``questions`` (``harness.content_diagnostics``). A fresh runner
     each time: what it indexes (xRAG vectors, COCOM's compressed passages) depends on the weights."""
     questions = list(questions)
     shifted = harness.wrong_passage_rows(questions)
@@ -115,10 +116,7 @@ def probe(
             if rows:
                 scores = harness.score_rows(model, tokenizer, runner, rows, settings)
                 out.update({f"{key}{suffix}": value for key, value in scores.items()})
-        if len(passages) >= 2:
-            with runner.activate(model):
-                diagnostics = runner.method(model).diagnostics(model, tokenizer, list(passages), runner.encoder)
-            out.update(diagnostics or {})
+        out.update(harness.content_diagnostics(model, tokenizer, runner, questions, n_passages) or {})
         return out
 
     return run

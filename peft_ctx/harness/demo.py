@@ -441,7 +441,7 @@ def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str
             serve=False,
         ),
         ctx.validation_rows,
-        _curve_passages(ctx),
+        ctx.profile.curve_passages,
     )
     curve = curves.LearningCurve(
         measure, ctx.profile.curve_points, os.path.join(work_dir, "learning_curve.json"), model
@@ -450,19 +450,13 @@ def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str
     return curve
 
 
-def _curve_passages(ctx: DemoContext) -> list[str]:
-    """The learning curves' diagnostic passages: the first distinct passages of the validation questions."""
-    passages = dict.fromkeys(r["contexts"][0] for r in ctx.validation_rows if r["contexts"])
-    return list(passages)[: ctx.profile.curve_passages]
-
-
 def _write_curves(curves_by_entry: dict, ctx: DemoContext, sources: Sources, results_path: Optional[str]) -> None:
     """learning_curves.json / .png in the output folder (and beside ``results_path``), rewritten after every entry."""
     payload = {
         "profile": ctx.profile.name,
         "task": f"{_task_name(sources)} (validation split, seed {ctx.profile.seed})",
         "questions": len(ctx.validation_rows),
-        "passages": len(_curve_passages(ctx)),
+        "passages": len(harness.diagnostic_passages(ctx.validation_rows, ctx.profile.curve_passages)),
         "x": "training examples seen, over all of the entry's stages",
         "entries": curves_by_entry,
     }

@@ -473,10 +473,15 @@ def wrong_passage_control(model, tokenizer, runner: Runner, shifted: Sequence[di
     return result
 
 
+def diagnostic_passages(rows: Sequence[dict], n: int) -> list[str]:
+    """The first passage of each of the first ``n`` rows with distinct first passages."""
+    return list(dict.fromkeys(r["contexts"][0] for r in rows if r["contexts"]))[:n]
+
+
 def content_diagnostics(model, tokenizer, runner: AdapterRunner, rows: Sequence[dict], n: int) -> Optional[dict]:
     """The method's content diagnostics (``ContextMethod.diagnostics``) on the first passage of up to ``n`` distinct
     test rows (held out from training), with the adapter as trained (before it is served merged)."""
-    passages = list(dict.fromkeys(r["contexts"][0] for r in rows if r["contexts"]))[:n]
+    passages = diagnostic_passages(rows, n)
     if len(passages) < 2:
         return None
     with runner.activate(model):

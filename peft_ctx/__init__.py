@@ -17,6 +17,7 @@ from .cocom import CocomConfig, CompressedIndex, adapter_size, compress
 
 # isort: split
 from .config import ContextConfig
+from .distributed import gathered_adapter_state_dict
 from .encoders import Encoder
 from .engines import LlamaCppEngine
 from .hub import load, push_to_hub
@@ -46,6 +47,7 @@ __all__ = [
     "check_export",
     "compress",
     "export_for_serving",
+    "gathered_adapter_state_dict",
     "generate",
     "generate_baseline",
     "get_method",

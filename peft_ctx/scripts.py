@@ -14,6 +14,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from peft import PeftModel, get_peft_model
 
 from . import local_copies
+from .distributed import gathered_adapter_state_dict
 from .training import ContextSFTTrainer, resolve_resume, save_adapter
 
 
@@ -151,17 +152,20 @@ def train_and_save(
     method_title: str,
     **push_kwargs: Any,
 ) -> str:
-    """Train with ``ContextSFTTrainer`` (resuming from the newest complete checkpoint when asked), save the adapter
-    atomically on the main process (replacing an adapter there only with ``--overwrite_output_dir``), and push it with
-    its model card when ``--push_to_hub`` was given."""
+    """Train with ``ContextSFTTrainer`` (resuming from the newest complete checkpoint when asked), gather the adapter
+    on every rank (whole tensors under FSDP2 / DeepSpeed ZeRO-3), save it atomically on the main process (replacing
+    an adapter there only with ``--overwrite_output_dir``), and push it with its model card when ``--push_to_hub``
+    was given."""
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
     args = trainer.args
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # Every rank takes part: under FSDP2 / ZeRO-3 the adapter's tensors are shards until gathered.
+    state = gathered_adapter_state_dict(model)
     if trainer.is_world_process_zero():
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        save_adapter(model, args.output_dir, overwrite=script_args.overwrite_output_dir)
+        save_adapter(model, args.output_dir, overwrite=script_args.overwrite_output_dir, state_dict=state)
         tokenizer.save_pretrained(args.output_dir)
         print(f"Saved the {method_title} adapter to {args.output_dir}")
         trainer.push_to_hub(training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs)

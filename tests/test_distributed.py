@@ -51,3 +51,47 @@ def test_two_process_ddp_training_gives_the_one_process_adapter(script, trainabl
     single, ddp = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+
+
+def test_two_process_fsdp2_trains_every_method_and_saves_the_gathered_adapter(
+    tokenizer, encoder_dir, encoder, tmp_path
+):  # noqa: E501
+    """FSDP2 (torch's ``fully_shard``, over gloo on the CPU) shards each method's adapter with the base; training
+    matches one process that averages the two ranks' losses, and ``gathered_adapter_state_dict`` + ``save_adapter``
+    write the whole trained tensors, which ``PeftModel.from_pretrained`` loads bit for bit."""
+    from peft import PeftModel
+
+    import peft_ctx
+    from tests.distributed_case import LR, METHOD_NAMES, STEPS, build, rank_inputs
+    from tests.helpers import tiny_model
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp_worker.py",
+         str(tmp_path), encoder_dir],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    for method in METHOD_NAMES:
+        model = build(method, tokenizer, encoder_dir)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        model.train()
+        for step in range(STEPS):
+            losses = [model(**rank_inputs(method, model, tokenizer, encoder, r, 2, step)).loss for r in range(2)]
+            (sum(losses) / 2).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        sharded = load_file(tmp_path / method / "trained.safetensors")
+        single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert set(sharded) == set(single)
+        # The same tensors moved (COCOM's <AE> marker gets no gradient from QA rows) to the same values.
+        moved = {n for n in initial if not torch.equal(sharded[n], initial[n])}
+        assert moved and moved == {n for n in initial if not torch.equal(single[n], initial[n])}, method
+        for name in single:
+            torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=1e-4, msg=f"{method} {name}")
+        loaded = PeftModel.from_pretrained(tiny_model("llama", tokenizer, initializer_range=0.2), tmp_path / method)
+        params = dict(loaded.named_parameters())
+        for name, value in sharded.items():
+            assert torch.equal(params[name], value), f"{method}: {name} differs from the trained tensor"
+        assert list(peft_ctx.gathered_adapter_state_dict(model)) == peft_ctx.distributed.adapter_keys(model)

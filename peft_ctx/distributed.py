@@ -1,0 +1,61 @@
+"""Saving an adapter trained under a sharding engine (FSDP2, DeepSpeed ZeRO-3) or data parallel (DDP).
+
+Under FSDP2 every parameter is a ``DTensor`` holding this rank's shard; under ZeRO-3 a parameter outside its
+module's forward is an empty placeholder. ``save_pretrained`` on such a model writes shards or empty tensors, so the
+adapter is gathered first, and only the adapter: a 7B base is never assembled on one rank to save a few MB.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.utils import get_peft_model_state_dict
+
+
+def adapter_keys(model, adapter_name: str = "default") -> list[str]:
+    """The keys of ``model.state_dict()`` that ``save_pretrained`` writes for ``adapter_name`` (in state-dict order).
+
+    PEFT renames keys as it selects them, so the selection runs on a state dict whose values are their own
+    positions, which survive the renaming.
+    """
+    keys = list(model.state_dict(keep_vars=True))
+    positions = {key: torch.tensor(i) for i, key in enumerate(keys)}
+    selected = get_peft_model_state_dict(
+        model, state_dict=positions, adapter_name=adapter_name, save_embedding_layers=False
+    )
+    return [keys[int(value)] for value in selected.values()]
+
+
+def gathered_adapter_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole and on the CPU, under their ``model.state_dict()`` keys, ready for
+    ``model.save_pretrained(folder, state_dict=...)`` (or ``peft_ctx.training.save_adapter``).
+
+    Works on a plain model, under DDP, FSDP2 (``DTensor`` parameters) and DeepSpeed ZeRO-3 (partitioned parameters).
+    Collective under the sharding engines: every rank must call it, in the same order.
+
+    Example:
+
+    ```py
+    >>> state = gathered_adapter_state_dict(model)  # on every rank
+    >>> if torch.distributed.get_rank() == 0:
+    ...     save_adapter(model, "out", state_dict=state)
+    ```
+    """
+    keys = adapter_keys(model, adapter_name)
+    tensors = model.state_dict(keep_vars=True)
+    partitioned = [tensors[key] for key in keys if hasattr(tensors[key], "ds_id")]
+    gathered: dict[str, torch.Tensor] = {}
+    if partitioned:
+        import deepspeed  # only a ZeRO-3 model has partitioned parameters, and then deepspeed is installed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            for key in keys:
+                if hasattr(tensors[key], "ds_id"):
+                    gathered[key] = tensors[key].detach().cpu().clone()
+    for key in keys:
+        if key in gathered:
+            continue
+        value = tensors[key].detach()
+        if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor: all-gather its shards
+            value = value.full_tensor()
+        gathered[key] = value.cpu().clone()
+    return {key: gathered[key] for key in keys}

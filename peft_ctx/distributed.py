@@ -7,8 +7,30 @@ adapter is gathered first, and only the adapter: a 7B base is never assembled on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft.utils import get_peft_model_state_dict
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, also for a DeepSpeed ZeRO-3 partition (whose own ``shape`` is ``[0]``)."""
+    return getattr(tensor, "ds_shape", tensor.shape)
+
+
+@contextlib.contextmanager
+def gathered(*params: torch.Tensor) -> Iterator[None]:
+    """Whole values of ZeRO-3 partitioned ``params`` inside the block, to read (a model built under
+    ``deepspeed.zero.Init`` has them partitioned before any engine gathers them for a forward); a no-op otherwise."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def adapter_keys(model, adapter_name: str = "default") -> list[str]:
@@ -42,20 +64,11 @@ def gathered_adapter_state_dict(model, adapter_name: str = "default") -> dict[st
     """
     keys = adapter_keys(model, adapter_name)
     tensors = model.state_dict(keep_vars=True)
-    partitioned = [tensors[key] for key in keys if hasattr(tensors[key], "ds_id")]
-    gathered: dict[str, torch.Tensor] = {}
-    if partitioned:
-        import deepspeed  # only a ZeRO-3 model has partitioned parameters, and then deepspeed is installed
-
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-            for key in keys:
-                if hasattr(tensors[key], "ds_id"):
-                    gathered[key] = tensors[key].detach().cpu().clone()
-    for key in keys:
-        if key in gathered:
-            continue
-        value = tensors[key].detach()
-        if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor: all-gather its shards
-            value = value.full_tensor()
-        gathered[key] = value.cpu().clone()
-    return {key: gathered[key] for key in keys}
+    whole: dict[str, torch.Tensor] = {}
+    with gathered(*(tensors[key] for key in keys)):  # ZeRO-3 partitions (one collective for all of them)
+        for key in keys:
+            value = tensors[key].detach()
+            if hasattr(value, "full_tensor"):  # an FSDP2 / tensor-parallel DTensor: all-gather its shards
+                value = value.full_tensor()
+            whole[key] = value.cpu().clone()
+    return whole

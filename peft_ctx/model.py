@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from ._registration import PREFIX
+from .distributed import full_shape
 from .layer import COMPANION_SEP, MERGE_MESSAGE, ContextEmbedding, companion_name
 from .methods import all_input_names, get_method
 
@@ -57,8 +58,8 @@ class ContextModel(BaseTuner):
                 "Face causal LMs (AutoModelForCausalLM)."
             )
         embedding = model.get_input_embeddings()
-        hidden_size = int(embedding.weight.shape[-1])
-        vocab_size = int(embedding.weight.shape[0])
+        hidden_size = int(full_shape(embedding.weight)[-1])  # whole sizes, also on ZeRO-3 partitioned weights
+        vocab_size = int(full_shape(embedding.weight)[0])
         if config.base_vocab_size is None:
             config.base_vocab_size = vocab_size
         elif config.base_vocab_size != vocab_size:

@@ -197,7 +197,11 @@ class ContextDataCollator:
 
 @dataclass
 class ContextSFTConfig(SFTConfig):
-    """``trl.SFTConfig`` plus the loss weights and teacher options of context-compression training."""
+    """``trl.SFTConfig`` plus the loss weights and teacher options of context-compression training.
+
+    Unlike trl's default, ``bf16`` is only switched on where a GPU supports it, and a machine with no accelerator
+    trains on the CPU (``use_cpu``) without being told, so one YAML file serves both.
+    """
 
     a_nll: float = field(default=1.0, metadata={"help": "Weight of the answer NLL term."})
     a_kl: float = field(
@@ -216,8 +220,23 @@ class ContextSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Compute the vocabulary projection for the answer span only (logits_to_keep)."},
     )
+    bf16: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. None (default): on where a CUDA GPU supports bf16 and fp16 is not set, "
+            "off elsewhere (on a CPU the base's dtype is chosen by the scripts' --dtype instead)."
+        },
+    )
 
     def __post_init__(self):
+        # The same config file runs on GPUs and on a CPU-only machine: with no accelerator at all, the CPU is the
+        # device (and accelerate then forms its gloo group for multi-process runs, which it does not without it).
+        if not self.use_cpu and not torch.accelerator.is_available():
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = (
+                not self.fp16 and not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            )
         # Our collator needs the raw columns (documents, vectors) that trl would otherwise drop.
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -419,7 +438,7 @@ class ContextSFTTrainer(SFTTrainer):
     Example::
 
         collator = ContextDataCollator(model.active_peft_config, tokenizer, distill=True)
-        args = ContextSFTConfig(output_dir="out", a_kl=1.0, teacher_top_k=32, use_cpu=True, bf16=False)
+        args = ContextSFTConfig(output_dir="out", a_kl=1.0, teacher_top_k=32)  # CPU-only machine: use_cpu, no bf16
         ContextSFTTrainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
     """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import get_peft_model
 
@@ -33,11 +35,12 @@ CONFIGS = {
 METHOD_NAMES = sorted(CONFIGS)
 
 
-def build(method: str, tokenizer, encoder_dir: str):
+def build(method: str, tokenizer, encoder_dir: str, base=None):
     """The same starting adapter in every process: a seeded tiny llama, adapter tensors set from a fixed seed (LoRA's
     B starts at zero, which would leave the first steps' other gradients zero), no dropout anywhere (COCOM-light's
     BERT compressor has some; each rank would draw its own masks)."""
-    model = get_peft_model(tiny_model("llama", tokenizer, initializer_range=0.2), CONFIGS[method](encoder_dir))
+    base = tiny_model("llama", tokenizer, initializer_range=0.2) if base is None else base  # or a saved copy of it
+    model = get_peft_model(base, CONFIGS[method](encoder_dir))
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -47,8 +50,20 @@ def build(method: str, tokenizer, encoder_dir: str):
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+                with _writable(param):  # COCOM-light's encoder loads partitioned under a ZeRO-3 init
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model
+
+
+@contextlib.contextmanager
+def _writable(param):
+    if not hasattr(param, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0's values are kept (all draw the same)
+        yield
 
 
 def rank_inputs(method: str, model, tokenizer, encoder, rank: int, world: int, step: int) -> dict:

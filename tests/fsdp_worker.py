@@ -1,5 +1,5 @@
 """One rank of the FSDP2 test (tests/test_distributed.py): ``python -m torch.distributed.run --nproc_per_node 2
-tests/fsdp_worker.py OUT ENCODER_DIR``.
+tests/fsdp_worker.py OUT ENCODER_DIR [BASE_DIR]`` (the base: built here, as in distributed_case).
 
 For every method it shards a tiny llama the way accelerate's FSDP2 plugin does (``fully_shard`` on each decoder layer,
 then on the whole PEFT model), trains a few SGD steps on this rank's examples, saves the adapter with
@@ -57,4 +57,4 @@ def main(out: str, encoder_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])  # BASE_DIR, for the ZeRO-3 worker's sake, is not needed here

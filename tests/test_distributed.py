@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = {"fsdp2": "fsdp_worker.py", "zero3": "zero3_worker.py"}
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
@@ -53,12 +54,14 @@ def test_two_process_ddp_training_gives_the_one_process_adapter(script, trainabl
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
 
 
-def test_two_process_fsdp2_trains_every_method_and_saves_the_gathered_adapter(
-    tokenizer, encoder_dir, encoder, tmp_path
-):  # noqa: E501
-    """FSDP2 (torch's ``fully_shard``, over gloo on the CPU) shards each method's adapter with the base; training
-    matches one process that averages the two ranks' losses, and ``gathered_adapter_state_dict`` + ``save_adapter``
-    write the whole trained tensors, which ``PeftModel.from_pretrained`` loads bit for bit."""
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_two_process_sharded_training_of_every_method_saves_the_gathered_adapter(
+    engine, tokenizer, encoder_dir, encoder, trainable_base_dir, tmp_path
+):
+    """FSDP2 (torch's ``fully_shard``) and DeepSpeed ZeRO-3 (weights partitioned as they load, every tensor
+    partitioned), 2 processes over gloo on the CPU: each method's adapter is sharded with the base; training matches
+    one process that averages the two ranks' losses, and ``gathered_adapter_state_dict`` + ``save_adapter`` write
+    the whole trained tensors, which ``PeftModel.from_pretrained`` loads bit for bit."""
     from peft import PeftModel
 
     import peft_ctx
@@ -67,8 +70,8 @@ def test_two_process_fsdp2_trains_every_method_and_saves_the_gathered_adapter(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp_worker.py",
-         str(tmp_path), encoder_dir],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"tests/{WORKERS[engine]}",
+         str(tmp_path), encoder_dir, str(trainable_base_dir)],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -85,9 +88,13 @@ def test_two_process_fsdp2_trains_every_method_and_saves_the_gathered_adapter(
         sharded = load_file(tmp_path / method / "trained.safetensors")
         single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         assert set(sharded) == set(single)
-        # The same tensors moved (COCOM's <AE> marker gets no gradient from QA rows) to the same values.
-        moved = {n for n in initial if not torch.equal(sharded[n], initial[n])}
-        assert moved and moved == {n for n in initial if not torch.equal(single[n], initial[n])}, method
+
+        # The same tensors moved (not COCOM's <AE> marker, which QA rows do not read, nor BERT's key biases, whose
+        # gradient is zero but for rounding) to the same values.
+        def moved(trained, initial=initial):
+            return {n for n in initial if (trained[n] - initial[n]).abs().max() > 1e-6}
+
+        assert moved(sharded) and moved(sharded) == moved(single), method
         for name in single:
             torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=1e-4, msg=f"{method} {name}")
         loaded = PeftModel.from_pretrained(tiny_model("llama", tokenizer, initializer_range=0.2), tmp_path / method)

@@ -26,6 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from .. import local_copies
+from ..distributed import full_shape, gathered
 from ..layer import companion_name
 from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
 from ..prompting import Slots
@@ -90,11 +91,11 @@ class CocomMethod(ContextMethod):
     # ---- the adapter ---------------------------------------------------------------------------------------------
     def create_module(self, config: CocomConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         weight = base_embedding.weight  # [vocab, hidden]
-        hidden_size, vocab_size = int(weight.shape[-1]), int(weight.shape[0])
+        hidden_size, vocab_size = int(full_shape(weight)[-1]), int(full_shape(weight)[0])
         n_memory = config.memory_tokens(config.max_passage_tokens)
         # Embeddings of random vocabulary tokens: the scale the LLM expects, whatever its embedding module computes.
         ids = torch.randint(0, vocab_size, (n_memory + 2,))
-        with torch.no_grad():
+        with torch.no_grad(), gathered(weight):  # a ZeRO-3 init partitions the embedding before any forward
             initial = base_embedding(ids.to(weight.device)).detach().float()  # [k_max + 2, hidden]
         if not config.is_light:
             return CocomTokens(initial, n_memory)
@@ -259,7 +260,7 @@ class CocomMethod(ContextMethod):
                 layer._gradient_checkpointing_func = function
 
     def slot_embeddings(self, module: nn.Module, context_mask, inputs, dtype) -> torch.Tensor:
-        marker = module.ae_marker  # [1, hidden]
+        marker = module.marker()  # [1, hidden]
         table = [inputs[name] for name in ("cocom_compressed", "cocom_context_embeds") if inputs.get(name) is not None]
         table = torch.cat([t.to(device=marker.device, dtype=dtype) for t in table + [marker]])  # [rows + 1, hidden]
         return table[inputs["cocom_slot_source"].to(marker.device)]  # [n_slots, hidden]
@@ -482,14 +483,12 @@ def _compress_with_llm(
     is_memory = (positions > ends) & (positions <= ends + counts.unsqueeze(1))  # [n, seq]
     token_index = (positions - 1).clamp(0, ids.shape[1] - 1).expand(ids.shape[0], -1)
     gathered = torch.gather(tokens, 1, token_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    memory = module.memory.to(device=device, dtype=dtype)  # [k_max, hidden]
-    memory_rows = memory[(positions - 1 - ends).clamp(0, memory.shape[0] - 1)]  # [n, seq, hidden]
-    enc = module.enc_marker.to(device=device, dtype=dtype).expand_as(gathered)
-    embeds = torch.where(
-        is_token.unsqueeze(-1),
-        gathered,
-        torch.where(is_memory.unsqueeze(-1), memory_rows, torch.where((positions == 0).unsqueeze(-1), enc, 0.0)),
-    )
+    # Per position, its row of the module's [memory; <ENC>; <AE>] table: memory token j at the j-th position after
+    # the passage, <ENC> at position 0 (and, unused, wherever the passage's own tokens or padding go).
+    rows = torch.where(is_memory, (positions - 1 - ends).clamp(min=0), module.enc_row)  # [n, seq]
+    learned = module(rows.to(module.memory.device)).to(device=device, dtype=dtype)  # [n, seq, hidden]
+    is_learned = is_memory | (positions == 0)
+    embeds = torch.where(is_token.unsqueeze(-1), gathered, torch.where(is_learned.unsqueeze(-1), learned, 0.0))
     attention_mask = (positions < total.unsqueeze(1)).long()  # right padding: positions are 0..total-1 per passage
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
@@ -544,7 +543,8 @@ def _check_encoder(name: str, encoder: nn.Module, tokenizer) -> int:
     """The encoder's hidden size, after checking it returns per-token hidden states."""
     batch = tokenizer(["a short passage"], return_tensors="pt")
     try:
-        with torch.no_grad():
+        # gathered: under a ZeRO-3 init the encoder loads partitioned, and no engine gathers it for this probe
+        with torch.no_grad(), gathered(*encoder.parameters()):
             output = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = getattr(output, "last_hidden_state", None)
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -24,6 +24,22 @@ class CocomTokens(nn.Module):
         self.enc_marker = nn.Parameter(initial[max_memory_tokens : max_memory_tokens + 1].clone())  # [1, hidden]
         self.ae_marker = nn.Parameter(initial[max_memory_tokens + 1 :].clone())  # [1, hidden]
 
+    @property
+    def enc_row(self) -> int:
+        return self.memory.ds_shape[0] if hasattr(self.memory, "ds_shape") else self.memory.shape[0]
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the table [memory tokens; <ENC>; <AE>] (``enc_row`` is <ENC>, ``enc_row + 1`` is <AE>).
+
+        The embeddings are read through forward, so that engines that gather a module's parameters around its
+        forward (DeepSpeed ZeRO-3) hand over whole tensors, not this rank's empty partitions.
+        """
+        table = torch.cat([self.memory, self.enc_marker, self.ae_marker])  # [k_max + 2, hidden]
+        return table[rows]  # [*rows.shape, hidden]
+
+    def marker(self) -> torch.Tensor:
+        return self(torch.tensor([self.enc_row + 1], device=self.memory.device))  # [1, hidden]
+
 
 class CocomLightCompressor(nn.Module):
     """COCOM-light: a fine-tuned encoder; each ``rate`` consecutive hidden states are concatenated and projected by
@@ -77,11 +93,16 @@ class CocomLightCompressor(nn.Module):
             self._tokenizer = (tokenizer, int(data["pad_token_id"]))
         return self._tokenizer
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Context embeddings of right-padded passages, all passages' rows concatenated.  # [sum k_i, hidden]
 
         input_ids: [n_passages, max_len]; lengths: [n_passages] (real tokens, special tokens included).
+        With no passages, the <AE> marker (read through forward for the same reason as ``CocomTokens.forward``).
         """
+        if input_ids is None:
+            return self.ae_marker.clone()  # [1, hidden]
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         mask = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [n_passages, max_len]
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # [n, len, h]
@@ -95,3 +116,6 @@ class CocomLightCompressor(nn.Module):
         counts = -(-lengths // self.rate)  # [n_passages] k_i
         keep = torch.arange(groups, device=lengths.device).unsqueeze(0) < counts.unsqueeze(1)  # [n, groups]
         return self.projection(chunks[keep].to(self.projection.weight.dtype))  # [sum k_i, hidden]
+
+    def marker(self) -> torch.Tensor:
+        return self()  # [1, hidden]

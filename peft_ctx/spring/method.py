@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from .. import local_copies
 from ..config import is_int
+from ..distributed import full_shape, gathered
 from ..methods import ContextMethod, Entry, Resources, register_method
 from ..prompting import RAG_TEMPLATE, Part, Slots, check_documents
 from .config import SpringConfig
@@ -57,7 +58,7 @@ class SpringMethod(ContextMethod):
     # ---- the module ----------------------------------------------------------------------------------------------
     def create_module(self, config: SpringConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         weight = base_embedding.weight  # [vocab, hidden]
-        vocab_size = weight.shape[0]
+        vocab_size = full_shape(weight)[0]
         n = config.num_virtual_tokens
         if config.init_token_ids is None and config.init_text is not None and not config.inference_mode:
             # Stored in the config so that loading the saved adapter never needs the tokenizer again.
@@ -75,7 +76,7 @@ class SpringMethod(ContextMethod):
             # Embeddings of random vocabulary tokens: the right scale for whatever the embedding module computes
             # (some models scale their embeddings inside the module).
             ids = torch.randint(0, vocab_size, (n,))
-        with torch.no_grad():
+        with torch.no_grad(), gathered(weight):  # a ZeRO-3 init partitions the embedding before any forward
             initial = base_embedding(ids.to(weight.device)).detach().clone()  # [N, hidden]
         return SpringTokens(initial)
 
@@ -90,11 +91,10 @@ class SpringMethod(ContextMethod):
             )
 
     def slot_embeddings(self, module: SpringTokens, context_mask, inputs, dtype) -> torch.Tensor:
-        weight = module.virtual_tokens  # [N, hidden]
         # The j-th slot of every row takes virtual token j: a row with k slots reads the first k tokens.
         rank = context_mask.long().cumsum(dim=-1) - 1  # [batch, seq]
-        index = rank[context_mask].to(weight.device)  # [n_slots]
-        return weight[index].to(dtype)  # [n_slots, hidden]
+        index = rank[context_mask].to(module.virtual_tokens.device)  # [n_slots]
+        return module(index).to(dtype)  # [n_slots, hidden]
 
     # ---- prompts -------------------------------------------------------------------------------------------------
     def prepare_docs(self, config: SpringConfig, contexts: list, options: dict[str, Any]) -> list[Optional[list[str]]]:

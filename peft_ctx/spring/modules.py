@@ -13,6 +13,11 @@ class SpringTokens(nn.Module):
         # replacement, so it must not occur elsewhere in a module path (as "weight" or "embeddings" can).
         self.virtual_tokens = nn.Parameter(initial)  # [N, hidden]
 
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        # Read through forward, so that engines that gather a module's parameters around its forward (DeepSpeed
+        # ZeRO-3) hand over whole tokens, not this rank's empty partition.
+        return self.virtual_tokens[index]  # [n_slots] -> [n_slots, hidden]
+
     @property
     def num_virtual_tokens(self) -> int:
-        return self.virtual_tokens.shape[0]
+        return getattr(self.virtual_tokens, "ds_shape", self.virtual_tokens.shape)[0]

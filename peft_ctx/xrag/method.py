@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..distributed import full_shape
 from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
 from ..prompting import Slots, check_documents
 from ..vectors import save_vectors
@@ -51,7 +52,7 @@ class XRAGMethod(ContextMethod):
 
     def create_module(self, config: XRAGConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         return XRAGProjector(
-            config.retriever_hidden_size, int(base_embedding.weight.shape[-1]), config.projector_depth
+            config.retriever_hidden_size, int(full_shape(base_embedding.weight)[-1]), config.projector_depth
         )
 
     def check_inputs(self, config: XRAGConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:

@@ -70,6 +70,42 @@ def _tensor_docs(value: Any) -> Any:
     return value
 
 
+def _is_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+class _LongestDraw(random.Random):
+    """The draws that make the longest example: the top of a ``randint`` range, the longest ``choice``."""
+
+    def randint(self, a: int, b: int) -> int:
+        return b
+
+    def choice(self, seq):
+        return max(seq, key=len)
+
+
+@dataclass
+class BudgetReport:
+    """What ``ContextDataCollator.fit_to_budget`` did to a dataset: rows truncated (passage tokens cut) and skipped."""
+
+    rows: int = 0
+    truncated: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    passage_tokens_cut: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"Token budget: {len(self.truncated)} of {self.rows} rows truncated ({self.passage_tokens_cut} passage "
+            f"tokens cut), {len(self.skipped)} skipped (no room even for one passage token)"
+        )
+        if self.skipped:
+            shown = ", ".join(map(str, self.skipped[:20])) + (" ..." if len(self.skipped) > 20 else "")
+            text += f": rows {shown}"
+        return text + "."
+
+
 @dataclass
 class ContextDataCollator:
     """Turns dataset rows into model batches (labels on the answer only).
@@ -147,6 +183,108 @@ class ContextDataCollator:
             batch["position_ids"] = position_ids(batch["attention_mask"])
         return batch
 
+    # ---- the token budget ----------------------------------------------------------------------------------------
+    def passage_columns(self) -> tuple[str, ...]:
+        """The columns holding passage text that the budget may cut (the context column too when it is text)."""
+        return tuple(dict.fromkeys((self.context_column, self.text_column)))
+
+    def measure(self, row: dict) -> tuple[int, int]:
+        """(student prompt tokens, teacher prompt tokens or 0) of one row, with every random draw at its longest
+        (SPRING's largest k, the longest paraphrase instruction): a row that fits here fits in any batch."""
+        saved = getattr(self, "_rng", None)
+        self._rng = _LongestDraw()
+        try:
+            student = len(self.examples([row])[0].input_ids)
+        finally:
+            self._rng = saved
+        teacher = 0
+        if self.distill and self.task == "qa":
+            teacher = len(self._teacher_examples([row])[0].input_ids)
+        return student, teacher
+
+    def fit_to_budget(
+        self, rows: Dataset, max_length: Optional[int], teacher_max_length: Optional[int] = None
+    ) -> tuple[Dataset, BudgetReport]:
+        """``rows`` with every row within the token budget: ``max_length`` tokens for the student's prompt plus
+        answer, ``teacher_max_length`` (default: ``max_length``) for the text-RAG teacher's.
+
+        The rule: a row over budget loses passage tokens first, from the end of its last passage backwards (a passage
+        cut to nothing is dropped, with its vector when the context column holds one vector per passage), keeping as
+        many as fit; the question and the answer are never cut. A row that does not fit even with one passage token
+        left is skipped. The report counts both and names the skipped rows' indices.
+        """
+        report = BudgetReport(rows=len(rows))
+        if max_length is None:
+            return rows, report
+        teacher_budget = teacher_max_length or max_length
+        kept, changed = [], {}
+        for index in tqdm(range(len(rows)), desc="Checking the token budget", disable=len(rows) < 1000):
+            row = rows[index]
+            fitted, cut = self._fit_row(row, max_length, teacher_budget)
+            if fitted is None:
+                report.skipped.append(index)
+                continue
+            if cut:
+                report.truncated.append(index)
+                report.passage_tokens_cut += cut
+                changed[index] = fitted
+            kept.append(index)
+        if not report.truncated and not report.skipped:
+            return rows, report
+        fitted_rows = [changed.get(i) or rows[i] for i in kept]
+        return Dataset.from_list(fitted_rows), report
+
+    def _fits(self, row: dict, budget: int, teacher_budget: int) -> bool:
+        try:
+            student, teacher = self.measure(row)
+        except ValueError:  # e.g. a method that needs documents, given none
+            return False
+        return student <= budget and teacher <= teacher_budget
+
+    def _fit_row(self, row: dict, budget: int, teacher_budget: int) -> tuple[Optional[dict], int]:
+        """(the row within budget or None if it cannot fit, passage tokens cut)."""
+        if self._fits(row, budget, teacher_budget):
+            return row, 0
+        columns = [c for c in self.passage_columns() if _is_text(row.get(c))]
+        if not columns:
+            return None, 0
+        lists = {c: [row[c]] if isinstance(row[c], str) else list(row[c]) for c in columns}
+        tokens = [self.tokenizer(p, add_special_tokens=False).input_ids for p in lists[columns[0]]]
+        total = sum(map(len, tokens))
+
+        def cut(keep: int) -> dict:
+            new = dict(row)
+            counts, left = [], keep
+            for ids in tokens:
+                counts.append(min(len(ids), left))
+                left -= counts[-1]
+            n_docs = sum(1 for c in counts if c > 0)
+            for column, passages in lists.items():
+                texts = [self.tokenizer.decode(ids[:c]) if c < len(ids) else text
+                         for ids, c, text in zip(tokens, counts, passages)][:n_docs]  # fmt: skip
+                new[column] = texts[0] if isinstance(row[column], str) else texts
+            vectors = row.get(self.context_column)
+            if self.context_column not in lists and isinstance(vectors, list) and len(vectors) == len(tokens):
+                new[self.context_column] = vectors[:n_docs]  # one vector per passage: drop the dropped ones'
+            return new
+
+        if total == 0 or not self._fits(cut(1), budget, teacher_budget):
+            return None, 0
+        low, high = 1, total  # cut(low) fits, cut(total) does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self._fits(cut(middle), budget, teacher_budget) else (low, middle)
+        return cut(low), total - low
+
+    def _teacher_examples(self, rows: list[dict]) -> list[Example]:
+        return text_examples(
+            self.config,
+            self.tokenizer,
+            [row["question"] for row in rows],
+            [row[self.text_column] for row in rows],
+            answers=[row["answer"] for row in rows],
+        )
+
     def _teacher(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.teacher == "cached":
             if TEACHER_IDS not in rows[0]:
@@ -163,13 +301,7 @@ class ContextDataCollator:
             }
         if self.task != "qa":
             raise ValueError("distill=True needs task='qa': the teacher reads the question and its passages as text.")
-        teacher = text_examples(
-            self.config,
-            self.tokenizer,
-            [row["question"] for row in rows],
-            [row[self.text_column] for row in rows],
-            answers=[row["answer"] for row in rows],
-        )
+        teacher = self._teacher_examples(rows)
         padded = pad_examples(teacher, pad_token_id(self.tokenizer), padding_side=self.padding_side)
         out = {f"teacher_{key}": padded[key] for key in ("input_ids", "attention_mask", "labels")}
         if self.padding_side == "left":
@@ -216,6 +348,13 @@ class ContextSFTConfig(SFTConfig):
             "teacher's top-k answer-token log-probs once before training and restricts the KL to them."
         },
     )
+    teacher_max_length: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Token budget of the text-RAG teacher's prompt plus answer (a_kl > 0); None: max_length. Rows "
+            "over either budget lose passage tokens first (the trainer counts them); rows that cannot fit are skipped."
+        },
+    )
     answer_logits_only: bool = field(
         default=True,
         metadata={"help": "Compute the vocabulary projection for the answer span only (logits_to_keep)."},
@@ -248,6 +387,10 @@ class ContextSFTConfig(SFTConfig):
             raise ValueError("a_nll and a_kl are both 0: nothing to train. Set at least one above 0.")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0.")
+        for name in ("max_length", "teacher_max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}; give a positive number of tokens, or None for no budget.")
         if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
             raise ValueError(f"teacher_top_k={self.teacher_top_k!r}; give a positive int, or None for a live teacher.")
 
@@ -449,6 +592,14 @@ class ContextSFTTrainer(SFTTrainer):
         collator = self.data_collator
         if hasattr(collator, "model") and collator.model is None:
             collator.model = self.model
+        self.budget_report = BudgetReport()
+        if isinstance(self.train_dataset, Dataset) and hasattr(collator, "fit_to_budget"):
+            self.train_dataset, self.budget_report = collator.fit_to_budget(
+                self.train_dataset, self.args.max_length, self.args.teacher_max_length
+            )
+            if self.budget_report.truncated or self.budget_report.skipped:
+                print(self.budget_report.summary(), flush=True)
+        self._budget_logged = False
         self.teacher_cache_seconds = 0.0
         if self.args.a_kl > 0:
             if not getattr(collator, "distill", False):
@@ -478,6 +629,13 @@ class ContextSFTTrainer(SFTTrainer):
         self.train_dataset = Dataset.from_list(rows)
         collator.teacher = "cached"
         self.teacher_cache_seconds = time.perf_counter() - start
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if not self._budget_logged:  # once, in the training log: what the token budget did to the rows
+            logs = {**logs, "rows_truncated": len(self.budget_report.truncated)}
+            logs["rows_skipped"] = len(self.budget_report.skipped)
+            self._budget_logged = True
+        super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

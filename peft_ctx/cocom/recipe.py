@@ -25,6 +25,7 @@ from ..inference import with_resources
 from ..methods import get_method
 from ..prompting import IGNORE_INDEX, Example, pad_token_id, tokenize_parts
 from ..training import (
+    BudgetReport,
     ContextDataCollator,
     StageReport,
     check_diagnostic_passages,
@@ -61,6 +62,11 @@ class CocomPretrainingCollator(ContextDataCollator):
             raise ValueError(f"autoencode_ratio={self.autoencode_ratio!r}: give a fraction in [0, 1] (paper: 0.5).")
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens={self.max_target_tokens!r}: give a positive int.")
+
+    def fit_to_budget(self, rows, max_length, teacher_max_length=None):
+        """Rows unchanged: a pretraining example is bounded by construction (at most ``max_passage_tokens``
+        compressed, ``max_target_tokens`` written)."""
+        return rows, BudgetReport(rows=len(rows))
 
     def _batch_rng(self, rows: list[dict]) -> random.Random:
         texts = [row[self.text_column] for row in rows]

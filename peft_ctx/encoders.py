@@ -164,6 +164,38 @@ class Encoder:
             return torch.empty(0, self.hidden_size)
         return torch.cat(out)
 
+    def chunk(self, text: str, chunk_tokens: int) -> list[str]:
+        """``text`` cut into consecutive pieces of at most ``chunk_tokens`` encoder tokens each, special tokens
+        included (the window official xRAG gives its retriever: 180), cut between words (needs a fast tokenizer)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Document {text!r:.60} must be a non-empty string.")
+        room = chunk_tokens - self.tokenizer.num_special_tokens_to_add()
+        if room < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens} leaves no room for text next to the special tokens.")
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans, words = encoding["offset_mapping"], encoding.word_ids()
+        if len(spans) <= room:
+            return [text]
+        pieces, start = [], 0
+        while start < len(spans):
+            end = min(start + room, len(spans))
+            # Cut between words where one fits: a word longer than a whole chunk is cut inside.
+            while end < len(spans) and end > start + 1 and words[end] is not None and words[end] == words[end - 1]:
+                end -= 1
+            if end == start + 1 and words[end - 1] is not None and end < len(spans) and words[end] == words[end - 1]:
+                end = min(start + room, len(spans))
+            pieces.append(text[spans[start][0] : spans[end - 1][1]])
+            start = end
+        return [piece for piece in pieces if piece.strip()]
+
+    def encode_chunks(
+        self, texts: Sequence[str], chunk_tokens: int, batch_size: int = 32, show_progress: Optional[bool] = None
+    ) -> list[torch.Tensor]:
+        """Each document's chunk vectors (``chunk``, then ``encode``).  # per document [n_chunks, hidden_size]"""
+        chunks = [self.chunk(text, chunk_tokens) for text in texts]
+        flat = self.encode([piece for pieces in chunks for piece in pieces], batch_size, show_progress)
+        return list(torch.split(flat, [len(pieces) for pieces in chunks]))
+
     def check_compatible(self, config) -> None:
         """Raise if this encoder's vectors do not fit an adapter trained with another encoder's dimension."""
         expected = getattr(config, "retriever_hidden_size", None)

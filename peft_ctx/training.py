@@ -44,21 +44,22 @@ TEACHER_IDS, TEACHER_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
 PADDING_SIDES = ("left", "right")
 TEACHERS = ("text", "cached")
 
-# Stage-1 paraphrase instructions (our wording); "{context}" is where the document's slots go.
+# Stage-1 paraphrase instructions (our wording; the paper's are paraphrase requests too, not requests for a verbatim
+# copy); "{context}" is where the document's slots go.
 PARAPHRASE_TEMPLATES = (
     "Background: {context} means the same as",
-    "{context}\nSay the text above again in your own words.",
-    "Here is a document: {context}\nRewrite it.",
-    "{context}\nWhat does this passage say? Repeat it.",
-    "Read this: {context}\nNow write it out in full.",
-    "Document: {context}\nReproduce the document.",
-    "{context}\nPut the information above into words.",
+    "{context}\nSay the text above in other words.",
+    "Here is a document: {context}\nParaphrase it.",
+    "{context}\nWhat does this passage say? Answer in your own words.",
+    "Read this: {context}\nNow put it differently.",
+    "Document: {context}\nRephrase the document.",
+    "{context}\nExpress the information above in other words.",
     "Text: {context}\nParaphrase the text.",
-    "The following passage {context} says:",
-    "{context}\nRestate the passage above.",
-    "Passage: {context}\nWrite the passage down.",
-    "Expand this into text: {context}",
-    "{context}\nTell me what this is about, in full.",
+    "The following passage {context} can be rephrased as:",
+    "{context}\nRestate the passage above in your own words.",
+    "Passage: {context}\nReword the passage.",
+    "In other words, {context} says that",
+    "{context}\nExplain what this says, in different words.",
 )
 
 
@@ -133,6 +134,9 @@ class ContextDataCollator:
     # The PeftModel, for methods that read documents with the adapter's own parts (COCOM-light's encoder tokenizer);
     # ContextSFTTrainer fills it in when left None.
     model: Any = None
+    # A peft_ctx.vectors.VectorIndex: the rows' context_column then holds a row number of that on-disk index, read
+    # per batch (xRAG's document vectors at scale), instead of the vectors themselves.
+    vector_index: Any = None
     # The tasks this collator builds (a subclass builds its own in ``examples``).
     tasks: ClassVar[tuple[str, ...]] = ("qa", "paraphrase")
 
@@ -161,11 +165,16 @@ class ContextDataCollator:
             self.config,
             self.tokenizer,
             [row["question"] for row in rows],
-            [_tensor_docs(row[self.context_column]) for row in rows],
+            [self._docs(row) for row in rows],
             answers=[row["answer"] for row in rows],
             model=self.model,
             **self._options(),
         )
+
+    def _docs(self, row: dict) -> Any:
+        if self.vector_index is not None:
+            return self.vector_index[row[self.context_column]]  # [n_vectors, d_r], read from disk
+        return _tensor_docs(row[self.context_column])
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         self._rng = self._batch_rng(rows)
@@ -311,7 +320,7 @@ class ContextDataCollator:
     def _paraphrase_example(self, row: dict):
         method = get_method(self.config.method)
         options = with_resources(self.config, self._options(), tokenizer=self.tokenizer, model=self.model)
-        docs = method.prepare_docs(self.config, [_tensor_docs(row[self.context_column])], options)[0]
+        docs = method.prepare_docs(self.config, [self._docs(row)], options)[0]
         fields, payload = method.prompt_fields(self.config, docs, options)
         template = self._rng.choice(PARAPHRASE_TEMPLATES)
         before, after = template.split("{context}")

@@ -137,7 +137,8 @@ def test_every_registered_method_trains_saves_and_evaluates_on_a_tiny_model(name
 def xrag_setup(tokenizer, encoder, n=4, initializer_range=0.02):
     base = tiny_model("llama", tokenizer, initializer_range=initializer_range)
     model = get_peft_model(base, peft_ctx.XRAGConfig(**encoder.describe()))
-    return model, xrag_recipe.encode_documents(tiny_rows(n), encoder, "instruct")
+    dataset, index = xrag_recipe.encode_documents(tiny_rows(n), encoder, "instruct")
+    return model, dataset, index
 
 
 def step_loss(model, tokenizer, dataset, tmp_path, collator_kwargs=None, **args):
@@ -152,13 +153,14 @@ def step_loss(model, tokenizer, dataset, tmp_path, collator_kwargs=None, **args)
 
 
 def test_the_cached_teacher_gives_the_live_teachers_loss(tokenizer, encoder, tmp_path):
-    model, dataset = xrag_setup(tokenizer, encoder, initializer_range=0.2)
+    model, dataset, index = xrag_setup(tokenizer, encoder, initializer_range=0.2)
     vocab = model.get_output_embeddings().weight.shape[0]
     kl = {"a_kl": 2.0, "kl_temperature": 1.5}
-    live = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, **kl)
-    cached = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, teacher_top_k=vocab, **kl)  # exact KL
+    distill = {"distill": True, "vector_index": index}
+    live = step_loss(model, tokenizer, dataset, tmp_path, distill, **kl)
+    cached = step_loss(model, tokenizer, dataset, tmp_path, distill, teacher_top_k=vocab, **kl)  # exact KL
     assert cached == pytest.approx(live, rel=1e-4)
-    top4 = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, teacher_top_k=4, **kl)
+    top4 = step_loss(model, tokenizer, dataset, tmp_path, distill, teacher_top_k=4, **kl)
     assert top4 != pytest.approx(live, rel=1e-6)  # the KL restricted to 4 tokens is another number
 
 
@@ -168,14 +170,14 @@ def test_padding_side_and_answer_span_logits_leave_the_loss_unchanged(
     tokenizer, encoder, tmp_path, padding_side, answer_logits_only
 ):
     torch.manual_seed(0)
-    model, dataset = xrag_setup(tokenizer, encoder, initializer_range=0.2)
-    reference = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True}, a_kl=1.0)
+    model, dataset, index = xrag_setup(tokenizer, encoder, initializer_range=0.2)
+    reference = step_loss(model, tokenizer, dataset, tmp_path, {"distill": True, "vector_index": index}, a_kl=1.0)
     loss = step_loss(
         model,
         tokenizer,
         dataset,
         tmp_path,
-        {"distill": True, "padding_side": padding_side},
+        {"distill": True, "padding_side": padding_side, "vector_index": index},
         a_kl=1.0,
         answer_logits_only=answer_logits_only,
     )
@@ -183,12 +185,17 @@ def test_padding_side_and_answer_span_logits_leave_the_loss_unchanged(
 
 
 def test_a_cache_built_for_other_answers_is_refused(tokenizer, encoder, tmp_path):
-    model, dataset = xrag_setup(tokenizer, encoder, n=2)
+    model, dataset, index = xrag_setup(tokenizer, encoder, n=2)
     rows = dataset.to_list()
     add_teacher_cache(model, tokenizer, rows, k=4)
     rows[0]["answer"] = "a much longer answer than the cached one"
     collator = ContextDataCollator(
-        model.active_peft_config, tokenizer, context_column="retrieval_embeds", distill=True, teacher="cached"
+        model.active_peft_config,
+        tokenizer,
+        context_column="retrieval_embeds",
+        distill=True,
+        teacher="cached",
+        vector_index=index,
     )
     args = ContextSFTConfig(output_dir=str(tmp_path), a_kl=1.0, teacher_top_k=4, report_to=[], use_cpu=True)
     from datasets import Dataset

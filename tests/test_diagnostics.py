@@ -33,8 +33,10 @@ def test_xrag_paraphrase_from_the_right_vector_beats_another_passages_once_train
     assert abs(before["paraphrase_nll"] - before["paraphrase_nll_wrong_passage"]) < 0.1  # untrained: no difference
     # Texts a tiny random model can learn to write from one slot in a few steps.
     texts = [f"{word} " * 6 for word in ("red", "blue", "green", "black")]
-    dataset = xrag_recipe.encode_documents([{"text": t} for t in texts], encoder, "paraphrase")
-    collator = xrag_recipe.collator(model.active_peft_config, tokenizer, "paraphrase", padding_side="left")
+    dataset, index = xrag_recipe.encode_documents([{"text": t} for t in texts], encoder, "paraphrase")
+    collator = xrag_recipe.collator(
+        model.active_peft_config, tokenizer, "paraphrase", padding_side="left", vector_index=index
+    )
     settings = StageSettings(steps=40, batch_size=4, learning_rate=5e-2, warmup_ratio=0.0)
     train_stage(
         model, tokenizer, dataset, settings, output_dir=str(tmp_path), name="xRAG paraphrase", collator=collator

@@ -85,3 +85,68 @@ def test_vector_files_round_trip_and_never_overwrite(encoder, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="broken.safetensors"):
         peft_ctx.load_vectors(str(tmp_path / "broken.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_vector_index_stores_half_or_single_floats_per_rank_and_reads_by_row(
+    encoder, tmp_path, dtype, monkeypatch
+):
+    from safetensors import safe_open
+
+    from peft_ctx.vectors import VectorIndex, build_vector_index
+
+    rows = [[DOCS[0], DOCS[1]], [DOCS[2]], [DOCS[1]], [DOCS[0], DOCS[2], DOCS[1]], [DOCS[2]]]
+    folder = str(tmp_path / "index")
+    # Two ranks, each encoding its own contiguous share: rank r takes rows [r n / 2, (r + 1) n / 2), 2 and 3 rows.
+    shards = [build_vector_index(folder, rows, encoder, dtype=dtype, rank=r, world_size=2) for r in range(2)]
+    n_vectors = sum(map(len, rows))
+    bytes_per_vector = RETRIEVER_DIM * (2 if dtype == torch.float16 else 4)
+    with safe_open(shards[0], framework="pt") as f:
+        assert f.get_slice("vectors").get_dtype() == ("F16" if dtype == torch.float16 else "F32")
+        assert f.get_slice("vectors").get_shape() == [3, RETRIEVER_DIM]  # rows 0-1: 2 + 1 passages
+    stored = sum(safe_open(p, framework="pt").get_slice("vectors").get_shape()[0] for p in shards)
+    assert stored == n_vectors
+    index = VectorIndex(folder)
+    assert (len(index), index.dtype, index.bytes_per_vector) == (5, dtype, bytes_per_vector)
+    # Reading a row asks for that row's slice only, never for the whole tensor.
+    reads = []
+    real_safe_open = safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_safe_open(*args, **kwargs)
+
+        def get_slice(self, key):
+            inner = self.inner.get_slice(key)
+
+            class Sliced:
+                def __getitem__(self, item):
+                    reads.append((item.start, item.stop))
+                    return inner[item]
+
+            return Sliced()
+
+        def get_tensor(self, key):
+            raise AssertionError("the index loaded a whole tensor")
+
+    monkeypatch.setattr("peft_ctx.vectors.safe_open", Spy)  # the index opens its files at the first read
+    expected = encoder.encode(rows[3]).to(dtype).float()
+    torch.testing.assert_close(index[3], expected)
+    assert reads == [(1, 4)]  # row 3 is the second row of rank 1's shard: its vectors 1..3
+    with pytest.raises(IndexError, match="Row 5 is not in this vector index of 5 rows"):
+        index[5]
+
+
+def test_the_vector_index_is_reused_and_chunks_long_passages(encoder, tmp_path):
+    from peft_ctx.vectors import VectorIndex, build_vector_index
+
+    folder = str(tmp_path / "index")
+    long_doc = " ".join(f"word{i}" for i in range(120))
+    path = build_vector_index(folder, [[long_doc], [DOCS[0]]], encoder, chunk_tokens=32)
+    stamp = (tmp_path / "index" / path.split("/")[-1]).stat().st_mtime_ns
+    assert build_vector_index(folder, [[long_doc], [DOCS[0]]], encoder, chunk_tokens=32) == path
+    assert (tmp_path / "index" / path.split("/")[-1]).stat().st_mtime_ns == stamp  # not encoded again
+    index = VectorIndex(folder)
+    assert index[0].shape[0] == len(encoder.chunk(long_doc, 32)) > 1 and index[1].shape[0] == 1
+    build_vector_index(folder, [[DOCS[1]], [DOCS[0]]], encoder, chunk_tokens=32)  # other texts: encoded again
+    torch.testing.assert_close(VectorIndex(folder)[0], encoder.encode([DOCS[1]]).half().float())

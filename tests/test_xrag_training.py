@@ -238,3 +238,55 @@ def test_converter_rejects_a_checkpoint_without_projector_settings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="not an xRAG checkpoint"):
         convert_official_xrag(str(tmp_path), str(tmp_path / "out"))
+
+
+def rendered(model, tokenizer, question, contexts, encoder=None):
+    """The prompt as text, each context slot shown as the official checkpoint's <xRAG> token."""
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, [question], [contexts], encoder=encoder)
+    ids, slots = inputs["input_ids"][0].tolist(), inputs["context_mask"][0].tolist()
+    text, run = "", []
+    for token, slot in zip(ids, slots):
+        if slot:
+            text += tokenizer.decode(run) + "<xRAG>"
+            run = []
+        else:
+            run.append(token)
+    return text + tokenizer.decode(run)
+
+
+def test_a_converted_official_checkpoint_renders_the_official_evaluation_prompt(tokenizer, tmp_path):
+    base, _ = official_checkpoint(tmp_path / "official", tokenizer)
+    convert_official_xrag(str(tmp_path / "official"), str(tmp_path / "adapter"))
+    model = PeftModel.from_pretrained(clone(base), tmp_path / "adapter")
+    # Written out from the official eval script: start prompt, blank line, "Background: ", the xRAG tokens joined by
+    # spaces, blank line, "Question: {q}?", all inside [INST] ... [/INST], then " The answer is:".
+    official = (
+        "[INST] Refer to the background document and answer the questions:\n\nBackground: <xRAG>\n\n"
+        "Question: who wrote the letter? [/INST] The answer is:"
+    )
+    assert rendered(model, tokenizer, "who wrote the letter", torch.randn(1, RETRIEVER_DIM)) == official
+    two = rendered(model, tokenizer, "who wrote the letter", [torch.randn(2, RETRIEVER_DIM)])  # two chunks
+    assert two == official.replace("<xRAG>", "<xRAG> <xRAG>")
+    assert model.active_peft_config.chunk_tokens == 180
+
+
+def test_a_long_document_gets_one_slot_per_chunk_and_a_chunk_tensor_is_a_document(tokenizer, encoder):
+    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    long_doc = " ".join(f"word{i}" for i in range(300))
+    pieces = encoder.chunk(long_doc, 40)
+    assert len(pieces) > 2 and " ".join(pieces) == long_doc
+    assert all(len(encoder.tokenizer(p).input_ids) <= 40 for p in pieces)  # special tokens included
+    whole = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [[long_doc, "short"]], encoder=encoder)
+    assert int(whole["context_mask"].sum()) == 2  # no chunking: one vector per document
+    model.active_peft_config.chunk_tokens = 40
+    chunked = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [[long_doc, "short"]], encoder=encoder)
+    assert int(chunked["context_mask"].sum()) == len(pieces) + 1
+    expected = torch.cat([encoder.encode(pieces), encoder.encode(["short"])])
+    torch.testing.assert_close(chunked["retrieval_embeds"], expected)
+    # A document given as its [n_chunks, d_r] chunk vectors takes one slot per chunk (it used to be refused).
+    tensors = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [[torch.randn(3, RETRIEVER_DIM)]])
+    assert int(tensors["context_mask"].sum()) == 3
+    with pytest.raises(ValueError, match=r"\[n_chunks, d_r\] tensor"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [[torch.randn(2, 3, RETRIEVER_DIM)]])
+    with pytest.raises(ValueError, match="chunk_tokens=4; give a chunk size of at least 8"):
+        peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM, chunk_tokens=4)

@@ -22,16 +22,26 @@ Data: a JSON / JSONL file, a folder saved with ``datasets``, or a Hub dataset id
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from accelerate import PartialState
 from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 import peft_ctx
 from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import ModelArguments, build_adapter_model, load_rows, refuse_existing_adapter, train_and_save
+from peft_ctx.scripts import (
+    ModelArguments,
+    build_adapter_model,
+    load_rows,
+    refuse_existing_adapter,
+    resolve_dtype,
+    train_and_save,
+)
 from peft_ctx.training import ContextSFTConfig
+from peft_ctx.vectors import VECTOR_DTYPES
 from peft_ctx.xrag import recipe
 
 STAGES = recipe.STAGES
@@ -55,6 +65,22 @@ class ScriptArguments:
         default=None, metadata={"help": "Pooling override: mean, cls, last_token, max (default: the model's own)."}
     )
     encode_batch_size: int = field(default=64, metadata={"help": "Batch size for encoding documents once, up front."})
+    vector_index_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Folder of the on-disk document-vector index (default: <output_dir>/vectors-<stage>); an index "
+            "already there for the same rows, encoder and settings is reused (e.g. on --resume_from_checkpoint)."
+        },
+    )
+    vector_dtype: str = field(default="float16", metadata={"help": "Index storage: float16 or float32."})
+    chunk_tokens: Optional[int] = field(
+        default=180,
+        metadata={
+            "help": "A new adapter's chunk size: each passage is encoded in chunks of at most this many retriever "
+            "tokens, one slot per chunk (official xRAG: 180); 0 or less: one vector per passage. A continued adapter "
+            "keeps its own."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
     )
@@ -62,12 +88,17 @@ class ScriptArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector_dtype={self.vector_dtype!r}; choose one of {', '.join(VECTOR_DTYPES)}.")
+        if self.chunk_tokens is not None and self.chunk_tokens <= 0:
+            self.chunk_tokens = None
 
 
 def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading: Optional[ModelArguments] = None):
     def make_config():
         return peft_ctx.XRAGConfig(
             projector_type=script_args.projector_type,
+            chunk_tokens=script_args.chunk_tokens,
             base_model_name_or_path=script_args.model_name_or_path,
             **encoder.describe(),
         )
@@ -84,20 +115,43 @@ def main(argv: Optional[list[str]] = None) -> str:
     script_args, loading, training_args = parser.parse_args_and_config(args=argv)
     refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
-    encoder = peft_ctx.Encoder(script_args.encoder_name_or_path, pooling=script_args.encoder_pooling)
     if script_args.stage == "paraphrase" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
-    dataset = recipe.encode_documents(dataset, encoder, script_args.stage, script_args.encode_batch_size)
+    # The frozen retriever runs on this process's training device, in the base model's dtype.
+    state = PartialState(cpu=training_args.use_cpu)
+    encoder = peft_ctx.Encoder(
+        script_args.encoder_name_or_path,
+        pooling=script_args.encoder_pooling,
+        device=str(state.device),
+        torch_dtype=resolve_dtype(loading.dtype),
+    )
     set_seed(training_args.seed)  # the new projector's initialisation is part of the run's reproducibility
     model = build_model(script_args, encoder, loading)
+    config = model.active_peft_config
+    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+    # Each process encodes its share once into the on-disk index, then all read it by row.
+    dataset, index = recipe.encode_documents(
+        dataset,
+        encoder,
+        script_args.stage,
+        script_args.encode_batch_size,
+        index_dir=script_args.vector_index_dir
+        or os.path.join(training_args.output_dir, f"vectors-{script_args.stage}"),
+        dtype=VECTOR_DTYPES[script_args.vector_dtype],
+        chunk_tokens=config.chunk_tokens,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        barrier=state.wait_for_everyone,
+    )
+    encoder.model.to("cpu")  # its work is done; the GPU memory goes to training
     collator = recipe.collator(
-        model.active_peft_config,
+        config,
         tokenizer,
         script_args.stage,
         distill=training_args.a_kl > 0,
         max_length=training_args.max_length,
         seed=training_args.seed,
+        vector_index=index,
     )
     return train_and_save(
         model,

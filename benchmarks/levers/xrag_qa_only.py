@@ -49,7 +49,9 @@ if os.path.isdir(cache):
 
     ds = load_from_disk(cache)
 else:
-    ds = recipe.encode_documents(
+    # As run, encode_documents returned a dataset of vector lists; it now returns (dataset, on-disk index), and the
+    # collator below would need vector_index=index.
+    ds, index = recipe.encode_documents(
         [{k: r[k] for k in ("question", "answer", "contexts")} for r in train], enc, "instruct"
     )
     ds.save_to_disk(cache)

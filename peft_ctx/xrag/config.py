@@ -9,6 +9,16 @@ from ..encoders import POOLINGS
 from ..prompting import RAG_TEMPLATE
 
 PROJECTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
+# The official xRAG prompts (Mistral's [INST] format written out as plain text, so use_chat_template=False): the
+# evaluation prompt of its eval script, which converted checkpoints get, and its stage-2 training prompt (where
+# {question} is the instruction). The official prompt appends "?" to every question.
+OFFICIAL_EVAL_TEMPLATE = (
+    "[INST] Refer to the background document and answer the questions:\n\nBackground: {context}\n\n"
+    "Question: {question}? [/INST] The answer is:"
+)
+OFFICIAL_TRAIN_TEMPLATE = "[INST] Refer to the background document: {context}\n\n{question} [/INST]"
+# The official retriever reads at most this many tokens per chunk; a longer document gets one slot per chunk.
+OFFICIAL_CHUNK_TOKENS = 180
 
 
 @dataclass
@@ -37,6 +47,19 @@ class XRAGConfig(ContextConfig):
     retriever_normalize: Optional[bool] = field(
         default=None, metadata={"help": "Whether that encoder's vectors were L2-normalised."}
     )
+    chunk_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Split a text document into chunks of at most this many retriever tokens, each encoded into its "
+            "own vector and slot (official xRAG: 180; train/xrag.py and converted checkpoints use 180). None (the "
+            "default, and what adapters saved before this field had): one vector per document, truncated at the "
+            "encoder's max_length."
+        },
+    )
+    slot_separator: str = field(
+        default="",
+        metadata={"help": "Text between the slots of consecutive chunks / documents (the official prompt: ' ')."},
+    )
 
     def default_prompt_template(self) -> str:
         return RAG_TEMPLATE
@@ -52,6 +75,15 @@ class XRAGConfig(ContextConfig):
                 f"retriever_hidden_size={self.retriever_hidden_size!r}: give the encoder's vector size as a positive "
                 "int, e.g. XRAGConfig(retriever_hidden_size=encoder.hidden_size)."
             )
+        if self.chunk_tokens is not None and (
+            isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 8
+        ):
+            raise ValueError(
+                f"chunk_tokens={self.chunk_tokens!r}; give a chunk size of at least 8 retriever tokens (official: "
+                f"{OFFICIAL_CHUNK_TOKENS}), or None for one vector per document."
+            )
+        if not isinstance(self.slot_separator, str):
+            raise ValueError(f"slot_separator={self.slot_separator!r}; give a string, e.g. ' ' or ''.")
         if self.projector_depth < 1:
             raise ValueError(f"projector_type={self.projector_type!r} needs at least one layer, e.g. 'mlp2x_gelu'.")
         if self.retriever_pooling is not None and self.retriever_pooling not in POOLINGS:

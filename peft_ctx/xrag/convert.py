@@ -17,7 +17,7 @@ from typing import Optional
 from safetensors.torch import save_file
 
 from ..checkpoints import checkpoint_keys, read_checkpoint_tensors
-from .config import XRAGConfig
+from .config import OFFICIAL_CHUNK_TOKENS, OFFICIAL_EVAL_TEMPLATE, XRAGConfig
 
 _PROJECTOR_KEY = re.compile(r"(?:^|\.)projector\.(\d+)\.(weight|bias)$")
 _EMBED_KEY = re.compile(r"^(.*(?:embed_tokens|wte|word_embeddings))\.weight$")
@@ -31,7 +31,11 @@ def convert_official_xrag(
     overwrite: bool = False,
     **config_overrides,
 ) -> XRAGConfig:
-    """Write a peft_ctx xRAG adapter (adapter_config.json + adapter_model.safetensors) from an official checkpoint."""
+    """Write a peft_ctx xRAG adapter (adapter_config.json + adapter_model.safetensors) from an official checkpoint.
+
+    The adapter renders the official evaluation prompt (``OFFICIAL_EVAL_TEMPLATE``, plain text, slots joined by a
+    space) and chunks documents as the official retriever did (180 tokens); ``config_overrides`` replace any of it.
+    """
     config_path = os.path.join(checkpoint_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{checkpoint_dir} has no config.json; point at the official xRAG model folder.")
@@ -53,12 +57,19 @@ def convert_official_xrag(
         raise ValueError(f"Found projector weights under several modules {sorted(prefixes)}; expected exactly one.")
     # The official Sequential interleaves Linear and GELU; ours does too, so Linear i keeps index 2*i.
     linear_indices = sorted({int(_PROJECTOR_KEY.search(key).group(1)) for key in tensors})
+    # The checkpoint was trained and evaluated with the official prompts and chunks: keep them, unless overridden.
+    official = {
+        "prompt_template": OFFICIAL_EVAL_TEMPLATE,
+        "use_chat_template": False,
+        "slot_separator": " ",
+        "chunk_tokens": OFFICIAL_CHUNK_TOKENS,
+    }
     config = XRAGConfig(
         retriever_hidden_size=int(model_config["retriever_hidden_size"]),
         projector_type=model_config["projector_type"],
         base_model_name_or_path=base_model_name_or_path or model_config.get("_name_or_path") or None,
         base_hidden_size=int(model_config["hidden_size"]),
-        **config_overrides,
+        **{**official, **config_overrides},
     )
     if len(linear_indices) != config.projector_depth:
         raise ValueError(

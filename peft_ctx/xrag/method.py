@@ -76,8 +76,14 @@ class XRAGMethod(ContextMethod):
         return module(vectors.to(device=first.device, dtype=first.dtype)).to(dtype)  # [n_docs, hidden]
 
     def prompt_fields(self, config, docs, options):
-        # docs: [n_docs, d_r] tensor for this example; one slot per document, in order.
-        return {"context": [Slots(len(docs))]}, {"retrieval_embeds": [docs]}
+        # docs: [n_chunks, d_r] tensor for this example; one slot per chunk (per document without chunking), in
+        # order, with the separator text between slots.
+        slots: list = [Slots(len(docs))]
+        if config.slot_separator and len(docs) > 1:
+            slots = [Slots(1)]
+            for _ in range(len(docs) - 1):
+                slots += [config.slot_separator, Slots(1)]
+        return {"context": slots}, {"retrieval_embeds": [docs]}
 
     def prepare_docs(self, config: XRAGConfig, contexts: list[list], options: dict[str, Any]) -> list[torch.Tensor]:
         encoder = options.get("encoder")
@@ -97,7 +103,14 @@ class XRAGMethod(ContextMethod):
             if len(docs) == 0:
                 raise ValueError(f"Example {i} has an empty document list; xRAG needs at least one document.")
             if all(isinstance(d, torch.Tensor) for d in docs):
-                prepared[i] = torch.stack([d.reshape(-1) for d in docs])
+                # A [d_r] vector is a document of one chunk; a [n_chunks, d_r] tensor is a document's chunks.
+                if any(d.dim() not in (1, 2) for d in docs):
+                    shapes = [tuple(d.shape) for d in docs]
+                    raise ValueError(
+                        f"contexts[{i}] holds tensors of shapes {shapes}; give each document as a [d_r] vector or a "
+                        "[n_chunks, d_r] tensor of its chunks' vectors."
+                    )
+                prepared[i] = torch.cat([d.reshape(-1, d.shape[-1]) if d.dim() == 2 else d.unsqueeze(0) for d in docs])
             else:
                 check_documents(i, docs)
                 texts.extend(docs)
@@ -109,12 +122,16 @@ class XRAGMethod(ContextMethod):
                     "precomputed vectors (encoder.encode(docs)) as contexts."
                 )
             encoder.check_compatible(config)
-            vectors = encoder.encode(texts, batch_size=options.get("encode_batch_size", 32))
+            batch_size = options.get("encode_batch_size", 32)
+            if config.chunk_tokens is None:
+                per_doc = list(encoder.encode(texts, batch_size=batch_size).unsqueeze(1))  # [1, d_r] each
+            else:
+                per_doc = encoder.encode_chunks(texts, config.chunk_tokens, batch_size=batch_size)
             by_owner: dict[int, list[torch.Tensor]] = {}
-            for owner, vector in zip(owners, vectors):
-                by_owner.setdefault(owner, []).append(vector)
+            for owner, vectors in zip(owners, per_doc):
+                by_owner.setdefault(owner, []).append(vectors)
             for owner, rows in by_owner.items():
-                prepared[owner] = torch.stack(rows)
+                prepared[owner] = torch.cat(rows)  # [n_chunks over the example's documents, d_r]
         for vectors in prepared:
             check_vectors(config, vectors)
         return prepared

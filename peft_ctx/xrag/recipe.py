@@ -4,15 +4,18 @@
 - ``instruct`` (stage 2): question + the passages' vectors in, the answer out, with self-distillation from the same
   frozen LLM reading the passages as text (``a_kl``; the demo caches the teacher's top-k log-probs once).
 
-The retriever is frozen, so its vectors are computed once, up front, into a ``retrieval_embeds`` column.
+The retriever is frozen, so its vectors are computed once, up front, into an on-disk index (float16 by default)
+that batches read row by row; the ``retrieval_embeds`` column holds each row's number in it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any, Union
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
+import torch
 from datasets import Dataset
 
 from ..training import (
@@ -23,6 +26,7 @@ from ..training import (
     mean_answer_scores,
     train_stage,
 )
+from ..vectors import VectorIndex, build_vector_index
 
 STAGES = ("paraphrase", "instruct")
 VECTORS = "retrieval_embeds"
@@ -35,26 +39,45 @@ def text_column(stage: str) -> str:
     return "text" if stage == "paraphrase" else "contexts"
 
 
-def encode_documents(dataset: Union[Dataset, list[dict]], encoder, stage: str, batch_size: int = 64) -> Dataset:
-    """Every document encoded once (the retriever is frozen) into a ``retrieval_embeds`` column (one list of
-    ``[d_r]`` vectors per row, in passage order)."""
+def encode_documents(
+    dataset: Union[Dataset, list[dict]],
+    encoder,
+    stage: str,
+    batch_size: int = 64,
+    *,
+    index_dir: Optional[str] = None,
+    dtype: torch.dtype = torch.float16,
+    chunk_tokens: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Optional[Callable[[], None]] = None,
+) -> tuple[Dataset, VectorIndex]:
+    """Every document encoded once (the retriever is frozen) into an on-disk ``VectorIndex`` in ``index_dir`` (a
+    new temporary folder when None), and the dataset with a ``retrieval_embeds`` column holding each row's number
+    in it; give the index to ``collator(..., vector_index=index)``.
+
+    Under several processes every rank calls this and encodes its share (``rank`` of ``world_size``); ``barrier``
+    (e.g. accelerate's ``PartialState().wait_for_everyone``) makes each wait for all shards before opening the
+    index."""
     if not isinstance(dataset, Dataset):
         dataset = Dataset.from_list(list(dataset))
     column = text_column(stage)
     if column not in dataset.column_names:
         raise ValueError(f"Stage {stage!r} needs a {column!r} column; the dataset has {dataset.column_names}.")
-
-    def encode(batch):
-        docs = [[d] if stage == "paraphrase" else list(d) for d in batch[column]]
-        flat = [d for ds in docs for d in ds]
-        vectors = encoder.encode(flat, batch_size=batch_size, show_progress=False).tolist()
-        out, start = [], 0
-        for ds in docs:
-            out.append(vectors[start : start + len(ds)])
-            start += len(ds)
-        return {VECTORS: out}
-
-    return dataset.map(encode, batched=True, batch_size=batch_size, desc="Encoding documents")
+    index_dir = index_dir or tempfile.mkdtemp(prefix="peft_ctx_vectors_")
+    documents = [[d] if stage == "paraphrase" else list(d) for d in dataset[column]]
+    build_vector_index(
+        index_dir, documents, encoder, dtype=dtype, chunk_tokens=chunk_tokens, batch_size=batch_size,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
+    if VECTORS in dataset.column_names:
+        dataset = dataset.remove_columns(VECTORS)
+    dataset = dataset.add_column(VECTORS, list(range(len(dataset))))
+    if world_size > 1:
+        if barrier is None:
+            raise ValueError("world_size > 1 needs a barrier (every shard is written before the index opens).")
+        barrier()
+    return dataset, VectorIndex(index_dir)
 
 
 def collator(config, tokenizer, stage: str, *, distill: bool = False, **kwargs: Any) -> ContextDataCollator:
@@ -88,15 +111,20 @@ def train(
         else:
             n = min(len(data.qa_rows), settings.steps * settings.batch_size)
             rows = [{k: r[k] for k in ("question", "answer", "contexts")} for r in data.qa_rows[:n]]
-        dataset = encode_documents(rows, data.encoder, stage)
+        config = model.active_peft_config
+        dataset, index = encode_documents(
+            rows, data.encoder, stage, index_dir=os.path.join(work_dir, stage, "vectors"),
+            chunk_tokens=config.chunk_tokens,
+        )  # fmt: skip
         batches = collator(
-            model.active_peft_config,
+            config,
             tokenizer,
             stage,
             distill=settings.a_kl > 0,
             padding_side="left",
             seed=seed,
             method_options=dict(settings.options),
+            vector_index=index,
         )
         reports.append(
             train_stage(

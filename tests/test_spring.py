@@ -560,3 +560,26 @@ def test_dtype_auto_is_measured_on_the_cpu_and_bad_names_are_refused(monkeypatch
         scripts.ModelArguments(dtype="half")
     with pytest.raises(ValueError, match="dtype='half'"):
         scripts.resolve_dtype("half")
+
+
+def test_the_script_samples_one_to_five_of_the_top_passages_shuffled_and_starts_from_an_instruction(
+    tokenizer, tmp_path, monkeypatch
+):
+    script, base_dir, data = script_setup(tokenizer, tmp_path, monkeypatch)
+    row = {"contexts": [f"passage {i}" for i in range(8)]}
+    draws = [script.choose_passages(row, i, low=1, high=5, seed=0)["contexts"] for i in range(200)]
+    assert draws == [script.choose_passages(row, i, low=1, high=5, seed=0)["contexts"] for i in range(200)]
+    assert {len(d) for d in draws} == {1, 2, 3, 4, 5}  # every count drawn
+    assert all(set(d) <= set(row["contexts"][:5]) and len(set(d)) == len(d) for d in draws)
+    assert any(d != sorted(d) for d in draws)  # and the order shuffled
+    assert script.choose_passages(row, 0, low=None, high=5, seed=0)["contexts"] == row["contexts"][:5]
+    out = script.main([
+        "--config", "train/configs/spring.yaml", "--model_name_or_path", str(base_dir), "--dataset_name", str(data),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--num_virtual_tokens", "4",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    config = PeftConfig.from_pretrained(out)
+    assert config.use_chat_template is False  # the paper's plain text
+    assert config.init_token_ids == tokenizer(script.INIT_INSTRUCTION, add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="min_passages=6 with max_passages=5"):
+        script.ScriptArguments(model_name_or_path="m", dataset_name="d", min_passages=6)

@@ -43,8 +43,10 @@ from peft_ctx.scripts import (
 from peft_ctx.training import ContextSFTConfig
 from peft_ctx.vectors import VECTOR_DTYPES
 from peft_ctx.xrag import recipe
+from peft_ctx.xrag.config import OFFICIAL_EVAL_TEMPLATE, OFFICIAL_TRAIN_TEMPLATE
 
 STAGES = recipe.STAGES
+OFFICIAL_TEMPLATES = {"official_train": OFFICIAL_TRAIN_TEMPLATE, "official_eval": OFFICIAL_EVAL_TEMPLATE}
 
 
 @dataclass
@@ -73,6 +75,18 @@ class ScriptArguments:
         },
     )
     vector_dtype: str = field(default="float16", metadata={"help": "Index storage: float16 or float32."})
+    prompt_template: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A new adapter's QA prompt template with {context} and {question}; 'official_train' / "
+            "'official_eval' name the official xRAG prompts (plain text, Mistral's [INST] format). Default: "
+            "peft_ctx's own through the chat template."
+        },
+    )
+    use_chat_template: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Wrap a new adapter's prompts in the chat template (default: yes; not the official ones)."},
+    )
     chunk_tokens: Optional[int] = field(
         default=180,
         metadata={
@@ -92,6 +106,10 @@ class ScriptArguments:
             raise ValueError(f"vector_dtype={self.vector_dtype!r}; choose one of {', '.join(VECTOR_DTYPES)}.")
         if self.chunk_tokens is not None and self.chunk_tokens <= 0:
             self.chunk_tokens = None
+        official = self.prompt_template in OFFICIAL_TEMPLATES
+        self.prompt_template = OFFICIAL_TEMPLATES.get(self.prompt_template, self.prompt_template)
+        if self.use_chat_template is None:
+            self.use_chat_template = not official
 
 
 def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading: Optional[ModelArguments] = None):
@@ -99,6 +117,9 @@ def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading
         return peft_ctx.XRAGConfig(
             projector_type=script_args.projector_type,
             chunk_tokens=script_args.chunk_tokens,
+            prompt_template=script_args.prompt_template,
+            use_chat_template=script_args.use_chat_template,
+            slot_separator=" " if script_args.prompt_template in OFFICIAL_TEMPLATES.values() else "",
             base_model_name_or_path=script_args.model_name_or_path,
             **encoder.describe(),
         )

@@ -85,7 +85,12 @@ def _torch_ids(model, tokenizer, prompts_inputs) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("row", ["rag", "xrag", "spring", "cocom_xi16", "cocom_light"])
+# Real weights on an engine: the default run keeps the cheapest row (about 50 s); the others (100-300 s each on two
+# cores) run with --runslow (make test-all).
+ROWS = [pytest.param(row, marks=pytest.mark.slow) for row in ("rag", "xrag", "spring", "cocom_xi16")] + ["cocom_light"]
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_llama_cpp_answers_as_the_torch_path_does(row, served, rows, minilm):
     """One greedy pass on each engine over the same prompts (the ones peft_ctx.generate builds, batches of 8)."""
     model, tokenizer, engines = served

@@ -814,3 +814,19 @@ def test_gradient_checkpointing_gives_the_plain_backward_gradients_with_a_separa
     tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
     wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], **tolerance)]
     assert not wrong, f"{len(wrong)} of {len(plain)} gradients differ, e.g. {wrong[:3]}"
+
+
+def test_the_compressor_can_read_the_passage_between_bos_and_eos_as_the_public_code_does(tokenizer):
+    from peft_ctx.cocom.method import tokenize_passages
+
+    text = "The river runs past the old mill and into the sea."
+    plain = peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=8)
+    wrapped = peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=8, passage_special_tokens=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenize_passages(plain, [text], {"tokenizer": tokenizer}) == [ids[:8]]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    expected = bos + ids[: 8 - len(bos) - 1] + [tokenizer.eos_token_id]
+    assert tokenize_passages(wrapped, [text], {"tokenizer": tokenizer}) == [expected]  # still 8 tokens at most
+    assert len(expected) == 8
+    with pytest.raises(ValueError, match="passage_special_tokens=True is for COCOM with the LLM as compressor"):
+        peft_ctx.CocomConfig(compression_rate=4, compressor="some/encoder", passage_special_tokens=True)

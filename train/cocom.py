@@ -77,6 +77,13 @@ class ScriptArguments:
     lora_r: int = field(default=16, metadata={"help": "New adapter: LoRA rank on the LLM (0: LLM frozen)."})
     lora_alpha: float = field(default=32, metadata={"help": "New adapter: LoRA alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "New adapter: LoRA dropout."})
+    passage_special_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "New COCOM adapter: the compressor reads <ENC> BOS passage EOS, as the public COCOM code does "
+            "(false: <ENC> passage)."
+        },
+    )
     separate_compressor_adapter: bool = field(
         default=False, metadata={"help": "New COCOM adapter: separate compressor and decoder LoRAs (as PISCO)."}
     )
@@ -127,6 +134,7 @@ def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] 
             lora_alpha=script_args.lora_alpha,
             lora_dropout=script_args.lora_dropout,
             separate_compressor_adapter=script_args.separate_compressor_adapter,
+            passage_special_tokens=script_args.passage_special_tokens and not script_args.compressor,
             base_model_name_or_path=script_args.model_name_or_path,
         )
 

@@ -55,6 +55,14 @@ class CocomConfig(ContextConfig):
             "shared LoRA."
         },
     )
+    passage_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "COCOM only: the compressor reads <ENC> BOS passage EOS (the LLM's own BOS / EOS, as the public "
+            "COCOM code does) within max_passage_tokens; False (what adapters saved before this field had): "
+            "<ENC> passage."
+        },
+    )
     passage_separator: str = field(
         default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
     )
@@ -71,6 +79,11 @@ class CocomConfig(ContextConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.passage_special_tokens and self.compressor is not None:
+            raise ValueError(
+                "passage_special_tokens=True is for COCOM with the LLM as compressor; COCOM-light's encoder "
+                f"({self.compressor!r}) adds its own special tokens. Leave it False with a compressor."
+            )
         if not is_int(self.compression_rate) or self.compression_rate < 1:
             raise ValueError(
                 f"compression_rate={self.compression_rate!r}: give an integer >= 1 (tokens per context embedding; "

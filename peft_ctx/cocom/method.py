@@ -457,7 +457,14 @@ def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, 
         tokenizer = options.get("tokenizer")
         if tokenizer is None:
             raise ValueError("COCOM tokenises passages with the LLM's tokenizer; none was given.")
-        rows = [ids[: config.max_passage_tokens] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+        ids_list = tokenizer(texts, add_special_tokens=False).input_ids
+        if config.passage_special_tokens:
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            room = config.max_passage_tokens - len(bos) - len(eos)
+            rows = [bos + ids[:room] + eos for ids in ids_list]
+        else:
+            rows = [ids[: config.max_passage_tokens] for ids in ids_list]
     for text, ids in zip(texts, rows):
         if not ids:
             raise ValueError(f"The passage {text!r:.60} tokenises to nothing; give passages with text in them.")

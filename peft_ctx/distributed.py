@@ -33,6 +33,28 @@ def gathered(*params: torch.Tensor) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def unpartitioned_loading() -> Iterator[None]:
+    """``from_pretrained`` inside the block loads whole weights even while a DeepSpeed ZeRO-3 run is set up (which
+    makes transformers partition every model it loads): for frozen helpers that run outside the engine, such as
+    xRAG's retriever."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration: nothing partitions
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
+
+
 def adapter_keys(model, adapter_name: str = "default") -> list[str]:
     """The keys of ``model.state_dict()`` that ``save_pretrained`` writes for ``adapter_name`` (in state-dict order).
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from . import local_copies
+from .distributed import unpartitioned_loading
 
 POOLINGS = ("mean", "cls", "last_token", "max")
 
@@ -101,7 +102,8 @@ class Encoder:
         self.normalize = bool(normalize if normalize is not None else settings.get("normalize", False))
         self.name_or_path = name_or_path
         self.tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
-        self.model = AutoModel.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
+        with unpartitioned_loading():  # frozen and run outside any engine: whole on every rank, even under ZeRO-3
+            self.model = AutoModel.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)

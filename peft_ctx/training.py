@@ -616,6 +616,13 @@ class ContextSFTTrainer(SFTTrainer):
                     "a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True)."
                 )
             if self.args.teacher_top_k is not None:
+                if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                    # The cache is computed here, before the engine exists; partitioned weights cannot run a forward.
+                    raise ValueError(
+                        f"teacher_top_k={self.args.teacher_top_k} caches the teacher before training, but the model "
+                        "was loaded partitioned by DeepSpeed ZeRO-3 (zero3_init_flag: true). Use the live teacher "
+                        "(teacher_top_k: null), or load the model whole (zero3_init_flag: false)."
+                    )
                 self._cache_teacher(collator)
 
     def _cache_teacher(self, collator) -> None:

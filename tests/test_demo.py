@@ -449,3 +449,14 @@ def test_make_demo_runs_end_to_end_on_the_offline_assets(tmp_path):
     assert by["xrag"]["prompt_tokens"] < by["rag"]["prompt_tokens"]
     assert all(row["n_test"] == demo.profiles()["demo"].n_test for row in payload["rows"])
     assert data.CPKC in payload["task"]
+
+
+def test_the_cached_teacher_is_refused_on_weights_a_zero3_init_partitioned(tokenizer, encoder, tmp_path):
+    model, dataset, index = xrag_setup(tokenizer, encoder, n=2)
+    next(p for p in model.parameters() if not p.requires_grad).ds_id = 0  # what deepspeed.zero.Init leaves
+    collator = xrag_recipe.collator(model.active_peft_config, tokenizer, "instruct", distill=True, vector_index=index)
+    args = ContextSFTConfig(output_dir=str(tmp_path), a_kl=1.0, teacher_top_k=4, report_to=[])
+    with pytest.raises(ValueError, match="teacher_top_k=4 caches the teacher before training.*teacher_top_k: null"):
+        ContextSFTTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+        )

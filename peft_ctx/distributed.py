@@ -1,4 +1,5 @@
-"""Saving an adapter trained under a sharding engine (FSDP2, DeepSpeed ZeRO-3) or data parallel (DDP).
+"""Adapters under a sharding engine (FSDP2, DeepSpeed ZeRO-3) or data parallel (DDP): whole shapes, gathered reads,
+models loaded unpartitioned, and the gathered save.
 
 Under FSDP2 every parameter is a ``DTensor`` holding this rank's shard; under ZeRO-3 a parameter outside its
 module's forward is an empty placeholder. ``save_pretrained`` on such a model writes shards or empty tensors, so the

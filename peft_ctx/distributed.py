@@ -9,7 +9,7 @@ adapter is gathered first, and only the adapter: a 7B base is never assembled on
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from peft.utils import get_peft_model_state_dict
@@ -20,17 +20,22 @@ def full_shape(tensor: torch.Tensor) -> torch.Size:
     return getattr(tensor, "ds_shape", tensor.shape)
 
 
+def partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The DeepSpeed ZeRO-3 partitioned ones among ``params``."""
+    return [p for p in params if hasattr(p, "ds_id")]
+
+
 @contextlib.contextmanager
 def gathered(*params: torch.Tensor) -> Iterator[None]:
     """Whole values of ZeRO-3 partitioned ``params`` inside the block, to read (a model built under
     ``deepspeed.zero.Init`` has them partitioned before any engine gathers them for a forward); a no-op otherwise."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
+    parts = partitioned(params)
+    if not parts:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
         yield
 
 

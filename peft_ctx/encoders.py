@@ -191,9 +191,18 @@ class Encoder:
         return [piece for piece in pieces if piece.strip()]
 
     def encode_chunks(
-        self, texts: Sequence[str], chunk_tokens: int, batch_size: int = 32, show_progress: Optional[bool] = None
+        self,
+        texts: Sequence[str],
+        chunk_tokens: Optional[int],
+        batch_size: int = 32,
+        show_progress: Optional[bool] = None,
     ) -> list[torch.Tensor]:
-        """Each document's chunk vectors (``chunk``, then ``encode``).  # per document [n_chunks, hidden_size]"""
+        """Each document's chunk vectors (``chunk``, then ``encode``); ``chunk_tokens`` None: one vector per
+        document, truncated at ``max_length``.  # per document [n_chunks, hidden_size]"""
+        if not texts:
+            return []
+        if chunk_tokens is None:
+            return list(self.encode(texts, batch_size, show_progress).unsqueeze(1))  # [1, hidden_size] each
         chunks = [self.chunk(text, chunk_tokens) for text in texts]
         flat = self.encode([piece for pieces in chunks for piece in pieces], batch_size, show_progress)
         return list(torch.split(flat, [len(pieces) for pieces in chunks]))

@@ -34,7 +34,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
 
-from .config import ContextConfig
+from .config import ContextConfig, is_int
+from .distributed import partitioned
 from .hub import push_after_training, take_push_settings
 from .inference import build_examples, collate, text_examples, with_resources
 from .methods import get_method
@@ -226,22 +227,19 @@ class ContextDataCollator:
         if max_length is None:
             return rows, report
         teacher_budget = teacher_max_length or max_length
-        kept, changed = [], {}
+        kept = []
         for index in tqdm(range(len(rows)), desc="Checking the token budget", disable=len(rows) < 1000):
-            row = rows[index]
-            fitted, cut = self._fit_row(row, max_length, teacher_budget)
+            fitted, cut = self._fit_row(rows[index], max_length, teacher_budget)
             if fitted is None:
                 report.skipped.append(index)
                 continue
             if cut:
                 report.truncated.append(index)
                 report.passage_tokens_cut += cut
-                changed[index] = fitted
-            kept.append(index)
+            kept.append(fitted)
         if not report.truncated and not report.skipped:
             return rows, report
-        fitted_rows = [changed.get(i) or rows[i] for i in kept]
-        return Dataset.from_list(fitted_rows), report
+        return Dataset.from_list(kept), report
 
     def _fits(self, row: dict, budget: int, teacher_budget: int) -> bool:
         try:
@@ -398,7 +396,7 @@ class ContextSFTConfig(SFTConfig):
             raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0.")
         for name in ("max_length", "teacher_max_length"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name}={value!r}; give a positive number of tokens, or None for no budget.")
         if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
             raise ValueError(f"teacher_top_k={self.teacher_top_k!r}; give a positive int, or None for a live teacher.")
@@ -616,7 +614,7 @@ class ContextSFTTrainer(SFTTrainer):
                     "a_kl > 0 needs teacher inputs: build the collator with ContextDataCollator(distill=True)."
                 )
             if self.args.teacher_top_k is not None:
-                if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                if partitioned(self.model.parameters()):
                     # The cache is computed here, before the engine exists; partitioned weights cannot run a forward.
                     raise ValueError(
                         f"teacher_top_k={self.args.teacher_top_k} caches the teacher before training, but the model "

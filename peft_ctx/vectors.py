@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoints import read_tagged_safetensors
+from .config import is_int
 
 _KEY = "vectors"
 
@@ -103,10 +104,7 @@ def build_vector_index(
             if json.loads((f.metadata() or {}).get("peft_ctx", "{}")) == meta:
                 return path
     flat = [passage for passages in share for passage in passages]
-    if chunk_tokens is None:
-        per_passage = list(encoder.encode(flat, batch_size=batch_size).unsqueeze(1)) if flat else []
-    else:
-        per_passage = encoder.encode_chunks(flat, chunk_tokens, batch_size=batch_size) if flat else []
+    per_passage = encoder.encode_chunks(flat, chunk_tokens, batch_size=batch_size)
     counts, start = [], 0
     for passages in share:
         counts.append(sum(int(v.shape[0]) for v in per_passage[start : start + len(passages)]))
@@ -167,7 +165,7 @@ class VectorIndex:
         return int(self.metadata["total_rows"])
 
     def __getitem__(self, row: int) -> torch.Tensor:
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self):
+        if not is_int(row) or not 0 <= row < len(self):
             raise IndexError(f"Row {row!r} is not in this vector index of {len(self)} rows.")
         shard = bisect.bisect_right(self._starts, row) - 1
         local = row - self._starts[shard]

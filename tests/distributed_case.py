@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from peft import get_peft_model
 
 import peft_ctx
-from tests.helpers import RETRIEVER_DIM, tiny_model
+from tests.helpers import tiny_model
+from tests.test_serving import METHODS, _perturb
 
 QUESTIONS = ["What colour is the sky?", "Who wrote the letter?", "Where did the ship sail?", "When was it built?"]
 PASSAGES = [
@@ -20,19 +19,7 @@ PASSAGES = [
 ANSWERS = ["green", "Ada", "Vell", "1204"]
 STEPS = 3
 LR = 1e-3  # small enough that 3 steps stay near-linear: fp32 reduction-order noise is not amplified
-# No LoRA dropout: each rank draws its own masks, which one process does not reproduce.
-CONFIGS = {
-    "xrag": lambda enc: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
-    "spring": lambda enc: peft_ctx.SpringConfig(num_virtual_tokens=4),
-    "cocom": lambda enc: peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0),
-    "cocom_separate": lambda enc: peft_ctx.CocomConfig(
-        compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0, separate_compressor_adapter=True
-    ),
-    "cocom_light": lambda enc: peft_ctx.CocomConfig(
-        compression_rate=4, max_passage_tokens=16, lora_r=2, lora_dropout=0.0, compressor=enc
-    ),
-}
-METHOD_NAMES = sorted(CONFIGS)
+METHOD_NAMES = sorted(METHODS)
 
 
 def build(method: str, tokenizer, encoder_dir: str, base=None):
@@ -40,30 +27,13 @@ def build(method: str, tokenizer, encoder_dir: str, base=None):
     B starts at zero, which would leave the first steps' other gradients zero), no dropout anywhere (COCOM-light's
     BERT compressor has some; each rank would draw its own masks)."""
     base = tiny_model("llama", tokenizer, initializer_range=0.2) if base is None else base  # or a saved copy of it
-    model = get_peft_model(base, CONFIGS[method](encoder_dir))
-    for module in model.modules():
+    model = get_peft_model(base, METHODS[method](encoder_dir))
+    for module in model.modules():  # LoRA's dropout, and COCOM-light's BERT's
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "dropout_prob", None), float):
             module.dropout_prob = 0.0
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                with _writable(param):  # COCOM-light's encoder loads partitioned under a ZeRO-3 init
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
-
-
-@contextlib.contextmanager
-def _writable(param):
-    if not hasattr(param, "ds_id"):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0's values are kept (all draw the same)
-        yield
+    return _perturb(model, seed=1)  # COCOM-light's encoder loads partitioned under a ZeRO-3 init: _perturb writes it
 
 
 def rank_inputs(method: str, model, tokenizer, encoder, rank: int, world: int, step: int) -> dict:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import os
+import sys
 
 import torch
 from transformers import (
@@ -85,6 +89,30 @@ def tiny_bert(tokenizer, hidden_size: int = RETRIEVER_DIM, seed: int = 0) -> Ber
         max_position_embeddings=512,
     )
     return BertModel(config).eval()
+
+
+@contextlib.contextmanager
+def writable(param: torch.Tensor):
+    """Write ``param`` whole inside the block, also when DeepSpeed ZeRO-3 partitioned it (rank 0's values are kept;
+    every rank writes the same)."""
+    if not hasattr(param, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        yield
+
+
+def load_train_script(name: str, monkeypatch):
+    """``train/<name>.py`` as a module (its ``main``, ``ScriptArguments`` ...), in ``sys.modules`` for the test's
+    length only."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"train_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defining classes
+    spec.loader.exec_module(module)
+    return module
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

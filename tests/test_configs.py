@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
 import yaml
@@ -12,6 +10,7 @@ from trl import TrlParser
 
 from peft_ctx.scripts import ModelArguments
 from peft_ctx.training import ContextSFTConfig
+from tests.helpers import load_train_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, "train", "configs")) if f.endswith(".yaml"))
@@ -34,28 +33,24 @@ PAPER = {
 }  # fmt: skip
 
 
-def parse(name: str):
-    script = name.removesuffix(".yaml").split("_")[0]
-    spec = importlib.util.spec_from_file_location(f"train_{script}", os.path.join(REPO, "train", f"{script}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+def parse(name: str, monkeypatch):
+    module = load_train_script(name.removesuffix(".yaml").split("_")[0], monkeypatch)
     parser = TrlParser((module.ScriptArguments, ModelArguments, ContextSFTConfig))
     return parser.parse_args_and_config(args=["--config", os.path.join(REPO, "train", "configs", name)])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_parses_and_leaves_device_and_precision_to_the_machine(name):
+def test_every_config_parses_and_leaves_device_and_precision_to_the_machine(name, monkeypatch):
     with open(os.path.join(REPO, "train", "configs", name)) as f:
         keys = set(yaml.safe_load(f))
     assert not keys & {"use_cpu", "bf16", "fp16"}, "the config would pin a device or a precision"
-    script_args, loading, training_args = parse(name)
+    script_args, loading, training_args = parse(name, monkeypatch)
     assert training_args.output_dir and loading.dtype in ("auto", "bf16")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_the_paper_configs_carry_the_papers_settings(name):
-    script_args, loading, training_args = parse(name)
+def test_the_paper_configs_carry_the_papers_settings(name, monkeypatch):
+    script_args, loading, training_args = parse(name, monkeypatch)
     for key, value in PAPER[name].items():
         if key == "batch":
             assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 8 == value

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_ctx
-from tests.helpers import RETRIEVER_DIM, tiny_model
+from tests.helpers import RETRIEVER_DIM, tiny_model, writable
 
 QUESTIONS = ["Who keeps the lighthouse?", "What colour is the door of the old mill?", "Where is it?"]
 PASSAGES = [
@@ -27,7 +27,8 @@ def _perturb(model, seed=1):
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+                with writable(param):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import re
-import sys
 
 import pytest
 import torch
@@ -29,6 +27,7 @@ from tests.helpers import (
     captured_embeddings,
     changed,
     clone,
+    load_train_script,
     positions,
     snapshot,
     tiny_model,
@@ -334,14 +333,6 @@ def test_training_changes_only_the_virtual_tokens_and_logs_true_token_accuracy(t
     assert logged[0] == pytest.approx(manual, abs=1e-6)
 
 
-def load_script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_spring", os.path.join(REPO, "train", "spring.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defining classes
-    spec.loader.exec_module(module)
-    return module
-
-
 def script_setup(tokenizer, tmp_path, monkeypatch):
     """train/spring.py loaded from the repository root, a tiny saved base model and a 4-row QA file."""
     base_dir = tmp_path / "base"
@@ -350,7 +341,7 @@ def script_setup(tokenizer, tmp_path, monkeypatch):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in qa_rows(4)))
     monkeypatch.chdir(REPO)
-    return load_script(monkeypatch), base_dir, data
+    return load_train_script("spring", monkeypatch), base_dir, data
 
 
 def test_train_script_runs_end_to_end_from_yaml(tokenizer, tmp_path, monkeypatch):

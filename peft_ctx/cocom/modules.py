@@ -9,6 +9,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from ..distributed import full_shape
+
 
 class CocomTokens(nn.Module):
     """COCOM with the LLM as compressor: k_max memory-token embeddings, the <ENC> marker that opens a passage in the
@@ -26,7 +28,7 @@ class CocomTokens(nn.Module):
 
     @property
     def enc_row(self) -> int:
-        return self.memory.ds_shape[0] if hasattr(self.memory, "ds_shape") else self.memory.shape[0]
+        return full_shape(self.memory)[0]
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the table [memory tokens; <ENC>; <AE>] (``enc_row`` is <ENC>, ``enc_row + 1`` is <AE>).

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import full_shape
+
 
 class SpringTokens(nn.Module):
     """SPRING's whole adapter: N virtual-token embeddings, of which a call uses the first k."""
@@ -20,4 +22,4 @@ class SpringTokens(nn.Module):
 
     @property
     def num_virtual_tokens(self) -> int:
-        return getattr(self.virtual_tokens, "ds_shape", self.virtual_tokens.shape)[0]
+        return full_shape(self.virtual_tokens)[0]

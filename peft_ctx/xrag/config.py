@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ContextConfig
+from ..config import ContextConfig, is_int
 from ..encoders import POOLINGS
 from ..prompting import RAG_TEMPLATE
 
@@ -75,9 +75,7 @@ class XRAGConfig(ContextConfig):
                 f"retriever_hidden_size={self.retriever_hidden_size!r}: give the encoder's vector size as a positive "
                 "int, e.g. XRAGConfig(retriever_hidden_size=encoder.hidden_size)."
             )
-        if self.chunk_tokens is not None and (
-            isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 8
-        ):
+        if self.chunk_tokens is not None and (not is_int(self.chunk_tokens) or self.chunk_tokens < 8):
             raise ValueError(
                 f"chunk_tokens={self.chunk_tokens!r}; give a chunk size of at least 8 retriever tokens (official: "
                 f"{OFFICIAL_CHUNK_TOKENS}), or None for one vector per document."

@@ -123,10 +123,7 @@ class XRAGMethod(ContextMethod):
                 )
             encoder.check_compatible(config)
             batch_size = options.get("encode_batch_size", 32)
-            if config.chunk_tokens is None:
-                per_doc = list(encoder.encode(texts, batch_size=batch_size).unsqueeze(1))  # [1, d_r] each
-            else:
-                per_doc = encoder.encode_chunks(texts, config.chunk_tokens, batch_size=batch_size)
+            per_doc = encoder.encode_chunks(texts, config.chunk_tokens, batch_size=batch_size)  # [n_chunks, d_r] each
             by_owner: dict[int, list[torch.Tensor]] = {}
             for owner, vectors in zip(owners, per_doc):
                 by_owner.setdefault(owner, []).append(vectors)

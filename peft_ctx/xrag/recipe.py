@@ -64,6 +64,8 @@ def encode_documents(
     column = text_column(stage)
     if column not in dataset.column_names:
         raise ValueError(f"Stage {stage!r} needs a {column!r} column; the dataset has {dataset.column_names}.")
+    if world_size > 1 and barrier is None:
+        raise ValueError("world_size > 1 needs a barrier (every shard is written before the index opens).")
     index_dir = index_dir or tempfile.mkdtemp(prefix="peft_ctx_vectors_")
     documents = [[d] if stage == "paraphrase" else list(d) for d in dataset[column]]
     build_vector_index(
@@ -74,8 +76,6 @@ def encode_documents(
         dataset = dataset.remove_columns(VECTORS)
     dataset = dataset.add_column(VECTORS, list(range(len(dataset))))
     if world_size > 1:
-        if barrier is None:
-            raise ValueError("world_size > 1 needs a barrier (every shard is written before the index opens).")
         barrier()
     return dataset, VectorIndex(index_dir)
 

@@ -290,3 +290,25 @@ def test_a_long_document_gets_one_slot_per_chunk_and_a_chunk_tensor_is_a_documen
         peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [[torch.randn(2, 3, RETRIEVER_DIM)]])
     with pytest.raises(ValueError, match="chunk_tokens=4; give a chunk size of at least 8"):
         peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM, chunk_tokens=4)
+
+
+def test_the_offline_index_and_the_diagnostics_chunk_as_the_adapter_reads(tokenizer, encoder, tmp_path):
+    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    method = peft_ctx.get_method("xrag")
+    long_doc = " ".join(f"word{i}" for i in range(300))
+    passages = [long_doc, "A short passage about the sea."]
+    whole = method.index_passages(model, tokenizer, passages, encoder=encoder)
+    assert [tuple(e.shape) for e in whole.entries] == [(RETRIEVER_DIM,)] * 2  # one vector per passage
+    model.active_peft_config.chunk_tokens = 40
+    chunked = method.index_passages(model, tokenizer, passages, encoder=encoder)
+    n_chunks = len(encoder.chunk(long_doc, 40))
+    assert [tuple(e.shape) for e in chunked.entries] == [(n_chunks, RETRIEVER_DIM), (1, RETRIEVER_DIM)]
+    # The indexed entries read as the text does: the same slots and vectors as encoding on the fly.
+    from_index = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [chunked.entries])
+    on_the_fly = peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [passages], encoder=encoder)
+    assert int(from_index["context_mask"].sum()) == n_chunks + 1
+    torch.testing.assert_close(from_index["retrieval_embeds"], on_the_fly["retrieval_embeds"])
+    chunked.save(str(tmp_path / "index.safetensors"))
+    assert tuple(peft_ctx.load_vectors(str(tmp_path / "index.safetensors"))[0].shape) == (n_chunks + 1, RETRIEVER_DIM)
+    scores = method.diagnostics(model, tokenizer, passages, encoder=encoder)  # reads each passage's chunks
+    assert {"paraphrase_nll", "paraphrase_nll_wrong_passage"} <= set(scores)

@@ -141,8 +141,11 @@ class XRAGMethod(ContextMethod):
     def index_passages(self, model, tokenizer, passages, encoder=None):
         if encoder is None:
             return None  # passages go in as text and are encoded at question time
-        vectors = encoder.encode(list(passages), batch_size=32, show_progress=False)  # [n_passages, d_r]
-        return PassageIndex(list(vectors), lambda path: save_vectors(path, vectors, encoder=encoder))
+        chunk_tokens = model.active_peft_config.chunk_tokens
+        per_passage = encoder.encode_chunks(list(passages), chunk_tokens, show_progress=False)  # [n_chunks, d_r] each
+        # A passage of one chunk is one [d_r] vector; a longer one under chunk_tokens is its [n_chunks, d_r] chunks.
+        entries = [vectors[0] if chunk_tokens is None else vectors for vectors in per_passage]
+        return PassageIndex(entries, lambda path: save_vectors(path, torch.cat(per_passage), encoder=encoder))
 
     def train(self, model, tokenizer, data, stages, work_dir, seed=0, callbacks=None):
         return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)

@@ -146,11 +146,13 @@ def diagnostics(model, tokenizer, passages: list[str], encoder, batch_size: int 
     """Paraphrase NLL and token accuracy of each passage's text from its own vector, against another passage's vector
     (the next one in the list): the gap is what the projector carries of the passage."""
     check_diagnostic_passages(passages)
-    vectors = encoder.encode(list(passages), show_progress=False).tolist()
-    batches = collator(model.active_peft_config, tokenizer, "paraphrase", padding_side="left", model=model)
+    config = model.active_peft_config
+    # One vector per passage, or one per chunk where the adapter chunks (chunk_tokens), as it reads them at inference.
+    vectors = [v.tolist() for v in encoder.encode_chunks(list(passages), config.chunk_tokens, show_progress=False)]
+    batches = collator(config, tokenizer, "paraphrase", padding_side="left", model=model)
     out: dict[str, float] = {}
     for suffix, shift in (("", 0), ("_wrong_passage", 1)):
-        rows = [{"text": t, VECTORS: [vectors[(i + shift) % len(passages)]]} for i, t in enumerate(passages)]
+        rows = [{"text": t, VECTORS: vectors[(i + shift) % len(passages)]} for i, t in enumerate(passages)]
         scores = mean_answer_scores(
             model, (batches(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
         )

@@ -58,3 +58,16 @@ def test_the_paper_configs_carry_the_papers_settings(name, monkeypatch):
         got = getattr(script_args, key, getattr(training_args, key, None))
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got)
     assert loading.dtype == "bf16" and training_args.gradient_checkpointing
+
+
+@pytest.mark.parametrize(("name", "official"), [("official_train", True), ("official_eval", True), (None, False)])
+def test_the_xrag_script_names_the_official_prompts(name, official, monkeypatch):
+    from peft_ctx.xrag.config import OFFICIAL_EVAL_TEMPLATE, OFFICIAL_TRAIN_TEMPLATE
+
+    module = load_train_script("xrag", monkeypatch)
+    args = module.ScriptArguments(
+        model_name_or_path="m", encoder_name_or_path="e", dataset_name="d", prompt_template=name
+    )
+    expected = {"official_train": OFFICIAL_TRAIN_TEMPLATE, "official_eval": OFFICIAL_EVAL_TEMPLATE}.get(name)
+    assert args.prompt_template == expected
+    assert args.official_prompt is official and args.use_chat_template is not official  # plain text, as published

@@ -106,10 +106,14 @@ class ScriptArguments:
             raise ValueError(f"vector_dtype={self.vector_dtype!r}; choose one of {', '.join(VECTOR_DTYPES)}.")
         if self.chunk_tokens is not None and self.chunk_tokens <= 0:
             self.chunk_tokens = None
-        official = self.prompt_template in OFFICIAL_TEMPLATES
         self.prompt_template = OFFICIAL_TEMPLATES.get(self.prompt_template, self.prompt_template)
         if self.use_chat_template is None:
-            self.use_chat_template = not official
+            self.use_chat_template = not self.official_prompt
+
+    @property
+    def official_prompt(self) -> bool:
+        """Whether the QA prompt is an official xRAG one: plain text, the slots of several chunks joined by spaces."""
+        return self.prompt_template in OFFICIAL_TEMPLATES.values()
 
 
 def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading: Optional[ModelArguments] = None):
@@ -119,7 +123,7 @@ def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading
             chunk_tokens=script_args.chunk_tokens,
             prompt_template=script_args.prompt_template,
             use_chat_template=script_args.use_chat_template,
-            slot_separator=" " if script_args.prompt_template in OFFICIAL_TEMPLATES.values() else "",
+            slot_separator=" " if script_args.official_prompt else "",
             base_model_name_or_path=script_args.model_name_or_path,
             **encoder.describe(),
         )

@@ -9,6 +9,7 @@ offline; the timed part starts from the question and the looked-up index entries
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable
@@ -153,7 +154,6 @@ class AdapterMethod(BenchMethod):
         self.method, self.entry = method, entry
         self.name, self.label, self.trains = entry.name, entry.label, entry.trains
         self.options = dict(entry.options)
-        self._serving: list = []
 
     def config(self, env):
         return self.entry.make_config(env.resources(with_encoder=self.method.uses_encoder))
@@ -170,17 +170,18 @@ class AdapterMethod(BenchMethod):
         return Encoded(index.entries, index.save)
 
     def serve(self, env, model):
-        # Held open for the rest of the run: the server keeps serving this way (COCOM's LoRA stays merged).
-        serving = self.method.serving(model)
-        self._serving.append(serving)
-        return serving.__enter__()
+        # The served form (COCOM: decoder LoRA merged) is copied and the method's context left at once: the benchmark
+        # then converts the copy's weights (fp16 / int8 layers), which no LoRA unmerge could undo at exit.
+        with self.method.serving(model) as served:
+            return copy.deepcopy(served)
 
     def inputs(self, env, model, questions, entries):
         return peft_ctx.prepare_inputs(model, env.tokenizer, questions, self.contexts(entries), **self.options)
 
     def contexts(self, entries: list[list]) -> list:
-        # Vectors of one question's passages travel as one [n_docs, d_r] tensor.
-        return [torch.stack(row) if row and isinstance(row[0], torch.Tensor) else row for row in entries]
+        # One [d_r] vector per passage: a question's passages travel as one [n_docs, d_r] tensor; passages indexed
+        # as their chunks ([n_chunks, d_r] each, xRAG's chunk_tokens) stay a list of documents.
+        return [torch.stack(row) if row and all(_is_vector(e) for e in row) else row for row in entries]
 
     def train_inputs(self, env, model, questions, passages, answers):
         contexts = passages
@@ -194,6 +195,10 @@ class AdapterMethod(BenchMethod):
         model = self.build(env, base)
         model.train()
         return model
+
+
+def _is_vector(entry) -> bool:
+    return isinstance(entry, torch.Tensor) and entry.dim() == 1
 
 
 _ROWS: dict[str, BenchMethod] = {}  # rows registered here (the baselines); the adapters' rows come from peft_ctx

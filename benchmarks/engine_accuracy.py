@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--base_model", default=SMOLLM2_HUB_ID)
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--max_new_tokens", type=int, default=12)
-    parser.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0"))
+    parser.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0", "q8_0_f16emb"))
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     names = sorted(

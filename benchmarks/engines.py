@@ -34,7 +34,7 @@ from .common import DEFAULT_MODEL, load_model, machine, median, set_threads, wri
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_1")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb", "q4_1")
 
 
 def _torch_inputs(examples, tokenizer):

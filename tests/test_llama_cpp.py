@@ -184,3 +184,22 @@ def test_the_evaluation_harness_decodes_with_llama_cpp(served, rows, minilm, tmp
         assert sum(agree) >= 4, (torch_row["method"], torch_row["examples"], engine_row["examples"])  # of 5
         assert engine_row["e2e_s"] > engine_row["ttft_s"] > 0
     assert model.base_model.merged_lora_adapters() == []  # COCOM served merged, then unmerged again
+
+
+def test_q8_0_with_f16_embeddings_is_quantized_by_llama_cpp_and_serves(tokenizer, tmp_path):
+    from gguf import GGUFReader
+
+    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
+    out = tmp_path / "export"
+    peft_ctx.export_for_serving(model, str(out), tokenizer=tokenizer)
+    path = to_gguf(str(out), "q8_0_f16emb")
+    assert path.endswith("model-q8_0_f16emb.gguf") and os.path.isfile(os.path.join(out, "model-f16.gguf"))
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "F16"  # tied: it also computes the logits
+    matrices = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    layers = [n for n in types if n.startswith("blk.") and n.split(".")[2] in matrices]
+    assert len(layers) == 2 * len(matrices) and {types[n] for n in layers} == {"Q8_0"}
+    engine = peft_ctx.LlamaCppEngine(path)
+    assert engine.weight_bytes() < os.path.getsize(os.path.join(out, "model-f16.gguf"))
+    questions = ["Who wrote the letter?"]
+    assert len(peft_ctx.generate(model, tokenizer, questions, [["Ada wrote it."]], engine=engine, max_new_tokens=3)) == 1

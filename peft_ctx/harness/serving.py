@@ -1,10 +1,12 @@
 """Serving tools: convert an ``export_for_serving`` folder to GGUF for llama.cpp, and the engines the harness builds.
 
-    python -m peft_ctx.harness.serving gguf EXPORT_DIR [--outtype f16|bf16|q8_0|f32]
+    python -m peft_ctx.harness.serving gguf EXPORT_DIR [--outtype f16|bf16|q8_0|q8_0_f16emb|f32]
 
 The converter is the one that ships with llama.cpp (``convert_hf_to_gguf.py``), unpacked into the venv by
 ``make install`` (``peft_ctx.harness.llama_cpp_build``); it runs in a subprocess because it brings its own ``gguf``
-package. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the ``peft_ctx_serving.json`` that
+package. ``q8_0_f16emb`` is q8_0 with the token embedding and output matrices kept f16 (llama-quantize's
+``--token-embedding-type f16 --output-tensor-type f16``), quantized from the f16 GGUF by llama.cpp's own
+``llama_model_quantize``. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the ``peft_ctx_serving.json`` that
 ``LlamaCppEngine`` reads.
 """
 
@@ -20,7 +22,10 @@ from ..engines import LlamaCppEngine
 from ..serving import export_base, export_for_serving
 from .llama_cpp_build import CONVERTER_DIR
 
-OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+# What the converter writes itself; and types quantized from one of those: {type: (source type, weight type name)}.
+CONVERTED = ("f16", "bf16", "q8_0", "f32")
+QUANTIZED = {"q8_0_f16emb": ("f16", "Q8_0")}
+OUTTYPES = (*CONVERTED, *QUANTIZED)
 ENGINES = ("torch", "llama.cpp")
 
 
@@ -47,12 +52,34 @@ def to_gguf(export_dir: str, outtype: str = "f16", out_file: Optional[str] = Non
     if os.path.isfile(out_file) and os.path.getmtime(out_file) >= max(os.path.getmtime(w) for w in weights):
         return out_file
     tmp = out_file + ".tmp"
+    if outtype in QUANTIZED:
+        source_type, weights_type = QUANTIZED[outtype]
+        quantize(to_gguf(export_dir, source_type, quiet=quiet), tmp, weights_type, keep_embeddings_f16=True)
+        os.replace(tmp, out_file)
+        return out_file
     command = [sys.executable, converter_path(), export_dir, "--outtype", outtype, "--outfile", tmp]
     result = subprocess.run(command, capture_output=quiet, text=True)
     if result.returncode != 0:
         detail = (result.stderr or "")[-1500:] if quiet else ""
         raise RuntimeError(f"GGUF conversion of {export_dir!r} failed (exit {result.returncode}):\n{detail}")
     os.replace(tmp, out_file)
+    return out_file
+
+
+def quantize(source: str, out_file: str, weights_type: str, keep_embeddings_f16: bool = False) -> str:
+    """Quantize the GGUF ``source`` to ``weights_type`` (a llama.cpp LLAMA_FTYPE_MOSTLY_* name: "Q8_0" ...) with
+    llama.cpp's ``llama_model_quantize``; ``keep_embeddings_f16``: the token embedding and output matrices stay f16
+    (for a model with tied embeddings, one matrix that also computes every logit)."""
+    from ..engines import _llama_cpp
+
+    lib, _ = _llama_cpp()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{weights_type}")
+    if keep_embeddings_f16:
+        params.token_embedding_type = params.output_tensor_type = lib.GGML_TYPE_F16
+    status = lib.llama_model_quantize(source.encode(), out_file.encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source!r} to {weights_type} (status {status}).")
     return out_file
 
 

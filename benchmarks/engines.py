@@ -35,6 +35,7 @@ from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb", "q4_1")
+MIN_ANSWER_AGREEMENT = 0.85  # whole greedy answers identical to torch's, for a weight type to be recommended
 
 
 def _torch_inputs(examples, tokenizer):
@@ -153,11 +154,26 @@ def main(argv=None) -> dict:
     torch_row = rows[0]
     for row in rows:
         row["decode_speedup_vs_torch"] = torch_row["decode_s_per_token"] / row["decode_s_per_token"]
+        # Per repetition, torch's and this engine's decoding measured back to back: the machine's speed drifts
+        # between repetitions (torch's ms/token has ranged 63-111 across runs here), the paired ratio much less.
+        paired = sorted(
+            (te - tt) / (e - t)
+            for te, tt, e, t in zip(
+                torch_row["runs_s"]["rag_5docs_e2e"], torch_row["runs_s"]["rag_5docs_ttft"],
+                row["runs_s"]["rag_5docs_e2e"], row["runs_s"]["rag_5docs_ttft"],
+            )
+        )  # fmt: skip
+        row["decode_speedup_paired"] = {"median": median(paired), "min": paired[0], "max": paired[-1]}
         row["prefill_speedup_vs_torch"] = torch_row["prefill_s"] / row["prefill_s"]
         row["e2e_speedup_vs_torch"] = torch_row["e2e_s"] / row["e2e_s"]
-    candidates = [r for r in rows[1:] if r["first_token_agreement"] == 1.0]
+    # 8-bit weights keep first tokens but change about half the whole answers (and SPRING's accuracy by 6 points on
+    # 50 questions, benchmarks/results/engine_accuracy_q8_0_f16emb.md): only near-lossless weights are recommended.
+    candidates = [
+        r for r in rows[1:] if r["first_token_agreement"] == 1.0 and r["answer_agreement"] >= MIN_ANSWER_AGREEMENT
+    ]
     best = min(candidates, key=lambda r: r["e2e_s"]) if candidates else None
-    fastest_decode = min(rows[1:], key=lambda r: r["decode_s_per_token"])
+    fastest_decode = max(rows[1:], key=lambda r: r["decode_speedup_paired"]["median"])
+    faithful = max(candidates, key=lambda r: r["decode_speedup_paired"]["median"]) if candidates else None
     fastest_prefill = min(rows[1:], key=lambda r: r["prefill_s"])
     result = {
         "description": "torch vs llama.cpp at batch 1: prefill of the 958-token text-RAG prompt and decoding",
@@ -171,8 +187,12 @@ def main(argv=None) -> dict:
         "recommended": None if best is None else {"engine": "llama.cpp", "weights": best["weights"]},
         "targets": {
             "decode_3x": {
-                "met": fastest_decode["decode_speedup_vs_torch"] >= 3.0,
-                "best": f"llama.cpp {fastest_decode['weights']}: {fastest_decode['decode_speedup_vs_torch']:.2f}x",
+                "met": fastest_decode["decode_speedup_paired"]["median"] >= 3.0,
+                "best": f"llama.cpp {fastest_decode['weights']}: {_paired(fastest_decode)}",
+            },
+            "decode_3x_faithful": {
+                "met": faithful is not None and faithful["decode_speedup_paired"]["median"] >= 3.0,
+                "best": "none" if faithful is None else f"llama.cpp {faithful['weights']}: {_paired(faithful)}",
             },
             "prefill_no_slower": {
                 "met": fastest_prefill["prefill_speedup_vs_torch"] >= 1.0,
@@ -187,6 +207,11 @@ def main(argv=None) -> dict:
     return result
 
 
+def _paired(row: dict) -> str:
+    p = row["decode_speedup_paired"]
+    return f"{p['median']:.2f}x (paired per repetition; range {p['min']:.2f}-{p['max']:.2f}x)"
+
+
 def markdown(result: dict) -> str:
     build = result.get("llama_cpp_build", {})
     lines = [
@@ -194,14 +219,16 @@ def markdown(result: dict) -> str:
         f"interleaved runs, {result['threads']} threads; llama-cpp-python {build.get('version', '?')} "
         f"({build.get('build', 'unknown build')}). Machine: {result['machine'].get('cpu', '?')}.",
         "",
-        "| engine | weights | prefill 958 tok (s) | decode ms/token | decode x | prefill x | e2e (s) | tokens/s | "
-        "instruction-only e2e (s) | weight MB | first token = torch | answer = torch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | weights | prefill 958 tok (s) | decode ms/token | decode x | decode x paired (range) | prefill x "
+        "| e2e (s) | tokens/s | instruction-only e2e (s) | weight MB | first token = torch | answer = torch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['engine']} | {r['weights']} | {r['prefill_s']:.3f} | {1000 * r['decode_s_per_token']:.1f} | "
-            f"{r['decode_speedup_vs_torch']:.2f} | {r['prefill_speedup_vs_torch']:.2f} | {r['e2e_s']:.3f} | "
+            f"{r['decode_speedup_vs_torch']:.2f} | {r['decode_speedup_paired']['median']:.2f} "
+            f"({r['decode_speedup_paired']['min']:.2f}-{r['decode_speedup_paired']['max']:.2f}) | "
+            f"{r['prefill_speedup_vs_torch']:.2f} | {r['e2e_s']:.3f} | "
             f"{r['tokens_per_s']:.1f} | {r['instruction_e2e_s']:.3f} | {r['weight_bytes'] / 1e6:.0f} | "
             f"{r['first_token_agreement']:.0%} | {r['answer_agreement']:.0%} |"
         )
@@ -213,7 +240,9 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"- Decoding with llama.cpp at least 3x faster per token than torch: **{verdict('decode_3x')}** "
-        f"({t['decode_3x']['best']}).",
+        f"({t['decode_3x']['best']}); with weights whose answers agree with torch's on at least "
+        f"{MIN_ANSWER_AGREEMENT:.0%} of the prompts: **{verdict('decode_3x_faithful')}** "
+        f"({t['decode_3x_faithful']['best']}).",
         f"- Prefill of the 958-token prompt no slower than torch: **{verdict('prefill_no_slower')}** "
         f"({t['prefill_no_slower']['best']}).",
         f"- Recommended for `benchmarks.run --engine llama.cpp`: {result['recommended']}.",

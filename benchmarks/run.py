@@ -44,7 +44,8 @@ from .workload import build_workload
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WEIGHTS = ("auto",) + WEIGHT_FORMATS
 BENCH_ENGINES = ("torch", "llama.cpp", "both")
-EXPORT_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb")  # what llama.cpp's converter writes for any export (COCOM's merged one too)
+# What llama.cpp's converter (and quantizer) writes for any export, COCOM's merged one too.
+EXPORT_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb")
 
 
 def recommended_gguf_type() -> tuple[str, str]:

@@ -202,4 +202,29 @@ def test_q8_0_with_f16_embeddings_is_quantized_by_llama_cpp_and_serves(tokenizer
     engine = peft_ctx.LlamaCppEngine(path)
     assert engine.weight_bytes() < os.path.getsize(os.path.join(out, "model-f16.gguf"))
     questions = ["Who wrote the letter?"]
-    assert len(peft_ctx.generate(model, tokenizer, questions, [["Ada wrote it."]], engine=engine, max_new_tokens=3)) == 1
+    assert (
+        len(peft_ctx.generate(model, tokenizer, questions, [["Ada wrote it."]], engine=engine, max_new_tokens=3)) == 1
+    )
+
+
+def test_the_engines_benchmark_pairs_its_ratios_and_recommends_faithful_weights(tokenizer, tmp_path):
+    from benchmarks import engines as engines_bench
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    argv = ["--model", str(model_dir), "--types", "f16", "q8_0_f16emb", "--repeats", "2", "--new-tokens", "3",
+            "--accuracy-prompts", "2", "--work", str(tmp_path / "gguf"), "--out", str(tmp_path / "out")]  # fmt: skip
+    result = engines_bench.main(argv)
+    rows = {r["weights"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "f16", "q8_0_f16emb"}
+    for row in rows.values():
+        paired = row["decode_speedup_paired"]
+        assert paired["min"] <= paired["median"] <= paired["max"] and paired["median"] > 0
+    assert rows["fp32"]["decode_speedup_paired"]["median"] == 1.0  # torch against itself, repetition by repetition
+    recommended = result["recommended"]
+    if recommended is not None:  # only weights that agree with torch on first tokens and on whole answers
+        row = rows[recommended["weights"]]
+        assert row["first_token_agreement"] == 1.0
+        assert row["answer_agreement"] >= engines_bench.MIN_ANSWER_AGREEMENT
+    assert "paired per repetition" in (tmp_path / "out" / "engines.md").read_text()

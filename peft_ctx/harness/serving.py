@@ -6,8 +6,8 @@ The converter is the one that ships with llama.cpp (``convert_hf_to_gguf.py``), 
 ``make install`` (``peft_ctx.harness.llama_cpp_build``); it runs in a subprocess because it brings its own ``gguf``
 package. ``q8_0_f16emb`` is q8_0 with the token embedding and output matrices kept f16 (llama-quantize's
 ``--token-embedding-type f16 --output-tensor-type f16``), quantized from the f16 GGUF by llama.cpp's own
-``llama_model_quantize``. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the ``peft_ctx_serving.json`` that
-``LlamaCppEngine`` reads.
+``llama_model_quantize``. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the
+``peft_ctx_serving.json`` that ``LlamaCppEngine`` reads.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def quantize(source: str, out_file: str, weights_type: str, keep_embeddings_f16:
     (for a model with tied embeddings, one matrix that also computes every logit)."""
     from ..engines import _llama_cpp
 
-    lib, _ = _llama_cpp()
+    lib, logger = _llama_cpp()
+    logger.set_verbose(False)  # llama.cpp logs every tensor it converts
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{weights_type}")
     if keep_embeddings_f16:

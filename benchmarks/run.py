@@ -49,7 +49,8 @@ EXPORT_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb")
 
 
 def recommended_gguf_type() -> tuple[str, str]:
-    """The GGUF weight type ``benchmarks/engines.py`` found fastest with torch's first tokens, and where from."""
+    """The GGUF weight type ``benchmarks/engines.py`` recommends (fastest end to end among those that keep torch's
+    first tokens and nearly all its answers), and where from."""
     path = os.path.join(RESULTS, "engines.json")
     if os.path.isfile(path):
         with open(path) as f:

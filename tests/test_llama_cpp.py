@@ -182,7 +182,9 @@ def test_the_evaluation_harness_decodes_with_llama_cpp(served, rows, minilm, tmp
         assert engine_row["engine"] == "llama.cpp" and torch_row["engine"] == "torch"
         agree = [a["prediction"] == b["prediction"] for a, b in zip(torch_row["examples"], engine_row["examples"])]
         assert sum(agree) >= 4, (torch_row["method"], torch_row["examples"], engine_row["examples"])  # of 5
-        assert engine_row["e2e_s"] > engine_row["ttft_s"] > 0
+        # Both timed on the engine; TTFT is its own one-token run, so on a loaded machine it can come out above a
+        # short end-to-end run (2.70 s vs 2.57 s once here): only that both were measured is certain.
+        assert engine_row["e2e_s"] > 0 and engine_row["ttft_s"] > 0
     assert model.base_model.merged_lora_adapters() == []  # COCOM served merged, then unmerged again
 
 

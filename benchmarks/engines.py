@@ -154,8 +154,9 @@ def main(argv=None) -> dict:
     torch_row = rows[0]
     for row in rows:
         row["decode_speedup_vs_torch"] = torch_row["decode_s_per_token"] / row["decode_s_per_token"]
-        # Per repetition, torch's and this engine's decoding measured back to back: the machine's speed drifts
-        # between repetitions (torch's ms/token has ranged 63-111 across runs here), the paired ratio much less.
+        # Per repetition, torch's and this engine's decoding measured close together, so that a drift of the
+        # machine's speed between repetitions reaches both (torch's ms/token ranged 63-116 across runs here); the
+        # range says how far the load still moved the ratio.
         paired = sorted(
             (te - tt) / (e - t)
             for te, tt, e, t in zip(

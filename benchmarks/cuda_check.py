@@ -94,11 +94,11 @@ def prepare(out: str, wheels: bool = True) -> None:
     print(f"Wrote {out}")
 
 
-def tiny_encoder_dir(assets_dir: str, out: str, hidden: int = RETRIEVER_DIM) -> str:
-    """A random BERT of width ``hidden`` with MiniLM's tokenizer, saved as a sentence-transformers folder."""
+def tiny_encoder_dir(source: str, out: str, hidden: int = RETRIEVER_DIM) -> str:
+    """A random BERT of width ``hidden`` (seed 0) with the tokenizer and pooling of the sentence-transformers folder
+    ``source`` (MiniLM's), saved as a sentence-transformers folder; the tests' tiny encoder too (tests/conftest.py)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    source = os.path.join(assets_dir, "minilm")
     tokenizer = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(0)
     config = BertConfig(
@@ -136,6 +136,8 @@ def random_model_dir(assets_dir: str, name: str, out: str) -> str:
 
 # ---- the training check ---------------------------------------------------------------------------------------------
 def adapter_config(method: str, encoder_dir: str):
+    """The adapter of one of ``METHODS`` on the tiny models (the tests build theirs here too, tests/test_serving.py);
+    ``encoder_dir``: COCOM-light's compressor."""
     import peft_ctx
 
     cocom = dict(compression_rate=4, max_passage_tokens=16, lora_r=2)
@@ -160,14 +162,15 @@ def tiny_base(tokenizer, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
 
 
-def gradients(model, tokenizer, encoder, device: torch.device, autocast: Optional[torch.dtype]):
-    """(loss, {name: fp32 gradient on the CPU}) of one forward / backward on the fixed batch."""
+def gradients(model, tokenizer, encoder, autocast: Optional[torch.dtype]):
+    """(loss, {name: fp32 gradient on the CPU}) of one forward / backward on the fixed batch, on the model's device
+    (``prepare_inputs`` puts the inputs there)."""
     import peft_ctx
 
     model.train()
     inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=encoder)
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    device_type = inputs["input_ids"].device.type
+    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
         loss = model(**inputs).loss
     loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
@@ -216,7 +219,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
     trained = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     cpu_encoder = peft_ctx.Encoder(encoder_dir) if method == "xrag" else None
-    ref_loss, ref_grads = gradients(reference, tokenizer, cpu_encoder, torch.device("cpu"), None)
+    ref_loss, ref_grads = gradients(reference, tokenizer, cpu_encoder, None)
 
     model = get_peft_model(tiny_base(tokenizer, dtype).to(device), adapter_config(method, encoder_dir))
     with torch.no_grad():
@@ -229,7 +232,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss, grads = gradients(model, tokenizer, encoder, device, dtype if dtype != torch.float32 else None)
+    loss, grads = gradients(model, tokenizer, encoder, dtype if dtype != torch.float32 else None)
     torch.optim.AdamW(list(trainable.values()), lr=1e-3).step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -267,7 +270,7 @@ def train_check(assets_dir: str, device: torch.device, dtype: torch.dtype, metho
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(assets_dir, "smollm2"))
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory() as scratch:
-        encoder_dir = tiny_encoder_dir(assets_dir, os.path.join(scratch, "encoder"))
+        encoder_dir = tiny_encoder_dir(os.path.join(assets_dir, "minilm"), os.path.join(scratch, "encoder"))
         return [check_method(m, tokenizer, encoder_dir, device, dtype) for m in methods]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.helpers import tiny_bert
+from tests.helpers import RETRIEVER_DIM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -38,25 +38,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
     """A tiny random BERT with all-MiniLM-L6-v2's real tokenizer, saved as a sentence-transformers folder."""
-    import json
-    import shutil
-
+    from benchmarks.cuda_check import tiny_encoder_dir
     from peft_ctx.harness import assets
 
-    source = assets.minilm_dir()
-    target = tmp_path_factory.mktemp("encoder")
-    tok = AutoTokenizer.from_pretrained(source)
-    tok.save_pretrained(target)
-    tiny_bert(tok).save_pretrained(target)
-    shutil.copy(os.path.join(source, "modules.json"), target / "modules.json")
-    (target / "1_Pooling").mkdir()
-    shutil.copy(os.path.join(source, "1_Pooling", "config.json"), target / "1_Pooling" / "config.json")
-    with open(target / "1_Pooling" / "config.json") as f:
-        pooling = json.load(f)
-    pooling["word_embedding_dimension"] = tiny_bert(tok).config.hidden_size
-    with open(target / "1_Pooling" / "config.json", "w") as f:
-        json.dump(pooling, f)
-    return str(target)
+    return tiny_encoder_dir(assets.minilm_dir(), str(tmp_path_factory.mktemp("encoder")), hidden=RETRIEVER_DIM)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny random causal LMs of several architectures, a tiny encoder, parameter snapshots."""
+"""Shared test helpers: tiny random causal LMs of several architectures, parameter snapshots (the tiny encoder is
+``benchmarks.cuda_check.tiny_encoder_dir``, through the ``encoder_dir`` fixture)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import sys
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    BertConfig,
-    BertModel,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
@@ -76,19 +75,6 @@ def real_minilm():
     from peft_ctx.harness import assets
 
     return peft_ctx.Encoder(assets.minilm_dir())
-
-
-def tiny_bert(tokenizer, hidden_size: int = RETRIEVER_DIM, seed: int = 0) -> BertModel:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden_size,
-        max_position_embeddings=512,
-    )
-    return BertModel(config).eval()
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -10,7 +11,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_ctx
-from tests.helpers import RETRIEVER_DIM, tiny_model, writable
+from benchmarks.cuda_check import METHODS as CHECKED_METHODS
+from benchmarks.cuda_check import adapter_config
+from tests.helpers import tiny_model, writable
 
 QUESTIONS = ["Who keeps the lighthouse?", "What colour is the door of the old mill?", "Where is it?"]
 PASSAGES = [
@@ -32,17 +35,8 @@ def _perturb(model, seed=1):
     return model
 
 
-METHODS = {
-    "xrag": lambda enc: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
-    "spring": lambda enc: peft_ctx.SpringConfig(num_virtual_tokens=4),
-    "cocom": lambda enc: peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=16, lora_r=2),
-    "cocom_separate": lambda enc: peft_ctx.CocomConfig(
-        compression_rate=4, max_passage_tokens=16, lora_r=2, separate_compressor_adapter=True
-    ),
-    "cocom_light": lambda enc: peft_ctx.CocomConfig(
-        compression_rate=4, max_passage_tokens=16, lora_r=2, compressor=enc
-    ),
-}
+# The five method variants on tiny models, as the prepared CUDA check builds them: METHODS[name](encoder_dir).
+METHODS = {name: functools.partial(adapter_config, name) for name in CHECKED_METHODS}
 
 
 def _build(method, arch, tokenizer, encoder_dir, seed=0):

@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed (the sharding extra) builds its C++ ops on first use, not at install time.
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install llama-cpp test test-all lint demo reproduce bench bench-check clean
+.PHONY: install llama-cpp test test-avx2 test-all lint demo reproduce bench bench-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ llama-cpp:
 
 # PEFT_CTX_REQUIRE_ENGINES: the llama.cpp tests fail (not skip) if the build is missing.
 test: install
+	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The suite as an AVX2-only CPU (AMD EPYC) computes it, on any x86 machine: MKL's AVX2 gemm is what rounds differently
+# there (ATen's and oneDNN's limits alone did not reproduce its failure); 1 thread per test process.
+test-avx2: install
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PEFT_CTX_TEST_THREADS=1 \
 	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-all: install

@@ -169,4 +169,15 @@ def train_and_save(
         tokenizer.save_pretrained(args.output_dir)
         print(f"Saved the {method_title} adapter to {args.output_dir}")
         trainer.push_to_hub(training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs)
+    end_process_group(trainer.accelerator)
     return args.output_dir
+
+
+def end_process_group(accelerator) -> None:
+    """Wait for every rank, then destroy the process group: a rank that left while rank 0 was still saving aborted
+    at exit ("terminate called without an active exception", SIGABRT) in one of three full-suite runs, failing
+    the launch. A no-op in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 from tests.helpers import RETRIEVER_DIM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# PEFT_CTX_TEST_THREADS runs the suite with another thread count (1 and 2 must both pass: issue 23).
+torch.set_num_threads(int(os.environ.get("PEFT_CTX_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 def pytest_addoption(parser):

@@ -110,6 +110,28 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
     return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
 
 
+# Gradient checkpointing recomputes the forward pass, whose tensors can reach the matrix kernels in other layouts
+# (gpt2's Conv1D addmm): MKL's AVX2 gemm (AMD CPUs) then rounds them apart by up to 4.3e-5 of a gradient's top entry
+# (measured with MKL_ENABLE_INSTRUCTIONS=AVX2; AVX-512 MKL gives the same bits). Each tensor is compared at its own
+# scale, floored at 1e-3 of the largest gradient of all: entry-wise relative error only measures cancellation near
+# zero, and a gradient that is zero in exact arithmetic (a BERT key bias: softmax ignores a per-query shift) is pure
+# rounding, while a wrong gradient (a path lost, a double count) is off by its whole size.
+CHECKPOINT_REL_TOL = 2e-4
+
+
+def gradients_apart(
+    expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], rel: float = CHECKPOINT_REL_TOL
+) -> list[str]:
+    """Names whose largest difference exceeds ``rel`` times the expected tensor's largest magnitude (floored at 1e-3
+    of the largest expected gradient)."""
+    floor = 1e-3 * max(float(t.abs().max()) for t in expected.values())
+    return [
+        name
+        for name, want in expected.items()
+        if float((actual[name] - want).abs().max()) > rel * max(float(want.abs().max()), floor)
+    ]
+
+
 def clone(model):
     return copy.deepcopy(model)
 

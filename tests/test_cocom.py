@@ -24,7 +24,16 @@ from peft_ctx.layer import ContextEmbedding
 from peft_ctx.methods import get_method
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
-from tests.helpers import ARCHITECTURES, captured_embeddings, changed, clone, positions, snapshot, tiny_model
+from tests.helpers import (
+    ARCHITECTURES,
+    captured_embeddings,
+    changed,
+    clone,
+    gradients_apart,
+    positions,
+    snapshot,
+    tiny_model,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "adapter_model.safetensors"
@@ -306,13 +315,14 @@ def test_merged_decoder_lora_gives_the_same_logits_and_unmerging_restores_the_ba
         )
         model.unmerge_adapter()
         assert model.merged_lora_adapters() == []
-        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+        # W + delta - delta is W up to rounding: 1.5e-6 apart in the logits with ATen's default (no AVX) kernels.
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
         for layer, weight in zip(lora_layers, before):
             torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=1e-6, atol=1e-7)
         model.merge_adapter()
         base = model.unload()  # unload takes the delta back out: the base model as it was
         ids = tokenizer(["a question"], return_tensors="pt").input_ids
-        torch.testing.assert_close(base(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(base(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def _unmerged_answers(model, tokenizer, contexts):
@@ -356,7 +366,7 @@ def test_a_merged_model_refuses_to_train_and_deleting_it_restores_the_base(token
     model.base_model.delete_adapter("default")
     ids = tokenizer(["a question"], return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(model.base_model.model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.base_model.model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_merging_a_cocom_adapter_without_lora_is_refused_with_the_reason(tokenizer):
@@ -811,8 +821,10 @@ def test_gradient_checkpointing_gives_the_plain_backward_gradients_with_a_separa
 
     plain, checkpointed = gradients(False), gradients(True)
     assert set(plain) == set(checkpointed) and any("__compressor" in n for n in plain)
-    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
-    wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], **tolerance)]
+    if dtype == torch.float32:
+        wrong = gradients_apart(plain, checkpointed)
+    else:
+        wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], rtol=2e-2, atol=1e-4)]
     assert not wrong, f"{len(wrong)} of {len(plain)} gradients differ, e.g. {wrong[:3]}"
 
 

@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from tests.helpers import changed, snapshot, tiny_model
+from tests.helpers import changed, gradients_apart, snapshot, tiny_model
 from tests.test_serving import METHODS, _build, _encoder, _perturb
 
 QUESTIONS = ["What colour is the sky?", "Who wrote the letter?"]
@@ -40,8 +40,19 @@ def test_checkpointed_gradients_equal_the_plain_ones(method, arch, reentrant, to
 
     plain, checkpointed = gradients(False), gradients(True)
     assert plain and set(plain) == set(checkpointed)
-    wrong = [n for n in plain if not torch.allclose(plain[n], checkpointed[n], rtol=1e-4, atol=1e-6)]
+    wrong = gradients_apart(plain, checkpointed)
     assert not wrong, f"{len(wrong)} of {len(plain)} gradients differ, e.g. {wrong[:3]}"
+
+
+def test_the_gradient_comparison_tolerates_rounding_and_catches_wrong_gradients():
+    torch.manual_seed(0)
+    want = {"big": torch.randn(8, 8), "small": torch.randn(8) * 1e-2, "zero_in_theory": torch.randn(4) * 1e-12}
+    noise = {n: t + 1e-5 * t.abs().max() * torch.randn_like(t) for n, t in want.items()}  # other rounding
+    noise["zero_in_theory"] = torch.randn(4) * 1e-11
+    assert gradients_apart(want, noise) == []
+    assert gradients_apart(want, {**want, "small": want["small"] * 1.5}) == ["small"]
+    assert gradients_apart(want, {**want, "big": torch.zeros(8, 8)}) == ["big"]
+    assert gradients_apart(want, {n: -t for n, t in want.items()}) == ["big", "small"]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -77,6 +77,13 @@ def cmake_args(wanted: tuple[str, ...] = tuple(X86_OPTIONS)) -> list[str]:
     return ["-DGGML_NATIVE=OFF"] + [f"-D{o}=ON" for o in enabled] + [f"-D{o}=OFF" for o in disabled] + COMMON
 
 
+def build_ladder(portable: bool = False, amx: bool = False) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The builds to try in order: AVX2 only with ``portable``; AMX first with ``amx``; else ``LADDER``."""
+    if portable:
+        return LADDER[-1:]
+    return (WITH_AMX,) + LADDER if amx else LADDER
+
+
 def read_stamp() -> dict:
     """What the last build recorded (version, flags, which rung of ``LADDER``); empty before any build."""
     try:
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=default_cache, help="Where the sdist is kept.")
     args = parser.parse_args(argv)
     cache = os.path.expanduser(args.cache)
-    ladder = LADDER[-1:] if args.portable else ((WITH_AMX,) + LADDER if args.amx else LADDER)
+    ladder = build_ladder(args.portable, args.amx)
     requested = cmake_args(ladder[0][1])
     gguf = _asset_gguf()
     stamp = read_stamp()

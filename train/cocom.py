@@ -87,6 +87,13 @@ class ScriptArguments:
     separate_compressor_adapter: bool = field(
         default=False, metadata={"help": "New COCOM adapter: separate compressor and decoder LoRAs (as PISCO)."}
     )
+    residual_pooling: bool = field(
+        default=False,
+        metadata={
+            "help": "New COCOM adapter: context embeddings = the passage's token embeddings mean-pooled by xi + a "
+            "learned correction that starts at zero."
+        },
+    )
     autoencode_ratio: float = field(
         default=0.5, metadata={"help": "Stage 1: fraction of auto-encoding examples (the rest is continuation)."}
     )
@@ -135,6 +142,7 @@ def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] 
             lora_dropout=script_args.lora_dropout,
             separate_compressor_adapter=script_args.separate_compressor_adapter,
             passage_special_tokens=script_args.passage_special_tokens and not script_args.compressor,
+            residual_pooling=script_args.residual_pooling,
             base_model_name_or_path=script_args.model_name_or_path,
         )
 

@@ -76,6 +76,8 @@ def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
         "light": config.is_light,
         "hidden_size": config.base_hidden_size,
     }
+    if config.residual_pooling:  # only then: indexes saved before the field keep their fingerprints
+        settings["residual_pooling"] = True
     return adapter_digest(model, adapter_name, settings, select=lambda keys: _compressor_keys(config, keys))
 
 

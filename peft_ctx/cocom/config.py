@@ -63,6 +63,14 @@ class CocomConfig(ContextConfig):
             "<ENC> passage."
         },
     )
+    residual_pooling: bool = field(
+        default=False,
+        metadata={
+            "help": "COCOM only: each context embedding is the mean of its compression_rate passage token embeddings "
+            "(the decoder's own input embeddings) plus a learned correction, a zero-initialised Linear on the "
+            "compressor's hidden state; training starts where parameter-free pooling already is."
+        },
+    )
     passage_separator: str = field(
         default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
     )
@@ -83,6 +91,11 @@ class CocomConfig(ContextConfig):
             raise ValueError(
                 "passage_special_tokens=True is for COCOM with the LLM as compressor; COCOM-light's encoder "
                 f"({self.compressor!r}) adds its own special tokens. Leave it False with a compressor."
+            )
+        if self.residual_pooling and self.compressor is not None:
+            raise ValueError(
+                "residual_pooling=True pools the LLM's own token embeddings (COCOM); COCOM-light's encoder "
+                f"({self.compressor!r}) reads another tokenizer's tokens. Leave it False with a compressor."
             )
         if not is_int(self.compression_rate) or self.compression_rate < 1:
             raise ValueError(

@@ -32,7 +32,7 @@ from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, reg
 from ..prompting import Slots
 from .compressed import CompressedPassage, check_passage, compress
 from .config import COMPRESSOR_ROLE, CocomConfig
-from .modules import CocomLightCompressor, CocomTokens
+from .modules import CocomLightCompressor, CocomTokens, pooled_runs
 from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
 
@@ -98,7 +98,7 @@ class CocomMethod(ContextMethod):
         with torch.no_grad(), gathered(weight):  # a ZeRO-3 init partitions the embedding before any forward
             initial = base_embedding(ids.to(weight.device)).detach().float()  # [k_max + 2, hidden]
         if not config.is_light:
-            return CocomTokens(initial, n_memory)
+            return CocomTokens(initial, n_memory, residual_pooling=config.residual_pooling)
         return _light_compressor(config, hidden_size, initial[-1:])
 
     def check_base_model(self, config: CocomConfig, model: nn.Module) -> None:
@@ -498,7 +498,11 @@ def _compress_with_llm(
     embeds = torch.where(is_token.unsqueeze(-1), gathered, torch.where(is_learned.unsqueeze(-1), learned, 0.0))
     attention_mask = (positions < total.unsqueeze(1)).long()  # right padding: positions are 0..total-1 per passage
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
+    compressed = hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
+    if module.residual is None:
+        return compressed
+    correction = module.residual(compressed.to(module.residual.weight.dtype)).to(dtype)
+    return pooled_runs(tokens, lengths, config.compression_rate) + correction
 
 
 def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:

@@ -19,12 +19,19 @@ class CocomTokens(nn.Module):
     They are trained embeddings held here, not new vocabulary entries: the LLM's embedding matrix is never resized.
     """
 
-    def __init__(self, initial: torch.Tensor, max_memory_tokens: int) -> None:
+    def __init__(self, initial: torch.Tensor, max_memory_tokens: int, residual_pooling: bool = False) -> None:
         super().__init__()
         # initial: [k_max + 2, hidden], embeddings of random vocabulary tokens (the scale the LLM expects)
         self.memory = nn.Parameter(initial[:max_memory_tokens].clone())  # [k_max, hidden]
         self.enc_marker = nn.Parameter(initial[max_memory_tokens : max_memory_tokens + 1].clone())  # [1, hidden]
         self.ae_marker = nn.Parameter(initial[max_memory_tokens + 1 :].clone())  # [1, hidden]
+        # residual_pooling: the correction added to the pooled token embeddings, zero at first (see CocomConfig).
+        self.residual: Optional[nn.Linear] = None
+        if residual_pooling:
+            hidden = initial.shape[-1]
+            self.residual = nn.Linear(hidden, hidden, dtype=initial.dtype, device=initial.device)
+            nn.init.zeros_(self.residual.weight)
+            nn.init.zeros_(self.residual.bias)
 
     @property
     def enc_row(self) -> int:
@@ -41,6 +48,23 @@ class CocomTokens(nn.Module):
 
     def marker(self) -> torch.Tensor:
         return self(torch.tensor([self.enc_row + 1], device=self.memory.device))  # [1, hidden]
+
+
+def pooled_runs(tokens: torch.Tensor, lengths: torch.Tensor, rate: int) -> torch.Tensor:
+    """The mean of each run of ``rate`` consecutive token embeddings of each right-padded passage (a passage's last
+    run may be shorter), passage by passage, run by run.  # [sum ceil(n_i / rate), hidden]
+
+    tokens: [n, len, hidden]; lengths: [n]."""
+    n, width, hidden = tokens.shape
+    position = torch.arange(width, device=tokens.device)  # [len]
+    valid = position.unsqueeze(0) < lengths.unsqueeze(1)  # [n, len]
+    counts = -(-lengths // rate)  # [n] runs per passage
+    first = torch.cumsum(counts, 0) - counts  # [n] each passage's first output row
+    run = (first.unsqueeze(1) + position.unsqueeze(0) // rate)[valid]  # [sum n_i] output row of each token
+    total = int(counts.sum())
+    sums = tokens.new_zeros(total, hidden).index_add(0, run, tokens[valid])
+    sizes = tokens.new_zeros(total).index_add(0, run, torch.ones_like(run, dtype=tokens.dtype))
+    return sums / sizes.unsqueeze(1)
 
 
 class CocomLightCompressor(nn.Module):

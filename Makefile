@@ -36,14 +36,15 @@ llama-cpp:
 	$(PY) -m peft_ctx.harness.llama_cpp_build
 
 # PEFT_CTX_REQUIRE_ENGINES: the llama.cpp tests fail (not skip) if the build is missing.
+PYTEST := PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
 test: install
-	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTEST)
 
 # The suite as an AVX2-only CPU (AMD EPYC) computes it, on any x86 machine: MKL's AVX2 gemm is what rounds differently
 # there (ATen's and oneDNN's limits alone did not reproduce its failure); 1 thread per test process.
 test-avx2: install
-	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PEFT_CTX_TEST_THREADS=1 \
-	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PEFT_CTX_TEST_THREADS=1 $(PYTEST)
 
 test-all: install
 	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q --runslow tests

@@ -9,10 +9,11 @@ writes that many input embeddings can give this decoder without training the dec
 compressor with no parameters at all: each run of xi consecutive token embeddings of the passage mean-pooled (for
 ``one``: all of them). Settings: ``one`` (1 token), ``x4`` (ceil(n/4) tokens) and ``x16`` (ceil(n/16)).
 
-Both are read by the harness exactly as a COCOM row is (``peft_ctx.harness.eval.evaluate_runner``: COCOM's prompt, the
-same choice scoring, the wrong-passage control), through a COCOM adapter with ``lora_r=0`` (the decoder is the frozen
-base model) whose compressed passages are these soft tokens. Beside each row: the soft tokens' reconstruction token
-accuracy (teacher-forced argmax on the passage) with the right tokens and with another test passage's (control).
+Both are read as a COCOM row is (COCOM's prompt; the harness's choice scoring, ``peft_ctx.harness.eval.score_rows``,
+on the right and on the next question's passage, as ``evaluate_runner``'s wrong-passage control does), through a
+COCOM adapter with ``lora_r=0`` (the decoder is the frozen base model) whose compressed passages are these soft
+tokens. Beside each row: the soft tokens' reconstruction token accuracy (teacher-forced argmax on the passage) with
+the right tokens and with another test passage's (control).
 No retrieval and text RAG are measured on the same questions. Results: ``--output`` (JSON) and a markdown table beside
 it; fitted tokens are kept under ``--work_dir`` per setting, so ``--resume`` goes on where a run stopped.
 """
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_ctx
 from peft_ctx.cocom import CompressedPassage, adapter_fingerprint
+from peft_ctx.cocom.modules import pooled_runs
 from peft_ctx.harness import eval as harness
 from peft_ctx.prompting import IGNORE_INDEX, Slots, pad_examples, pad_token_id, tokenize_parts
 
@@ -52,12 +54,11 @@ def n_soft_tokens(setting: str, n: int) -> int:
 
 
 def pooled_tokens(embedding: torch.nn.Embedding, ids: Sequence[int], setting: str) -> torch.Tensor:
-    """Each run of ``rate`` consecutive token embeddings mean-pooled (the last run may be shorter).  # [k, d]"""
+    """Each run of ``rate`` consecutive token embeddings mean-pooled (the last run may be shorter), as COCOM's
+    ``residual_pooling`` starts from (``pooled_runs``).  # [k, d]"""
     with torch.no_grad():
         emb = embedding(torch.tensor(list(ids), device=embedding.weight.device)).float()  # [n, d]
-    k = n_soft_tokens(setting, len(ids))
-    size = len(ids) if SETTINGS[setting] is None else SETTINGS[setting]
-    return torch.stack([emb[i * size : (i + 1) * size].mean(0) for i in range(k)])
+    return pooled_runs(emb.unsqueeze(0), torch.tensor([len(ids)]), SETTINGS[setting] or len(ids))
 
 
 def ae_batch(tokenizer, texts: Sequence[str], ks: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -101,9 +102,8 @@ def fit_soft_tokens(
         optimizer.zero_grad()
         loss.sum().backward()
         optimizer.step()
-    fitted = soft.detach()
-    accuracy = reconstruction_accuracy(model, tokenizer, texts, list(fitted.split([len(t) for t in inits])))
-    return list(fitted.split([len(t) for t in inits])), accuracy
+    fitted = list(soft.detach().split([len(t) for t in inits]))
+    return fitted, reconstruction_accuracy(model, tokenizer, texts, fitted)
 
 
 @torch.no_grad()
@@ -142,13 +142,20 @@ def _key(setting: str, text: str) -> str:
 
 
 def fit_all(
-    model, tokenizer, passages: Sequence[str], setting: str, args, store: Optional[str]
+    model,
+    tokenizer,
+    texts: dict[str, str],
+    inits: dict[str, torch.Tensor],
+    setting: str,
+    args,
+    store: Optional[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Every passage's oracle tokens for ``setting`` (kept in ``store`` after each batch, reused with --resume)."""
+    """Every passage's oracle tokens for ``setting``, fitted to ``texts[p]`` (the passage as cut) from ``inits[p]``;
+    kept in ``store`` after each batch and reused with --resume."""
     saved = load_file(store) if store and args.resume and os.path.exists(store) else {}
     tokens: dict[str, torch.Tensor] = {}
     accuracy: dict[str, float] = {}
-    embedding = model.get_input_embeddings()
+    passages = list(texts)
     todo = []
     for p in passages:
         key = _key(setting, p)
@@ -159,10 +166,9 @@ def fit_all(
     start = time.time()
     for i in range(0, len(todo), args.fit_batch):
         chunk = todo[i : i + args.fit_batch]
-        ids = [passage_ids(tokenizer, p, args.max_passage_tokens) for p in chunk]
-        texts = [tokenizer.decode(x) for x in ids]
-        inits = [pooled_tokens(embedding, x, setting) for x in ids]
-        fitted, acc = fit_soft_tokens(model, tokenizer, texts, inits, args.steps, args.lr)
+        fitted, acc = fit_soft_tokens(
+            model, tokenizer, [texts[p] for p in chunk], [inits[p] for p in chunk], args.steps, args.lr
+        )
         for p, t, a in zip(chunk, fitted, acc):
             tokens[p], accuracy[p] = t, a
             saved[_key(setting, p)], saved[_key(setting, p) + "/accuracy"] = t.contiguous(), torch.tensor(a)
@@ -239,7 +245,7 @@ def main(argv=None) -> list[dict]:
     for setting in settings:
         pooled = {p: pooled_tokens(base.get_input_embeddings(), x, setting) for p, x in ids.items()}
         store = os.path.join(args.work_dir, f"oracle_{setting}.safetensors")
-        oracle, fitted_accuracy = fit_all(base, tokenizer, passages, setting, args, store)
+        oracle, fitted_accuracy = fit_all(base, tokenizer, texts, pooled, setting, args, store)
         for kind, tokens in (("pooled", pooled), ("oracle", oracle)):
             right, control = _reconstruction(base, tokenizer, passages, texts, tokens, args.fit_batch)
             diagnostics = {
@@ -301,7 +307,7 @@ def _reconstruction(model, tokenizer, passages, texts, tokens, batch_size) -> tu
     right, other = [], []
     for i in range(0, len(passages), batch_size):
         chunk = passages[i : i + batch_size]
-        nxt = [passages[(passages.index(p) + 1) % len(passages)] for p in chunk]
+        nxt = [passages[(i + j + 1) % len(passages)] for j in range(len(chunk))]
         right += reconstruction_accuracy(model, tokenizer, [texts[p] for p in chunk], [tokens[p] for p in chunk])
         other += reconstruction_accuracy(model, tokenizer, [texts[p] for p in chunk], [tokens[q] for q in nxt])
     return _mean(right), _mean(other)

@@ -138,6 +138,9 @@ class ContextDataCollator:
     # A peft_ctx.vectors.VectorIndex: the rows' context_column then holds a row number of that on-disk index, read
     # per batch (xRAG's document vectors at scale), instead of the vectors themselves.
     vector_index: Any = None
+    # QA only: the batch also carries each row read with the next row's documents (``wrong_*`` keys), for the margin
+    # term (ContextSFTConfig.a_margin; the trainer switches it on).
+    wrong_passage: bool = False
     # The tasks this collator builds (a subclass builds its own in ``examples``).
     tasks: ClassVar[tuple[str, ...]] = ("qa", "paraphrase")
 
@@ -182,6 +185,17 @@ class ContextDataCollator:
         batch = self.pad(self.examples(rows))
         if self.distill:
             batch.update(self._teacher(rows))
+        if self.wrong_passage:
+            if self.task != "qa" or len(rows) < 2:
+                raise ValueError(
+                    f"The wrong-passage margin needs QA batches of two rows or more (task={self.task!r}, "
+                    f"{len(rows)} rows): each row reads the next row's passages."
+                )
+            shifted = [
+                dict(row, **{self.context_column: rows[(i + 1) % len(rows)][self.context_column]})
+                for i, row in enumerate(rows)
+            ]
+            batch.update({f"wrong_{key}": value for key, value in self.pad(self.examples(shifted)).items()})
         return batch
 
     def pad(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -362,6 +376,15 @@ class ContextSFTConfig(SFTConfig):
             "over either budget lose passage tokens first (the trainer counts them); rows that cannot fit are skipped."
         },
     )
+    a_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the wrong-passage margin (QA): each row's mean answer NLL with its own passages must "
+            "be `margin` nats below its NLL with the next row's, so an answer guessable from the question alone "
+            "stops paying. 0: off."
+        },
+    )
+    margin: float = field(default=1.0, metadata={"help": "The margin in nats per answer token (with a_margin > 0)."})
     answer_logits_only: bool = field(
         default=True,
         metadata={"help": "Compute the vocabulary projection for the answer span only (logits_to_keep)."},
@@ -387,7 +410,7 @@ class ContextSFTConfig(SFTConfig):
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         super().__post_init__()
-        for name in ("a_nll", "a_kl"):
+        for name in ("a_nll", "a_kl", "a_margin", "margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         if self.a_nll == 0 and self.a_kl == 0:
@@ -551,6 +574,17 @@ def answer_logits(model, inputs: dict, labels: torch.Tensor, answer_span_only: b
     return outputs, logits[mask].float(), targets[mask]
 
 
+def row_mean_nll(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean answer-token NLL from ``answer_logits``' flat outputs (answer tokens row by row).  # [B]"""
+    # [n_answer_tokens]: row-major, as answer_logits keeps them (a label in column 0 is never predicted)
+    owner = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+    if owner.numel() != targets.numel():
+        raise ValueError(f"{targets.numel()} answer logits for {owner.numel()} labelled positions; pass their labels.")
+    nll = F.cross_entropy(logits, targets, reduction="none")  # [n_answer_tokens]
+    zeros = nll.new_zeros(labels.shape[0])
+    return zeros.index_add(0, owner, nll) / zeros.index_add(0, owner, torch.ones_like(nll)).clamp_min(1)
+
+
 def mean_answer_scores(model, batches) -> dict[str, float]:
     """``answer_scores`` averaged over batches (each batch counts once), what the content diagnostics report."""
     scores = [answer_scores(model, batch) for batch in batches]
@@ -608,6 +642,12 @@ class ContextSFTTrainer(SFTTrainer):
                 print(self.budget_report.summary(), flush=True)
         self._budget_logged = False
         self.teacher_cache_seconds = 0.0
+        if self.args.a_margin > 0:
+            if not hasattr(collator, "wrong_passage"):
+                raise ValueError(
+                    "a_margin > 0 needs a ContextDataCollator (task='qa'), which builds the wrong-passage rows."
+                )
+            collator.wrong_passage = True
         if self.args.a_kl > 0:
             if not getattr(collator, "distill", False):
                 raise ValueError(
@@ -673,6 +713,7 @@ class ContextSFTTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         teacher = {key[len("teacher_") :]: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
         cached_ids, cached_logprobs = teacher.pop("topk_ids", None), teacher.pop("topk_logprobs", None)
+        wrong = {key[len("wrong_") :]: inputs.pop(key) for key in list(inputs) if key.startswith("wrong_")}
         labels = inputs.pop("labels")
         outputs, student_logits, targets = self._answer_logits(model, inputs, labels)
         n_tokens = targets.numel()
@@ -692,6 +733,17 @@ class ContextSFTTrainer(SFTTrainer):
                 raise ValueError("a_kl > 0 but the batch carries no teacher; build the collator with distill=True.")
             loss = loss + self.args.a_kl * kl_sum / denominator
             self._metrics[mode]["kl"].append((kl_sum / max(n_tokens, 1)).item())
+        if self.args.a_margin > 0:
+            if not wrong:
+                raise ValueError("a_margin > 0 but the batch has no wrong-passage rows; use a ContextDataCollator.")
+            wrong_labels = wrong.pop("labels")
+            _, wrong_logits, wrong_targets = self._answer_logits(model, wrong, wrong_labels)
+            own_nll = row_mean_nll(student_logits, targets, labels)  # [B]
+            wrong_nll = row_mean_nll(wrong_logits, wrong_targets, wrong_labels)  # [B]
+            hinge = F.relu(self.args.margin - (wrong_nll - own_nll)).mean()
+            # Scaled like the NLL term (per answer token), so a_margin weighs the two alike.
+            loss = loss + self.args.a_margin * hinge * n_tokens / denominator
+            self._metrics[mode]["margin_hinge"].append(hinge.item())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks (as Trainer does).
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -741,9 +793,14 @@ class StageSettings:
     a_kl: float = 0.0
     kl_temperature: float = 1.0
     teacher_k: int = 32
+    a_margin: float = 0.0  # the wrong-passage margin term (ContextSFTConfig.a_margin / margin)
+    margin: float = 1.0
     max_chars: Optional[int] = None  # stage 1: passages are cut to this many characters (at a sentence end)
     save_steps: Optional[int] = None  # checkpoints for long runs (resumed automatically)
     options: dict = field(default_factory=dict)  # method options (SPRING's k ...)
+    # bf16 autocast (fp32 master weights), for accelerators. On CPUs measure first: 8 COCOM xi=4 steps of SmolLM2-135M
+    # on a 2-core AMX Xeon took 54 s with it and 43 s without (the autocast casts cost more than the matmuls save).
+    bf16: bool = False
 
 
 @dataclass
@@ -802,6 +859,8 @@ def train_stage(
         a_nll=settings.a_nll,
         a_kl=settings.a_kl,
         kl_temperature=settings.kl_temperature,
+        a_margin=settings.a_margin,
+        margin=settings.margin,
         teacher_top_k=settings.teacher_k if settings.a_kl > 0 else None,
         logging_steps=max(1, min(10, settings.steps // 10)),
         save_strategy="steps" if settings.save_steps else "no",
@@ -809,7 +868,7 @@ def train_stage(
         save_total_limit=2,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=settings.bf16,
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,

@@ -460,3 +460,19 @@ def test_the_cached_teacher_is_refused_on_weights_a_zero3_init_partitioned(token
         ContextSFTTrainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
         )
+
+
+def test_pretraining_passages_mix_corpus_and_training_passages_but_no_held_out_one():
+    corpus = ["Corpus paragraph one about rivers.", "Corpus paragraph two about hills."]
+    held = "The Verrin river floods each spring when the snow melts in the Aldor hills, said the mayor of Tal."
+    train = [
+        {"contexts": ["A training passage on the Verrin.", "Another training passage."]},
+        {"contexts": ["A training passage on the Verrin."]},  # twice: kept once
+        # CPKC's substitution: the held-out passage with another answer in it is the same passage
+        {"contexts": [held.replace("Tal", "Ord")]},
+    ]
+    held_out = [{"contexts": [held]}]
+    mixed = data.pretraining_passages(corpus + [held], train, held_out, seed=0)
+    assert sorted(mixed) == sorted(corpus + ["A training passage on the Verrin.", "Another training passage."])
+    assert mixed == data.pretraining_passages(corpus + [held], train, held_out, seed=0)  # seeded
+    assert mixed != data.pretraining_passages(corpus + [held], train, held_out, seed=1)

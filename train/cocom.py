@@ -94,6 +94,13 @@ class ScriptArguments:
             "learned correction that starts at zero."
         },
     )
+    residual_source: str = field(
+        default="memory",
+        metadata={
+            "help": "New COCOM adapter with --residual_pooling: the correction reads the memory tokens' states "
+            "('memory') or the passage's own token states pooled per run ('tokens')."
+        },
+    )
     autoencode_ratio: float = field(
         default=0.5, metadata={"help": "Stage 1: fraction of auto-encoding examples (the rest is continuation)."}
     )
@@ -143,6 +150,7 @@ def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] 
             separate_compressor_adapter=script_args.separate_compressor_adapter,
             passage_special_tokens=script_args.passage_special_tokens and not script_args.compressor,
             residual_pooling=script_args.residual_pooling,
+            residual_source=script_args.residual_source,
             base_model_name_or_path=script_args.model_name_or_path,
         )
 

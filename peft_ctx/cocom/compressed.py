@@ -78,6 +78,8 @@ def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
     }
     if config.residual_pooling:  # only then: indexes saved before the field keep their fingerprints
         settings["residual_pooling"] = True
+        if config.residual_source != "memory":
+            settings["residual_source"] = config.residual_source
     return adapter_digest(model, adapter_name, settings, select=lambda keys: _compressor_keys(config, keys))
 
 

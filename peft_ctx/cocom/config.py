@@ -8,6 +8,7 @@ from ..config import ContextConfig, is_int
 # The separate compressor LoRA's role name (ContextMethod.companion_roles): its weights are saved as
 # '...lora_A.compressor.weight'.
 COMPRESSOR_ROLE = "compressor"
+RESIDUAL_SOURCES = ("memory", "tokens")
 
 
 @dataclass
@@ -71,6 +72,14 @@ class CocomConfig(ContextConfig):
             "compressor's hidden state; training starts where parameter-free pooling already is."
         },
     )
+    residual_source: str = field(
+        default="memory",
+        metadata={
+            "help": "With residual_pooling: what the correction reads. 'memory': the compressor's hidden states at "
+            "COCOM's k memory tokens after the passage; 'tokens': its hidden states at the passage's own tokens, "
+            "mean-pooled over each run of compression_rate (ARC-Encoder's pooling; no memory tokens, no <ENC>)."
+        },
+    )
     passage_separator: str = field(
         default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
     )
@@ -96,6 +105,15 @@ class CocomConfig(ContextConfig):
             raise ValueError(
                 "residual_pooling=True pools the LLM's own token embeddings (COCOM); COCOM-light's encoder "
                 f"({self.compressor!r}) reads another tokenizer's tokens. Leave it False with a compressor."
+            )
+        if self.residual_source not in RESIDUAL_SOURCES:
+            raise ValueError(
+                f"residual_source={self.residual_source!r}: use one of {', '.join(map(repr, RESIDUAL_SOURCES))}."
+            )
+        if self.residual_source != "memory" and not self.residual_pooling:
+            raise ValueError(
+                f"residual_source={self.residual_source!r} says what residual_pooling's correction reads; set "
+                "residual_pooling=True with it, or leave residual_source='memory'."
             )
         if not is_int(self.compression_rate) or self.compression_rate < 1:
             raise ValueError(

@@ -475,13 +475,22 @@ def _compress_with_llm(
     model: nn.Module, module: CocomTokens, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     """COCOM: [<ENC>, passage tokens, k memory tokens] through the LLM; the last hidden states at the memory
-    positions are the context embeddings.  # [sum k_i, hidden]"""
+    positions are the context embeddings.  # [sum k_i, hidden]
+
+    With ``residual_pooling`` they are the pooled token embeddings plus the correction, which reads those memory
+    states or (``residual_source='tokens'``) the passage's own token states pooled like the embeddings."""
     layer = model.get_input_embeddings()
     base_embedding = getattr(layer, "base_layer", layer)
     device = base_embedding.weight.device
     ids, lengths = ids.to(device), lengths.to(device)
     tokens = base_embedding(ids)  # [n, len, hidden]; the plain embedding, so no context slot is filled here
     dtype = tokens.dtype
+    if config.residual_pooling and config.residual_source == "tokens":
+        # No learned input here: with the LLM frozen (lora_r=0) the compressor pass builds no autograd graph.
+        mask = (torch.arange(ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()  # [n, len]
+        states = model.base_model(inputs_embeds=tokens, attention_mask=mask, use_cache=False).last_hidden_state
+        pooled_states = pooled_runs(states, lengths, config.compression_rate)  # [sum k_i, hidden]
+        return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(pooled_states).to(dtype)
     counts = -(-lengths // config.compression_rate)  # [n] k_i
     total = 1 + lengths + counts  # [n] <ENC> + tokens + memory
     positions = torch.arange(int(total.max()), device=device).unsqueeze(0)  # [1, seq]
@@ -501,8 +510,7 @@ def _compress_with_llm(
     compressed = hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
     if module.residual is None:
         return compressed
-    correction = module.residual(compressed.to(module.residual.weight.dtype)).to(dtype)
-    return pooled_runs(tokens, lengths, config.compression_rate) + correction
+    return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(compressed).to(dtype)
 
 
 def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:

@@ -32,6 +32,11 @@ class CocomTokens(nn.Module):
             self.residual = nn.Linear(hidden, hidden, dtype=initial.dtype, device=initial.device)
             nn.init.zeros_(self.residual.weight)
             nn.init.zeros_(self.residual.bias)
+            # The correction reads the compressor's hidden state RMS-normalised to the entry scale of the input
+            # embeddings: last hidden states are ~16x larger than embeddings on SmolLM2, and at that scale one Adam
+            # step on the zero-initialised Linear already moves its output past the pooled embeddings it corrects.
+            # A buffer, saved with the adapter: its value comes from the random tokens of ``initial``.
+            self.register_buffer("residual_scale", initial.float().pow(2).mean().sqrt().reshape(1))
 
     @property
     def enc_row(self) -> int:
@@ -48,6 +53,12 @@ class CocomTokens(nn.Module):
 
     def marker(self) -> torch.Tensor:
         return self(torch.tensor([self.enc_row + 1], device=self.memory.device))  # [1, hidden]
+
+    def correction(self, hidden: torch.Tensor) -> torch.Tensor:
+        """residual_pooling's learned term from the compressor's hidden states.  # [m, hidden] -> [m, hidden]"""
+        x = hidden.to(self.residual.weight.dtype)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.residual_scale.to(x.dtype)
+        return self.residual(x)
 
 
 def pooled_runs(tokens: torch.Tensor, lengths: torch.Tensor, rate: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
@@ -287,3 +287,23 @@ def load_corpus(name_or_file: str = "wiki", max_chars: Optional[int] = None) -> 
     if not texts:
         raise ValueError(f"Corpus {name_or_file!r} holds no passages.")
     return texts
+
+
+def pretraining_passages(
+    corpus: Sequence[str], train_rows: Sequence[dict], held_out_rows: Sequence[dict], seed: int = 0
+) -> list[str]:
+    """Unlabelled passages for pretraining stages: the corpus and the training questions' passages, shuffled together
+    (seeded), without any passage a held-out (validation or test) question reads, nor one that shares its opening.
+
+    A QA set's own passages teach the compressor the text it will see; the held-out ones must stay unseen, and a
+    passage that differs from a held-out one only in its substituted answer (CPKC) counts as the same passage.
+    """
+
+    def opening(text: str) -> str:
+        return " ".join(text.split()[:12]).lower()
+
+    held_out = {opening(c) for row in held_out_rows for c in row["contexts"]}
+    own = dict.fromkeys(c for row in train_rows for c in row["contexts"] if opening(c) not in held_out)
+    mixed = [t for t in dict.fromkeys([*corpus, *own]) if opening(t) not in held_out]
+    random.Random(seed).shuffle(mixed)
+    return mixed

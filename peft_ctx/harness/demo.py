@@ -40,7 +40,7 @@ from ..methods import Entry, Resources, TrainingData, registered_methods
 from ..training import StageReport, StageSettings, save_adapter, train_method
 from . import assets, curves
 from . import eval as harness
-from .data import load_corpus, load_qa
+from .data import load_corpus, load_qa, pretraining_passages
 
 DEMO_MARKER = ".peft_ctx_demo"
 
@@ -112,6 +112,8 @@ class DemoContext:
     output_dir: str
     profile: Profile
     validation_rows: list = field(default_factory=list)  # the learning curves' held-out questions
+    # Pretraining text: the corpus and the training questions' passages, no held-out question's (pretraining_passages)
+    pretraining: list = field(default_factory=list)
     # What adapter configs record as their base model and encoder: Hub ids, which resolve on any machine.
     base_name: str = assets.SMOLLM2_HUB_ID
     encoder_name: str = assets.MINILM_HUB_ID
@@ -184,11 +186,15 @@ def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()
     # one; when none do, the rows the run trains on get retrieved ones too.
     train_rows = [r for r in train_rows if r["contexts"]] or train_rows[: _train_rows_needed(profile)]
     hit = harness.add_retrieved_passages(train_rows + validation_rows + test_rows, encoder, corpus, k=sources.top_k)
+    # Every held-out passage stays out of pretraining, the long ones the profile leaves out of the test table too.
+    whole = load_qa(sources.data, seed=profile.seed)
+    held_out = [dict(r) for split in ("validation", "test") for r in whole[split]]
+    pretraining = pretraining_passages(corpus, [dict(r) for r in whole["train"]], held_out, seed=profile.seed)
     print(
         f"base model {sources.base_model} ({model_dir})\nencoder {sources.encoder} ({encoder.name_or_path})\n"
         f"data: {sources.data}: train {len(dataset['train'])} / validation {len(dataset['validation'])} / test "
         f"{len(dataset['test'])} (passages <= {profile.max_context_chars} chars); corpus: {sources.corpus}, "
-        f"{len(corpus)} passages"
+        f"{len(corpus)} passages; pretraining text: {len(pretraining)} passages (corpus + training passages)"
         + ("" if math.isnan(hit) else f"; retrieved top-{sources.top_k} passages, answer in them: {100 * hit:.1f}%"),
         flush=True,
     )
@@ -202,6 +208,7 @@ def load_context(profile: Profile, output_dir: str, sources: Sources = Sources()
         output_dir=output_dir,
         profile=profile,
         validation_rows=validation_rows,
+        pretraining=pretraining,
         base_name=assets.hub_id(sources.base_model),
         encoder_name=assets.hub_id(sources.encoder),
     )
@@ -259,7 +266,7 @@ def run(
     entries = [(method, entry) for method, entry in known if methods is None or entry.name in methods]
     _prepare_output_dir(output_dir, overwrite, resume)
     ctx = load_context(profile, output_dir, sources)
-    data = TrainingData(ctx.train_rows, ctx.corpus, ctx.encoder)
+    data = TrainingData(ctx.train_rows, ctx.pretraining or ctx.corpus, ctx.encoder)
 
     trained: dict[str, tuple[Any, Entry, list[StageReport], str]] = {}
     failures: dict[str, str] = {}

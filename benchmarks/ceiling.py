@@ -232,7 +232,7 @@ def main(argv=None) -> list[dict]:
         n_test=len(rows), n_generate=0, timing_examples=0, wrong_passage=True, show_progress=False
     )
     results = [
-        _choice_row(base, tokenizer, runner, rows, settings_eval)
+        choice_row(base, tokenizer, runner, rows, settings_eval)
         for runner in (
             harness.TextRunner("no_retrieval", "no retrieval", use_context=False),
             harness.TextRunner("rag", "text RAG"),
@@ -261,7 +261,7 @@ def main(argv=None) -> list[dict]:
     ).eval()
     for kind, setting, tokens, diagnostics in made:
         runner = SoftTokenRunner(f"{kind}_{setting}", f"{kind}, {_setting_label(setting)}", tokens)
-        row = {**_choice_row(model, tokenizer, runner, rows, settings_eval), **diagnostics}
+        row = {**choice_row(model, tokenizer, runner, rows, settings_eval), **diagnostics}
         results.append(row)
         print(_line(row), flush=True)
     payload = {
@@ -289,7 +289,7 @@ def _setting_label(setting: str) -> str:
     return "1 token" if SETTINGS[setting] is None else f"xi={SETTINGS[setting]} (ceil(n/{SETTINGS[setting]}) tokens)"
 
 
-def _choice_row(model, tokenizer, runner, rows, settings) -> dict:
+def choice_row(model, tokenizer, runner, rows, settings) -> dict:
     """Choice accuracy and its wrong-passage control, as the harness scores every row."""
     shifted = harness.wrong_passage_rows(rows) if runner.reads_passages else None
     if isinstance(runner, harness.AdapterRunner):

@@ -26,6 +26,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.ceiling import choice_row
 from peft_ctx.cocom import CocomConfig, recipe
 from peft_ctx.harness import assets, curves, demo
 from peft_ctx.harness import eval as harness
@@ -61,13 +62,18 @@ LEVERS = {
         {"a_margin": 1.0},
         "tokens_frozen + the wrong-passage margin (1 nat per answer token, weight 1) in QA",
     ),
+    "tokens_frozen_margin_only": (
+        {"residual_pooling": True, "residual_source": "tokens", "lora_r": 0},
+        {"a_margin": 1.0, "a_nll": 0.0},
+        "tokens_frozen trained on the wrong-passage margin alone in QA (no answer NLL, which rewards ignoring it)",
+    ),
     "tokens": (
         {"residual_pooling": True, "residual_source": "tokens"},
         {},
         "residual pooling whose correction reads the token states, compressor and decoder LoRA trained",
     ),
 }
-QA_ONLY = {"a_margin", "margin"}  # QA-stage settings (pretraining has no other question's passage)
+QA_ONLY = {"a_margin", "margin", "a_nll"}  # QA-stage settings (pretraining has no other question's passage)
 
 
 def build(lever: str, rate: int, base_dir: str, base_name: str):
@@ -79,7 +85,9 @@ def build(lever: str, rate: int, base_dir: str, base_name: str):
     return get_peft_model(model, config)
 
 
-def run_lever(lever: str, args, tokenizer, data: TrainingData, validation: list[dict], base_dir: str) -> dict:
+def run_lever(
+    lever: str, args, tokenizer, data: TrainingData, validation: list[dict], base_dir: str, test_rows: list[dict]
+) -> dict:
     _, stage_fields, about = LEVERS[lever]
     work_dir = os.path.join(args.work_dir, f"{lever}_x{args.rate}")
     model = build(lever, args.rate, base_dir, assets.SMOLLM2_HUB_ID)
@@ -102,15 +110,35 @@ def run_lever(lever: str, args, tokenizer, data: TrainingData, validation: list[
     curve.measure("untrained", 0)
     start = time.perf_counter()
     reports = recipe.train(model, tokenizer, data, stages, work_dir, seed=0, callbacks=[curve])
+    seconds = time.perf_counter() - start
+    test = {}
+    if test_rows:
+        # Once, for the lever the validation curves picked: the adapter as it starts (for residual pooling: the
+        # pooled token embeddings) and as trained, each with its wrong-passage control and content diagnostics.
+        untrained = build(lever, args.rate, base_dir, assets.SMOLLM2_HUB_ID)
+        test = {"untrained": test_row(untrained, tokenizer, lever, test_rows, args), "trained": None}
+        test["trained"] = test_row(model, tokenizer, lever, test_rows, args)
     return {
         "lever": lever,
         "about": about,
         "rate": args.rate,
         "stages": {name: vars(s) for name, s in stages.items()},
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "seconds_per_step": {r.name: r.seconds_per_step for r in reports},
         "records": curve.records,
+        "test": test,
     }
+
+
+def test_row(model, tokenizer, lever: str, rows: list[dict], args) -> dict:
+    model.eval()
+    runner = harness.AdapterRunner(name=lever, label=lever, adapter_name=model.active_adapter, serve=False)
+    settings = harness.EvalSettings(n_test=len(rows), n_generate=0, timing_examples=0, show_progress=False)
+    with torch.no_grad():
+        row = choice_row(model, tokenizer, runner, rows, settings)
+        row.update(harness.content_diagnostics(model, tokenizer, runner, rows, args.n_passages) or {})
+    print(f"test: {lever}: {row}", flush=True)
+    return row
 
 
 def table(results: list[dict]) -> str:
@@ -129,6 +157,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def test_table(results: list[dict], baselines: dict) -> str:
+    """The test split's rows: no retrieval, text RAG, and each lever scored there as it starts and as trained."""
+    lines = [
+        "| test row | choice acc | wrong passage | margin | AE token acc | AE, another passage |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    rows = [(b["label"], b) for b in baselines.values()]
+    for result in results:
+        for when, row in (result.get("test") or {}).items():
+            rows.append((f"{result['lever']} ({when})", row))
+    for label, row in rows:
+        right, wrong = row["choice_accuracy"], row.get("choice_accuracy_wrong_passage")
+        margin = "-" if wrong is None else f"{100 * (right - wrong):+.1f}"
+        lines.append(
+            f"| {label} | {pct(right)} | {pct(wrong)} | {margin} | {pct(row.get('autoencode_token_accuracy'))} | "
+            f"{pct(row.get('autoencode_token_accuracy_wrong_passage'))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levers", default="plain,residual", help=f"Comma-separated, of {', '.join(LEVERS)}.")
@@ -142,6 +194,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--points", default="64,256,1024", help="Curve points (training examples seen).")
     parser.add_argument("--n_val", type=int, default=50, help="Validation questions the probe scores.")
     parser.add_argument("--n_passages", type=int, default=16, help="Validation passages for auto-encoding.")
+    parser.add_argument(
+        "--n_test", type=int, default=0, help="Also score the levers on the first n test questions (the pick only)."
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work_dir", default="outputs/cocom_levers")
     parser.add_argument("--output", default="benchmarks/results/cocom_levers.json")
@@ -161,6 +216,19 @@ def main(argv=None) -> list[dict]:
     short = [r for r in train_rows if sum(len(c) for c in r["contexts"]) <= 1000]
     validation = [dict(r) for r in dataset["validation"] if sum(len(c) for c in r["contexts"]) <= 1000]
     data = TrainingData(short, pretraining_passages(load_corpus("wiki"), train_rows, held_out))
+    test_rows = [dict(r) for r in dataset["test"] if sum(len(c) for c in r["contexts"]) <= 1000][: args.n_test]
+    baselines = {}
+    if test_rows:  # no retrieval and text RAG on the same test questions, on the plain base model
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        settings = harness.EvalSettings(n_test=len(test_rows), n_generate=0, timing_examples=0, show_progress=False)
+        for runner in (
+            harness.TextRunner("no_retrieval", "no retrieval", use_context=False),
+            harness.TextRunner("rag", "text RAG"),
+        ):
+            with torch.no_grad():
+                baselines[runner.name] = choice_row(base, tokenizer, runner, test_rows, settings)
+            print(f"test: {baselines[runner.name]}", flush=True)
+        del base
     print(f"{len(data.corpus)} pretraining passages, {len(short)} QA rows, {args.n_val} validation questions")
 
     done = {}
@@ -173,17 +241,19 @@ def main(argv=None) -> list[dict]:
             results.append(done[(lever, args.rate)])
             continue
         print(f"\n== lever {lever}: {LEVERS[lever][2]}", flush=True)
-        results.append(run_lever(lever, args, tokenizer, data, validation[: args.n_val], base_dir))
-        write(results, args)
+        results.append(run_lever(lever, args, tokenizer, data, validation[: args.n_val], base_dir, test_rows))
+        write(results, args, baselines)
     print(table(results))
     return results
 
 
-def write(results: list[dict], args) -> None:
+def write(results: list[dict], args, baselines: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     payload = {
         "task": "BIG-bench contextual_parametric_knowledge_conflicts, validation split (seed 0)",
         "base_model": assets.SMOLLM2_HUB_ID,
+        "command": "python -m benchmarks.cocom_levers " + " ".join(sys.argv[1:]),
+        "test_baselines": baselines,
         "results": results,
         **harness.environment(),
     }
@@ -192,6 +262,8 @@ def write(results: list[dict], args) -> None:
     stem = os.path.splitext(args.output)[0]
     with open(stem + ".md", "w") as f:
         f.write(table(results) + "\n")
+        if baselines or any(r.get("test") for r in results):
+            f.write("\n" + test_table(results, baselines) + "\n")
     curves.plot(
         {f"{r['lever']} x{r['rate']}": r["records"] for r in results},
         stem + ".png",

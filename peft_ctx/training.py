@@ -186,17 +186,25 @@ class ContextDataCollator:
         if self.distill:
             batch.update(self._teacher(rows))
         if self.wrong_passage:
-            if self.task != "qa" or len(rows) < 2:
+            if len(rows) < 2:
                 raise ValueError(
-                    f"The wrong-passage margin needs QA batches of two rows or more (task={self.task!r}, "
-                    f"{len(rows)} rows): each row reads the next row's passages."
+                    f"The wrong-passage margin needs batches of two rows or more, got {len(rows)}: each row reads the "
+                    "next row's passages."
                 )
-            shifted = [
+            batch.update({f"wrong_{key}": value for key, value in self.pad(self.wrong_examples(rows)).items()})
+        return batch
+
+    def wrong_examples(self, rows: list[dict]) -> list[Example]:
+        """The batch's examples with each row reading the next row's documents (same question, same answer)."""
+        if self.task != "qa":
+            raise ValueError(f"The wrong-passage margin is for QA batches here, not task={self.task!r}.")
+        self._rng = self._batch_rng(rows)  # the same draws (templates, SPRING's k) as the row's own example
+        return self.examples(
+            [
                 dict(row, **{self.context_column: rows[(i + 1) % len(rows)][self.context_column]})
                 for i, row in enumerate(rows)
             ]
-            batch.update({f"wrong_{key}": value for key, value in self.pad(self.examples(shifted)).items()})
-        return batch
+        )
 
     def pad(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """Examples padded into a batch on this collator's side (left also gets ``position_ids``)."""
@@ -413,8 +421,8 @@ class ContextSFTConfig(SFTConfig):
         for name in ("a_nll", "a_kl", "a_margin", "margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        if self.a_nll == 0 and self.a_kl == 0:
-            raise ValueError("a_nll and a_kl are both 0: nothing to train. Set at least one above 0.")
+        if self.a_nll == 0 and self.a_kl == 0 and self.a_margin == 0:
+            raise ValueError("a_nll, a_kl and a_margin are all 0: nothing to train. Set at least one above 0.")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0.")
         for name in ("max_length", "teacher_max_length"):

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from peft_ctx.cocom import CocomPretrainingCollator
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, answer_logits, row_mean_nll
-from tests.test_cocom import cocom_model, make_args, qa_rows
+from tests.test_cocom import MAX_TOKENS, cocom_model, make_args, qa_rows
 
 
 def test_row_mean_nll_averages_each_rows_answer_tokens():
@@ -68,3 +69,20 @@ def test_the_margin_needs_qa_batches_of_two_rows(tokenizer):
         collator(qa_rows(1))
     with pytest.raises(ValueError, match="a_margin=-1"):
         ContextSFTConfig(output_dir="out", a_margin=-1, use_cpu=True, report_to=[])
+
+
+def test_pretraining_batches_carry_each_rows_target_read_from_the_next_rows_compression(tokenizer):
+    model, _ = cocom_model("llama", tokenizer)
+    texts = [f"Passage {i}: the Verrin river floods each spring near the town of Tal{i}." for i in range(4)]
+    collator = CocomPretrainingCollator(
+        model.active_peft_config, tokenizer, model=model, wrong_passage=True, autoencode_ratio=0.5, seed=3
+    )
+    batch = collator([{"text": t} for t in texts])
+    assert set(collator._tasks) == {"autoencode", "continuation"}  # both kinds, each with its control
+    assert torch.equal(batch["wrong_labels"], batch["labels"])  # the same targets ...
+    wrong = batch["wrong_cocom_passage_ids"]
+    for i, task in enumerate(collator._tasks):  # ... read from the next row's passage (its first half: continuation)
+        n = int(batch["wrong_cocom_passage_lengths"][i])
+        following = tokenizer(texts[(i + 1) % 4], add_special_tokens=False).input_ids
+        assert wrong[i, :n].tolist() == following[:n]
+        assert n == min(len(following) // 2 if task == "continuation" else len(following), MAX_TOKENS)

@@ -73,16 +73,22 @@ class CocomPretrainingCollator(ContextDataCollator):
         return random.Random(hashlib.sha256(f"{self.seed}:{json.dumps(texts)}".encode()).hexdigest())
 
     def examples(self, rows: list[dict]) -> list:
+        self._tasks = ["autoencode" if self._rng.random() < self.autoencode_ratio else "continuation" for _ in rows]
+        return [self.example(row[self.text_column], task) for row, task in zip(rows, self._tasks)]
+
+    def wrong_examples(self, rows: list[dict]) -> list:
+        """Each row's own task and target, its context embeddings made from the next row's passage (the margin's
+        control: the target is only likelier with its own compression if that compression carries it)."""
+        texts = [row[self.text_column] for row in rows]
         return [
-            self.example(
-                row[self.text_column], "autoencode" if self._rng.random() < self.autoencode_ratio else "continuation"
-            )
-            for row in rows
+            self.example(text, task, context_text=texts[(i + 1) % len(texts)])
+            for i, (text, task) in enumerate(zip(texts, self._tasks))
         ]
 
     def example(self, text: str, task: str, context_text: Optional[str] = None):
         """One tokenised example: the compressed part as context slots, the target as labels. ``context_text``
-        (auto-encoding only) compresses another passage than the one to write back: the diagnostics' control."""
+        compresses another passage in place of the one the target comes from (as long as it, or its first half for
+        continuation): the diagnostics' and the margin's control."""
         if task not in TASKS:
             raise ValueError(f"task={task!r}; use one of {', '.join(TASKS)}.")
         if not isinstance(text, str) or not text.strip():
@@ -102,6 +108,9 @@ class CocomPretrainingCollator(ContextDataCollator):
         else:
             cut = min(len(ids) // 2, self.config.max_passage_tokens)
             context, target = ids[:cut], ids[cut : cut + self.max_target_tokens]
+            if context_text is not None:
+                other = self.tokenizer(context_text, add_special_tokens=False).input_ids
+                context = other[: max(1, min(len(other) // 2, self.config.max_passage_tokens))]
         method = get_method(self.config.method)
         options = with_resources(
             self.config, {"autoencode": task == "autoencode"}, tokenizer=self.tokenizer, model=self.model

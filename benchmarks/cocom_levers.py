@@ -209,14 +209,13 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads or demo.auto_threads())
     base_dir = assets.resolve(assets.SMOLLM2_HUB_ID)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    dataset = load_qa("cpkc", seed=0)  # whole splits: every held-out passage is kept out of pretraining
-    train_rows = [dict(r) for r in dataset["train"]]
-    held_out = [dict(r) for r in dataset["validation"]] + [dict(r) for r in dataset["test"]]
-    # As the demo: training and probing on questions whose passages fit in 1000 characters.
-    short = [r for r in train_rows if sum(len(c) for c in r["contexts"]) <= 1000]
-    validation = [dict(r) for r in dataset["validation"] if sum(len(c) for c in r["contexts"]) <= 1000]
-    data = TrainingData(short, pretraining_passages(load_corpus("wiki"), train_rows, held_out))
-    test_rows = [dict(r) for r in dataset["test"] if sum(len(c) for c in r["contexts"]) <= 1000][: args.n_test]
+    whole = load_qa("cpkc", seed=0)  # whole splits: every held-out passage is kept out of pretraining
+    held_out = [dict(r) for split in ("validation", "test") for r in whole[split]]
+    # As the demo: training, probing and testing on questions whose passages fit in 1000 characters.
+    dataset = load_qa("cpkc", seed=0, max_context_chars=1000)
+    short, validation, test_rows = ([dict(r) for r in dataset[split]] for split in ("train", "validation", "test"))
+    test_rows = test_rows[: args.n_test]
+    data = TrainingData(short, pretraining_passages(load_corpus("wiki"), [dict(r) for r in whole["train"]], held_out))
     baselines = {}
     if test_rows:  # no retrieval and text RAG on the same test questions, on the plain base model
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

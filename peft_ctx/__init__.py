@@ -17,6 +17,7 @@ from .cocom import CocomConfig, CompressedIndex, adapter_size, compress
 
 # isort: split
 from .config import ContextConfig
+from .converting import convert
 from .distributed import gathered_adapter_state_dict
 from .encoders import Encoder
 from .engines import LlamaCppEngine
@@ -46,6 +47,7 @@ __all__ = [
     "adapter_size",
     "check_export",
     "compress",
+    "convert",
     "export_for_serving",
     "gathered_adapter_state_dict",
     "generate",

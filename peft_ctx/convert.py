@@ -1,45 +1,63 @@
-"""Convert official research checkpoints into peft_ctx adapters.
+"""Convert a published context compressor into a peft_ctx adapter folder, with its model card.
 
-python -m peft_ctx.convert {xrag,spring,...} CHECKPOINT_DIR OUTPUT_DIR [--base_model ID] [--embedding_module PATH]
+    python -m peft_ctx.convert SOURCE OUTPUT_DIR [--family NAME] [--base_model ID] [--overwrite]
 
-The converters are the registered methods' (``ContextMethod.converters``).
+SOURCE is a published checkpoint's folder or file (or its Hub id, where the Hub can be reached); its family is
+recognised from its files or named with ``--family``. Only JSON configs and tensors are read; the checkpoint's code
+never runs. ``peft_ctx.convert(SOURCE, OUTPUT_DIR, ...)`` does the same from Python (``peft_ctx.converting``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Optional
+import sys
+import types
+from typing import Any, Optional
 
-from .methods import registered_methods
+from .converting import PublishedFamily, convert, converters, detect_family, families
 
-
-def converters() -> dict[str, Callable]:
-    """Every registered method's converters by name (``ContextMethod.converters``)."""
-    return {name: fn for method in registered_methods() for name, fn in method.converters.items()}
+__all__ = ["PublishedFamily", "convert", "converters", "detect_family", "families", "main"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m peft_ctx.convert", description=__doc__.splitlines()[1])
-    known = converters()
-    parser.add_argument("method", choices=sorted(known))
-    parser.add_argument("source", help="the official checkpoint (folder or tensor file)")
-    parser.add_argument("output_dir", help="where to write the peft_ctx adapter")
-    parser.add_argument("--base_model", default=None, help="base model id / folder recorded in the adapter config")
-    parser.add_argument(
-        "--embedding_module",
-        default=None,
-        help="input-embedding module path in the base model (default: read from the checkpoint / base config)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an adapter already in output_dir")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = families()
+    # The earlier form `convert FAMILY SOURCE OUT` still works.
+    if len([a for a in argv if not a.startswith("-")]) >= 3 and argv and argv[0] in known:
+        argv = [argv[1], argv[2], "--family", argv[0], *argv[3:]]
+    parser = argparse.ArgumentParser(prog="python -m peft_ctx.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="the published checkpoint: a folder, a file, or a Hub id")
+    parser.add_argument("output_dir", help="where to write the peft_ctx adapter (with README.md, its card)")
+    parser.add_argument("--family", choices=sorted(known), default=None, help="default: recognised from the files")
+    parser.add_argument("--base_model", default=None, help="the decoder's Hub id / folder, recorded in the adapter")
+    parser.add_argument("--revision", default=None, help="the source's revision, recorded in the card")
+    parser.add_argument("--embedding_module", default=None, help="input-embedding module path in the base model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     args = parser.parse_args(argv)
-    convert = known[args.method]
-    kwargs = {"base_model_name_or_path": args.base_model, "overwrite": args.overwrite}
-    if args.embedding_module:
-        kwargs["embedding_module"] = args.embedding_module
-    config = convert(args.source, args.output_dir, **kwargs)
-    print(f"Wrote a peft_ctx {args.method} adapter to {args.output_dir}: {config}")
+    overrides = {"embedding_module": args.embedding_module} if args.embedding_module else {}
+    command = "python -m peft_ctx.convert " + " ".join(argv)
+    config = convert(
+        args.source,
+        args.output_dir,
+        family=args.family,
+        base_model_name_or_path=args.base_model,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        command=command,
+        **overrides,
+    )
+    print(f"Wrote a peft_ctx {config.method} adapter to {args.output_dir} (card: {args.output_dir}/README.md)")
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module rebinds ``peft_ctx.convert`` to it; calling it converts, so that ``peft_ctx.convert(...)``
+    keeps meaning the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

@@ -133,17 +133,27 @@ class LlamaCppEngine:
         self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.hidden_size, 1)
         self.timings = EngineTimings()
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Free the llama.cpp model, context and batches (also done when the engine is garbage-collected)."""
         lib = getattr(self, "_lib", None)
         if lib is None:
             return
         for batch in ("_token_batch", "_embd_batch"):
-            if hasattr(self, batch):
+            if getattr(self, batch, None) is not None:
                 lib.llama_batch_free(getattr(self, batch))
+                setattr(self, batch, None)
         if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
+            self._ctx = None
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown: llama_cpp's bindings are already torn down
+            pass
 
     def __repr__(self) -> str:
         method = (self.info or {}).get("method", "base model")

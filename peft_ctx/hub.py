@@ -359,6 +359,9 @@ def make_card(
     model,
     repo_id: str,
     *,
+    config: Optional[ContextConfig] = None,
+    trainable_parameters: Optional[int] = None,
+    provenance: Optional[dict[str, Any]] = None,
     adapter_name: Optional[str] = None,
     base_model: Optional[str] = None,
     retriever: Optional[str] = None,
@@ -372,16 +375,24 @@ def make_card(
 ) -> ModelCard:
     """Render the adapter's model card from ``hub_cards/<method>.md.j2`` (also what ``push_to_hub`` does).
 
-    Edit the result and pass it back as ``push_to_hub(..., card=card)`` to publish a changed card.
+    Edit the result and pass it back as ``push_to_hub(..., card=card)`` to publish a changed card. Without a model
+    (``model=None``) the card is rendered from ``config`` and ``trainable_parameters`` alone, as
+    ``peft_ctx.convert`` does for a converted checkpoint; ``provenance`` (source, revision, licence, paper, command)
+    then says where the weights came from.
     """
     _check_repo_id(repo_id)
-    name = _adapter_name(model, adapter_name)
-    config = model.peft_config[name]
+    if model is None:
+        if config is None or trainable_parameters is None:
+            raise ValueError("make_card(model=None, ...) needs the adapter's config= and trainable_parameters=.")
+        trainable, base_params = int(trainable_parameters), 0
+    else:
+        name = _adapter_name(model, adapter_name)
+        config = model.peft_config[name]
+        trainable, base_params = parameter_counts(model, name)
     base_model = _hub_id(base_model or config.base_model_name_or_path)
     retriever = _hub_id(retriever or getattr(config, _ENCODER_FIELD, None))
     records = _check_eval_results(eval_results)
     training = redact(_plain(training_config)) if training_config is not None else None
-    trainable, base_params = parameter_counts(model, name)
     method = get_method(config.method)
     method_title = method.title or method.name
     evaluation, measured = _evaluation(records, method_title)
@@ -436,6 +447,7 @@ def make_card(
         evaluation=evaluation,
         measured_compression=measured,
         peft_ctx_version=__version__,
+        provenance=provenance,
     )
     text = re.sub(r"\n{3,}", "\n\n", text)
     return ModelCard(text)

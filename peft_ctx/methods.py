@@ -106,7 +106,7 @@ class ContextMethod:
     # Its documents reach the model through the retriever its config names (``retriever_name_or_path``): loaders and
     # cards then name that encoder.
     uses_encoder: bool = False
-    # ``python -m peft_ctx.convert NAME SRC DST``: official research checkpoints -> adapter (name -> function).
+    # ``python -m peft_ctx.convert SRC DST``: the published families this method loads (name -> PublishedFamily).
     converters: Mapping[str, Callable[..., Any]] = {}
     # The stages of its training recipe, in order (``train`` takes their settings by these names).
     stages: tuple[str, ...] = ("qa",)

@@ -3,7 +3,9 @@
 A prompt is a template whose fields are filled with *parts*: plain text or ``Slots(n)`` (n context positions whose
 embeddings the adapter writes). The user turn is rendered through the tokenizer's chat template with a sentinel in
 place of every slot run; the rendered text is split at the sentinels and each text piece is tokenised on its own, so
-a slot can never merge with neighbouring text into one token, and the chat template sees ordinary text.
+a slot can never merge with neighbouring text into one token, and the chat template sees ordinary text. A piece after
+a slot is tokenised as the continuation it is (no word-boundary marker a SentencePiece tokenizer would open a text
+with), as published compressors' code tokenises the text around its placeholder tokens.
 """
 
 from __future__ import annotations
@@ -133,9 +135,13 @@ def tokenize_parts(
         )
     input_ids = list(prefix_ids)
     context_mask = [False] * len(prefix_ids)
+    anchor = tokenizer(_SENTINEL_CLOSE, add_special_tokens=False).input_ids if runs else []
     for i, text in enumerate(pieces[0::2]):
         if text:
-            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if i:  # after a slot
+                ids = _continuation_ids(tokenizer, anchor, text)
+            else:
+                ids = tokenizer(text, add_special_tokens=False).input_ids
             input_ids.extend(ids)
             context_mask.extend([False] * len(ids))
         if i < len(runs):
@@ -152,6 +158,27 @@ def tokenize_parts(
         input_ids = input_ids + answer_ids
         context_mask = context_mask + [False] * len(answer_ids)
     return Example(input_ids=input_ids, context_mask=context_mask, labels=labels)
+
+
+def continuation_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each text as it tokenises after other text (see ``_continuation_ids``), without special tokens."""
+    anchor = tokenizer(_SENTINEL_CLOSE, add_special_tokens=False).input_ids
+    return [_continuation_ids(tokenizer, anchor, text) for text in texts]
+
+
+def _continuation_ids(tokenizer, anchor: list[int], text: str) -> list[int]:
+    """The ids of ``text`` where it stands in the prompt: after a context slot, in the middle of the text.
+
+    Tokenised on its own, a SentencePiece-style tokenizer (Llama-2, Mistral: Metaspace with prepend_scheme "first")
+    opens the text with a word-boundary "▁" that the same text does not get inside a prompt, which is how published
+    compressors were trained and how their code tokenises around its placeholder tokens. So the text is tokenised
+    after an anchor (a reserved character, which no user text contains) and the anchor's ids are dropped; where the
+    anchor's ids are not a prefix (a tokenizer that merges across it), the text is tokenised on its own.
+    """
+    ids = tokenizer(_SENTINEL_CLOSE + text, add_special_tokens=False).input_ids  # anchor: the ids of _SENTINEL_CLOSE
+    if anchor and ids[: len(anchor)] == anchor:
+        return ids[len(anchor) :]
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _filler_id(tokenizer) -> int:

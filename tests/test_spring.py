@@ -399,7 +399,7 @@ def test_converter_cli_defaults_to_llama_layout_and_refuses_overwrite_pickles_an
     convert_cli([str(source), str(tmp_path / "adapter")])
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert torch.equal(tokens_of(loaded), torch.load(source, weights_only=True))
-    with pytest.raises(FileExistsError, match="already holds an adapter"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
         convert_cli([str(source), str(tmp_path / "adapter")])
     convert_cli([str(source), str(tmp_path / "adapter"), "--overwrite"])
 

@@ -9,6 +9,8 @@ from ..config import ContextConfig, is_int
 # '...lora_A.compressor.weight'.
 COMPRESSOR_ROLE = "compressor"
 RESIDUAL_SOURCES = ("memory", "tokens")
+PASSAGE_TRUNCATIONS = ("text", "sequence")
+COMPRESSOR_POSITIONS = ("start", "left_padded")
 
 
 @dataclass
@@ -80,6 +82,37 @@ class CocomConfig(ContextConfig):
             "mean-pooled over each run of compression_rate (ARC-Encoder's pooling; no memory tokens, no <ENC>)."
         },
     )
+    memory_tokens_per_passage: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "COCOM only: every passage becomes this many context embeddings whatever its length, each from "
+            "its own memory token (PISCO and CLaRa: doc_max_length // compression rate). None: k = ceil(n / "
+            "compression_rate)."
+        },
+    )
+    passage_truncation: str = field(
+        default="text",
+        metadata={
+            "help": "With passage_special_tokens: 'text' truncates the passage and keeps BOS and EOS around it; "
+            "'sequence' tokenises BOS passage EOS as one text and truncates it at max_passage_tokens, so that a long "
+            "passage loses its EOS (the PISCO lineage's code)."
+        },
+    )
+    compressor_positions: str = field(
+        default="start",
+        metadata={
+            "help": "COCOM only: 'start': the compressor reads <ENC> at position 0; 'left_padded': at the position "
+            "it has when its input is left-padded to max_passage_tokens + 1 (the PISCO lineage pads every passage to "
+            "one length and passes no position ids, so a short passage starts at a later position)."
+        },
+    )
+    passage_end_token: bool = field(
+        default=False,
+        metadata={
+            "help": "COCOM only: a learned <SEP> embedding after each passage's context embeddings in the decoder's "
+            "prompt (PISCO, CLaRa)."
+        },
+    )
     passage_separator: str = field(
         default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
     )
@@ -115,6 +148,7 @@ class CocomConfig(ContextConfig):
                 f"residual_source={self.residual_source!r} says what residual_pooling's correction reads; set "
                 "residual_pooling=True with it, or leave residual_source='memory'."
             )
+        self._check_pisco_lineage_fields()
         if not is_int(self.compression_rate) or self.compression_rate < 1:
             raise ValueError(
                 f"compression_rate={self.compression_rate!r}: give an integer >= 1 (tokens per context embedding; "
@@ -166,10 +200,54 @@ class CocomConfig(ContextConfig):
         # (compressor_config already filled) builds the encoder from its config and takes the weights from the file.
         self._fresh_compressor = self.compressor is not None and self.compressor_config is None
 
+    def _check_pisco_lineage_fields(self) -> None:
+        fixed = self.memory_tokens_per_passage
+        if fixed is not None and (not is_int(fixed) or fixed < 1):
+            raise ValueError(
+                f"memory_tokens_per_passage={fixed!r}: give a positive int (context embeddings per passage) or None."
+            )
+        if self.passage_truncation not in PASSAGE_TRUNCATIONS:
+            raise ValueError(
+                f"passage_truncation={self.passage_truncation!r}: use one of "
+                f"{', '.join(map(repr, PASSAGE_TRUNCATIONS))}."
+            )
+        if self.passage_truncation == "sequence" and not self.passage_special_tokens:
+            raise ValueError(
+                "passage_truncation='sequence' truncates BOS passage EOS as one sequence; set "
+                "passage_special_tokens=True with it, or leave passage_truncation='text'."
+            )
+        if self.compressor_positions not in COMPRESSOR_POSITIONS:
+            raise ValueError(
+                f"compressor_positions={self.compressor_positions!r}: use one of "
+                f"{', '.join(map(repr, COMPRESSOR_POSITIONS))}."
+            )
+        changed = [
+            name
+            for name, value in (
+                ("memory_tokens_per_passage", fixed is not None),
+                ("compressor_positions", self.compressor_positions != "start"),
+                ("passage_end_token", self.passage_end_token),
+            )
+            if value
+        ]
+        if changed and self.compressor is not None:
+            raise ValueError(
+                f"{', '.join(changed)} set the LLM compressor's input and prompt (COCOM); COCOM-light's encoder "
+                f"({self.compressor!r}) has its own. Leave them at their defaults with a compressor."
+            )
+        if fixed is not None and self.residual_pooling:
+            raise ValueError(
+                "residual_pooling pools runs of compression_rate tokens, one per context embedding; it cannot give "
+                f"memory_tokens_per_passage={fixed} embeddings per passage. Use one or the other."
+            )
+
     @property
     def is_light(self) -> bool:
         return self.compressor is not None
 
     def memory_tokens(self, n_tokens: int) -> int:
-        """k = ceil(n / compression_rate) context embeddings for a passage of n (truncated) tokens."""
+        """k = ceil(n / compression_rate) context embeddings for a passage of n (truncated) tokens, or
+        ``memory_tokens_per_passage`` when set."""
+        if self.memory_tokens_per_passage is not None:
+            return self.memory_tokens_per_passage
         return -(-min(n_tokens, self.max_passage_tokens) // self.compression_rate)

@@ -29,7 +29,7 @@ from .. import local_copies
 from ..distributed import full_shape, gathered
 from ..layer import companion_name
 from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
-from ..prompting import Slots
+from ..prompting import Slots, continuation_ids
 from .compressed import CompressedPassage, check_passage, compress
 from .config import COMPRESSOR_ROLE, CocomConfig
 from .modules import CocomLightCompressor, CocomTokens, pooled_runs
@@ -94,12 +94,17 @@ class CocomMethod(ContextMethod):
         hidden_size, vocab_size = int(full_shape(weight)[-1]), int(full_shape(weight)[0])
         n_memory = config.memory_tokens(config.max_passage_tokens)
         # Embeddings of random vocabulary tokens: the scale the LLM expects, whatever its embedding module computes.
-        ids = torch.randint(0, vocab_size, (n_memory + 2,))
+        ids = torch.randint(0, vocab_size, (n_memory + 3,))
         with torch.no_grad(), gathered(weight):  # a ZeRO-3 init partitions the embedding before any forward
-            initial = base_embedding(ids.to(weight.device)).detach().float()  # [k_max + 2, hidden]
+            initial = base_embedding(ids.to(weight.device)).detach().float()  # [k_max + 3, hidden]
         if not config.is_light:
-            return CocomTokens(initial, n_memory, residual_pooling=config.residual_pooling)
-        return _light_compressor(config, hidden_size, initial[-1:])
+            return CocomTokens(
+                initial[: n_memory + 2],
+                n_memory,
+                residual_pooling=config.residual_pooling,
+                separator=initial[n_memory + 2 :] if config.passage_end_token else None,
+            )
+        return _light_compressor(config, hidden_size, initial[n_memory + 1 : n_memory + 2])
 
     def check_base_model(self, config: CocomConfig, model: nn.Module) -> None:
         if not config.is_light and getattr(model, "base_model", model) is model:
@@ -168,7 +173,7 @@ class CocomMethod(ContextMethod):
                     f"cocom_passage_lengths {lengths.tolist()} must lie in 1..{config.max_passage_tokens} "
                     "(max_passage_tokens) and fit cocom_passage_ids."
                 )
-            rows += int((-(-lengths // config.compression_rate)).sum())
+            rows += int(memory_counts(config, lengths).sum())
         embeds = inputs.get("cocom_context_embeds")
         if embeds is not None:
             if embeds.dim() != 2 or (
@@ -179,10 +184,11 @@ class CocomMethod(ContextMethod):
                     "(the LLM's hidden size)."
                 )
             rows += embeds.shape[0]
-        if n_slots and (int(source.min()) < 0 or int(source.max()) > rows):  # row `rows` is the <AE> marker
+        markers = 2 if config.passage_end_token else 1  # row `rows` is the <AE> marker, `rows + 1` the <SEP>
+        if n_slots and (int(source.min()) < 0 or int(source.max()) >= rows + markers):
             raise ValueError(
                 f"cocom_slot_source points at rows {int(source.min())}..{int(source.max())} but only {rows} context "
-                "embeddings and one marker exist; build COCOM inputs with peft_ctx.prepare_inputs."
+                f"embeddings and {markers} marker(s) exist; build COCOM inputs with peft_ctx.prepare_inputs."
             )
 
     def before_forward(self, tuner, adapter_name, config: CocomConfig, context_mask, inputs):
@@ -260,9 +266,9 @@ class CocomMethod(ContextMethod):
                 layer._gradient_checkpointing_func = function
 
     def slot_embeddings(self, module: nn.Module, context_mask, inputs, dtype) -> torch.Tensor:
-        marker = module.marker()  # [1, hidden]
+        marker = module.marker()  # [1 or 2, hidden]: <AE>, then <SEP> where passages end with one
         table = [inputs[name] for name in ("cocom_compressed", "cocom_context_embeds") if inputs.get(name) is not None]
-        table = torch.cat([t.to(device=marker.device, dtype=dtype) for t in table + [marker]])  # [rows + 1, hidden]
+        table = torch.cat([t.to(device=marker.device, dtype=dtype) for t in table + [marker]])  # [rows + m, hidden]
         return table[inputs["cocom_slot_source"].to(marker.device)]  # [n_slots, hidden]
 
     # ---- prompts -------------------------------------------------------------------------------------------------
@@ -316,6 +322,8 @@ class CocomMethod(ContextMethod):
             if j and config.passage_separator:
                 parts.append(config.passage_separator)
             parts.append(Slots(passage.k))
+            if config.passage_end_token:
+                parts.append(Slots(1))  # the passage's <SEP>
         autoencode = bool(options.get("autoencode"))
         if autoencode:
             parts.append(Slots(1))  # the <AE> marker: "now reconstruct the passage"
@@ -336,6 +344,8 @@ class CocomMethod(ContextMethod):
                 else:
                     source.extend(range(stored_row, stored_row + p.k))
                     stored_row += p.k
+                if config.passage_end_token:
+                    source.append(marker + 1)
             if payload["autoencode"][0]:
                 source.append(marker)
         batch = {"cocom_slot_source": torch.tensor(source, dtype=torch.long)}
@@ -461,8 +471,14 @@ def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, 
         if config.passage_special_tokens:
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            room = config.max_passage_tokens - len(bos) - len(eos)
-            rows = [bos + ids[:room] + eos for ids in ids_list]
+            if config.passage_truncation == "sequence":
+                # "<s>passage</s>" tokenised as one text: the passage continues after BOS (continuation_ids), and
+                # truncation cuts the end of the whole, EOS first.
+                ids_list = continuation_ids(tokenizer, texts)
+                rows = [(bos + ids + eos)[: config.max_passage_tokens] for ids in ids_list]
+            else:
+                room = config.max_passage_tokens - len(bos) - len(eos)
+                rows = [bos + ids[:room] + eos for ids in ids_list]
         else:
             rows = [ids[: config.max_passage_tokens] for ids in ids_list]
     for text, ids in zip(texts, rows):
@@ -491,7 +507,7 @@ def _compress_with_llm(
         states = model.base_model(inputs_embeds=tokens, attention_mask=mask, use_cache=False).last_hidden_state
         pooled_states = pooled_runs(states, lengths, config.compression_rate)  # [sum k_i, hidden]
         return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(pooled_states).to(dtype)
-    counts = -(-lengths // config.compression_rate)  # [n] k_i
+    counts = memory_counts(config, lengths)  # [n] k_i
     total = 1 + lengths + counts  # [n] <ENC> + tokens + memory
     positions = torch.arange(int(total.max()), device=device).unsqueeze(0)  # [1, seq]
     ends = lengths.unsqueeze(1)  # [n, 1]
@@ -506,11 +522,24 @@ def _compress_with_llm(
     is_learned = is_memory | (positions == 0)
     embeds = torch.where(is_token.unsqueeze(-1), gathered, torch.where(is_learned.unsqueeze(-1), learned, 0.0))
     attention_mask = (positions < total.unsqueeze(1)).long()  # right padding: positions are 0..total-1 per passage
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    position_ids = None
+    if config.compressor_positions == "left_padded":
+        # Where the passage sits in an input left-padded to max_passage_tokens + 1: <ENC> at max - n.
+        position_ids = positions + (config.max_passage_tokens - lengths).unsqueeze(1)  # [n, seq]
+    hidden = model.base_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     compressed = hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
     if module.residual is None:
         return compressed
     return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(compressed).to(dtype)
+
+
+def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:
+    """k_i, the context embeddings of each passage of ``lengths[i]`` compressor tokens.  # [n]"""
+    if config.memory_tokens_per_passage is not None:
+        return torch.full_like(lengths, config.memory_tokens_per_passage)
+    return -(-lengths // config.compression_rate)
 
 
 def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:

@@ -14,17 +14,26 @@ from ..distributed import full_shape
 
 class CocomTokens(nn.Module):
     """COCOM with the LLM as compressor: k_max memory-token embeddings, the <ENC> marker that opens a passage in the
-    compressor's input and the <AE> marker that asks the decoder to reconstruct (auto-encoding pretraining).
+    compressor's input, the <AE> marker that asks the decoder to reconstruct (auto-encoding pretraining) and, where
+    passages end with one, the <SEP> marker.
 
     They are trained embeddings held here, not new vocabulary entries: the LLM's embedding matrix is never resized.
     """
 
-    def __init__(self, initial: torch.Tensor, max_memory_tokens: int, residual_pooling: bool = False) -> None:
+    def __init__(
+        self,
+        initial: torch.Tensor,
+        max_memory_tokens: int,
+        residual_pooling: bool = False,
+        separator: Optional[torch.Tensor] = None,
+    ) -> None:
         super().__init__()
         # initial: [k_max + 2, hidden], embeddings of random vocabulary tokens (the scale the LLM expects)
         self.memory = nn.Parameter(initial[:max_memory_tokens].clone())  # [k_max, hidden]
         self.enc_marker = nn.Parameter(initial[max_memory_tokens : max_memory_tokens + 1].clone())  # [1, hidden]
         self.ae_marker = nn.Parameter(initial[max_memory_tokens + 1 :].clone())  # [1, hidden]
+        # passage_end_token: the <SEP> after each passage's context embeddings in the decoder's prompt.
+        self.sep_marker = None if separator is None else nn.Parameter(separator.clone())  # [1, hidden]
         # residual_pooling: the correction added to the pooled token embeddings, zero at first (see CocomConfig).
         self.residual: Optional[nn.Linear] = None
         if residual_pooling:
@@ -48,11 +57,17 @@ class CocomTokens(nn.Module):
         The embeddings are read through forward, so that engines that gather a module's parameters around its
         forward (DeepSpeed ZeRO-3) hand over whole tensors, not this rank's empty partitions.
         """
-        table = torch.cat([self.memory, self.enc_marker, self.ae_marker])  # [k_max + 2, hidden]
+        parts = [self.memory, self.enc_marker, self.ae_marker]
+        if self.sep_marker is not None:
+            parts.append(self.sep_marker)
+        table = torch.cat(parts)  # [k_max + 2 (+ 1), hidden]
         return table[rows]  # [*rows.shape, hidden]
 
     def marker(self) -> torch.Tensor:
-        return self(torch.tensor([self.enc_row + 1], device=self.memory.device))  # [1, hidden]
+        """<AE>, and <SEP> after it when passages end with one (the rows after the context embeddings' in the
+        decoder's slot table).  # [1 or 2, hidden]"""
+        rows = [self.enc_row + 1] + ([self.enc_row + 2] if self.sep_marker is not None else [])
+        return self(torch.tensor(rows, device=self.memory.device))
 
     def correction(self, hidden: torch.Tensor) -> torch.Tensor:
         """residual_pooling's learned term from the compressor's hidden states.  # [m, hidden] -> [m, hidden]"""

@@ -4,8 +4,11 @@ The release is one ``[N, d]`` tensor of virtual-token embeddings per base model.
 ``torch.load(weights_only=True)`` and written as ``adapter_config.json`` + ``adapter_model.safetensors``, which
 ``PeftModel.from_pretrained(base, output_dir)`` loads after ``import peft_ctx``:
 
-    python -m peft_ctx.convert spring mistral.added_token_embeddings.pt OUTPUT_DIR --base_model BASE_FOLDER_OR_ID
-    python -m peft_ctx.spring.convert mistral.added_token_embeddings.pt OUTPUT_DIR --base_model BASE_FOLDER_OR_ID
+    python -m peft_ctx.convert mistral.added_token_embeddings.pt OUTPUT_DIR --base_model BASE_FOLDER_OR_ID
+
+The adapter renders the prompt of the release's own code (``example.py``, and the training data of
+``training/fine_tune_qa_dataset.py``): each passage as ``[i] passage`` and a newline, one more newline, the virtual
+tokens, then ``Question: ...\nAnswer:``. ``tests/fixtures/published`` holds what that code gives on a tiny checkpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoints import load_tensor_file
-from ..convert import main as convert_main
+from ..converting import PublishedFamily
 from .config import SpringConfig
 
 # The official release is for Llama-2 and Mistral models, whose input embedding lives here.
 DEFAULT_EMBEDDING_MODULE = "model.embed_tokens"
+RELEASE_SUFFIX = ".added_token_embeddings.pt"
+# The release's prompt: "[1] p1\n[2] p2\n" + "\n" + virtual tokens + "Question: {q}\nAnswer:" (example.py).
+OFFICIAL_TEMPLATE = "{context}\n{virtual}Question: {question}\nAnswer:"
 
 
 def convert_official_spring(
@@ -43,14 +49,14 @@ def convert_official_spring(
             embedding module path and hidden size are taken from it and the tensor's d is checked against it.
         embedding_module: the input embedding's module path in the base model; default from the base model, else
             ``model.embed_tokens`` (Llama-2 / Mistral, the released models).
-        config_overrides: further ``SpringConfig`` fields. ``use_chat_template`` defaults to False: the paper's prompt
-            is plain text ("[i] passage" lines, the virtual tokens, then "Question: ...\\nAnswer:").
+        config_overrides: further ``SpringConfig`` fields. The prompt defaults to the release's (``OFFICIAL_TEMPLATE``,
+            plain text, no chat template).
     """
     if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
         raise FileExistsError(
             f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
         )
-    tokens = _read_tokens(source)
+    tokens = _read_tokens(_release_file(source))
     n, hidden = tokens.shape
     base_hidden = None
     if embedding_module is None and base_model_name_or_path is not None:
@@ -65,7 +71,7 @@ def convert_official_spring(
         num_virtual_tokens=n,
         base_model_name_or_path=base_model_name_or_path,
         base_hidden_size=hidden,
-        **{"use_chat_template": False, **config_overrides},
+        **{"use_chat_template": False, "prompt_template": OFFICIAL_TEMPLATE, **config_overrides},
     )
     key = f"base_model.model.{embedding_module}.ctx_modules.virtual_tokens"
     os.makedirs(output_dir, exist_ok=True)
@@ -74,6 +80,25 @@ def convert_official_spring(
         {key: tokens.float().contiguous()}, os.path.join(output_dir, "adapter_model.safetensors"), {"format": "pt"}
     )
     return config
+
+
+def _release_file(source: str) -> str:
+    """The tensor file: ``source`` itself, or the one release file in the folder ``source``."""
+    if not os.path.isdir(source):
+        return source
+    found = sorted(name for name in os.listdir(source) if name.endswith(RELEASE_SUFFIX))
+    if len(found) != 1:
+        raise ValueError(
+            f"{source} holds {len(found)} SPRING release files "
+            f"({', '.join(found) or f'none named *{RELEASE_SUFFIX}'}); give the file released for your base model."
+        )
+    return os.path.join(source, found[0])
+
+
+def _is_release(path: str) -> bool:
+    if os.path.isdir(path):
+        return any(name.endswith(RELEASE_SUFFIX) for name in os.listdir(path))
+    return path.endswith(RELEASE_SUFFIX)
 
 
 def _read_tokens(source: str) -> torch.Tensor:
@@ -115,9 +140,33 @@ def _embedding_of(base_model_name_or_path: str) -> tuple[str, int]:
     return name, int(embedding.weight.shape[-1])
 
 
+FAMILY = PublishedFamily(
+    name="spring",
+    title="SPRING",
+    method="spring",
+    convert=convert_official_spring,
+    detect=_is_release,
+    hub_ids=("yutaozhu94/SPRING",),
+    base_models=(
+        "mistralai/Mistral-7B-Instruct-v0.1",
+        "mistralai/Mistral-7B-v0.1",
+        "meta-llama/Llama-2-7b-chat-hf",
+        "meta-llama/Llama-2-7b-hf",
+        "meta-llama/Llama-2-13b-chat-hf",
+        "meta-llama/Llama-2-13b-hf",
+    ),
+    paper="Zhu et al. 2024, One Token Can Help! (arXiv:2405.19670)",
+    license="mit",
+    license_text="MIT (the release's repository, DaoD/SPRING); the base model's own licence applies to it",
+    looks_for=f"a '<model>{RELEASE_SUFFIX}' tensor file, or a folder holding one",
+)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
 
-    convert_main(["spring", *(sys.argv[1:] if argv is None else argv)])
+    from ..convert import main as convert_main  # the CLI module, imported only when run
+
+    convert_main([*(sys.argv[1:] if argv is None else argv), "--family", "spring"])
 
 
 if __name__ == "__main__":

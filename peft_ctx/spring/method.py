@@ -15,7 +15,7 @@ from ..distributed import full_shape, gathered
 from ..methods import ContextMethod, Entry, Resources, register_method
 from ..prompting import RAG_TEMPLATE, Part, Slots, check_documents
 from .config import SpringConfig
-from .convert import convert_official_spring
+from .convert import FAMILY
 from .modules import SpringTokens
 
 # Options of prepare_inputs / generate that SPRING reads; the shared ones are accepted and ignored (SPRING reads
@@ -53,7 +53,7 @@ class SpringMethod(ContextMethod):
     config_class = SpringConfig
     card_template = "spring.md.j2"
     option_names = OPTIONS
-    converters = {"spring": convert_official_spring}
+    converters = {"spring": FAMILY}
 
     # ---- the module ----------------------------------------------------------------------------------------------
     def create_module(self, config: SpringConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:

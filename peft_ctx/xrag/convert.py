@@ -4,7 +4,10 @@ The official release is one model folder: ``config.json`` with ``projector_type`
 weights in which the projector's linear layers sit under a ``projector`` module. Only those tensors are read (lazily,
 safetensors or ``weights_only`` torch files), so a 7B checkpoint converts in seconds into a few-MB adapter.
 
-    python -m peft_ctx.convert xrag CHECKPOINT_DIR OUTPUT_DIR [--base_model mistralai/Mistral-7B-Instruct-v0.2]
+    python -m peft_ctx.convert CHECKPOINT_DIR OUTPUT_DIR [--base_model mistralai/Mistral-7B-Instruct-v0.2]
+
+``tests/fixtures/published`` holds what the release's code (``XMistralForCausalLM`` and ``run_eval.py``'s prompt)
+gives on a tiny checkpoint in this layout; the converted adapter gives the same prompt ids, logits and tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from typing import Optional
 from safetensors.torch import save_file
 
 from ..checkpoints import checkpoint_keys, read_checkpoint_tensors
+from ..converting import PublishedFamily
 from .config import OFFICIAL_CHUNK_TOKENS, OFFICIAL_EVAL_TEMPLATE, XRAGConfig
+
+# The frozen decoders of the releases, by the architecture their config.json names.
+OFFICIAL_BASES = {
+    "XMistralForCausalLM": "mistralai/Mistral-7B-Instruct-v0.2",
+    "XMixtralForCausalLM": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+}
 
 _PROJECTOR_KEY = re.compile(r"(?:^|\.)projector\.(\d+)\.(weight|bias)$")
 _EMBED_KEY = re.compile(r"^(.*(?:embed_tokens|wte|word_embeddings))\.weight$")
@@ -67,7 +77,7 @@ def convert_official_xrag(
     config = XRAGConfig(
         retriever_hidden_size=int(model_config["retriever_hidden_size"]),
         projector_type=model_config["projector_type"],
-        base_model_name_or_path=base_model_name_or_path or model_config.get("_name_or_path") or None,
+        base_model_name_or_path=base_model_name_or_path or _official_base(model_config),
         base_hidden_size=int(model_config["hidden_size"]),
         **{**official, **config_overrides},
     )
@@ -104,3 +114,39 @@ def _find_embedding_module(checkpoint_dir: str) -> str:
             "embedding_module='model.embed_tokens' (the module path in the base model)."
         )
     return candidates[0]
+
+
+def _official_base(model_config: dict) -> Optional[str]:
+    for architecture in model_config.get("architectures") or ():
+        if architecture in OFFICIAL_BASES:
+            return OFFICIAL_BASES[architecture]
+    return model_config.get("_name_or_path") or None
+
+
+def _is_release(path: str) -> bool:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    try:
+        with open(config_path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and "projector_type" in settings and "retriever_hidden_size" in settings
+
+
+FAMILY = PublishedFamily(
+    name="xrag",
+    title="xRAG",
+    method="xrag",
+    convert=convert_official_xrag,
+    detect=_is_release,
+    hub_ids=("Hannibal046/xrag-7b", "Hannibal046/xrag-moe"),
+    base_models=tuple(OFFICIAL_BASES.values()),
+    paper="Cheng et al. 2024, xRAG: Extreme Context Compression for Retrieval-augmented Generation with One Token "
+    "(arXiv:2405.13792)",
+    license=None,
+    license_text="none stated (the release's repository, Hannibal046/xRAG, has no licence file): ask its authors "
+    "before using the weights beyond research; the base model's own licence applies to it",
+    looks_for="a model folder whose config.json has projector_type and retriever_hidden_size",
+)

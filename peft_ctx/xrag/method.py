@@ -12,7 +12,7 @@ from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, reg
 from ..prompting import Slots, check_documents
 from ..vectors import save_vectors
 from .config import XRAGConfig
-from .convert import convert_official_xrag
+from .convert import FAMILY
 from .modules import XRAGProjector
 from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
@@ -46,7 +46,7 @@ class XRAGMethod(ContextMethod):
     config_class = XRAGConfig
     card_template = "xrag.md.j2"
     uses_encoder = True
-    converters = {"xrag": convert_official_xrag}
+    converters = {"xrag": FAMILY}
     stages = STAGES
     input_names = ("retrieval_embeds",)
 

@@ -1,0 +1,200 @@
+"""Published compressors converted by ``peft_ctx.convert`` against what their own code gives (issue 25).
+
+``tests/fixtures/published/make_fixtures.py`` wrote, per family, a tiny checkpoint in the published layout and ran
+the release's code on it (the release repositories as they are, transformers 4.40): the decoder's prompt ids, its
+logits at every prompt position and its greedy tokens. Here the checkpoint is converted, loaded with plain
+``PeftModel.from_pretrained`` onto the tiny base, and must render the same ids, give the same logits over the base
+vocabulary (fp32, rtol 1e-4) and the same greedy tokens, through torch and through the llama.cpp engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import peft_ctx
+from peft_ctx.convert import main as convert_cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "published"
+BASE = FIXTURES / "base"
+FAMILIES = ("spring", "xrag")
+
+
+def expected(family: str) -> dict:
+    record = json.loads((FIXTURES / family / "expected.json").read_text())
+    record["logits"] = load_file(FIXTURES / family / "expected.safetensors")["logits"]
+    return record
+
+
+def contexts(family: str, record: dict) -> list:
+    """The documents as the reference read them: SPRING's passages as text, xRAG's as their retriever vectors."""
+    if family == "xrag":
+        vectors = load_file(FIXTURES / "xrag" / "inputs.safetensors")["retrieval_embeds"]  # [n_docs, d_r]
+        return [[vector.unsqueeze(0) for vector in vectors]]
+    return [record["passages"]]
+
+
+@pytest.fixture(scope="module")
+def fixture_tokenizer():
+    return AutoTokenizer.from_pretrained(BASE)
+
+
+def base_model():
+    return AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each family's fixture converted by the command line, the family recognised from its files."""
+    out = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(family) / "adapter"
+        convert_cli([str(FIXTURES / family / "checkpoint"), str(folder), "--base_model", str(BASE)])
+        out[family] = folder
+    return out
+
+
+def slot_ids(inputs: dict) -> list[int]:
+    """The prompt's ids with each context slot as -1 (the fixtures' placeholder positions)."""
+    ids, mask = inputs["input_ids"][0].tolist(), inputs["context_mask"][0].tolist()
+    return [-1 if slot else token for token, slot in zip(ids, mask)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_converted_checkpoint_gives_its_reference_codes_ids_logits_and_tokens(family, converted, fixture_tokenizer):
+    record = expected(family)
+    model = PeftModel.from_pretrained(base_model(), converted[family])
+    assert model.active_peft_config.method == family
+    docs = contexts(family, record)
+    inputs = peft_ctx.prepare_inputs(model, fixture_tokenizer, [record["question"]], docs)
+    assert slot_ids(inputs) == record["prompt_ids"]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]  # [seq, base vocab]
+    torch.testing.assert_close(logits, record["logits"], rtol=1e-4, atol=1e-5)
+    new = model.generate(**inputs, max_new_tokens=len(record["greedy_tokens"]), do_sample=False)
+    assert new[0, inputs["input_ids"].shape[1] :].tolist() == record["greedy_tokens"]
+    answer = peft_ctx.generate(model, fixture_tokenizer, [record["question"]], docs, max_new_tokens=8)
+    assert answer == [fixture_tokenizer.decode(record["greedy_tokens"], skip_special_tokens=True).strip()]
+
+
+def test_the_fixtures_would_catch_a_prompt_one_newline_short(converted, fixture_tokenizer):
+    """SPRING's earlier converter wrote one newline between the passages and the virtual tokens; the release, two."""
+    record = expected("spring")
+    model = PeftModel.from_pretrained(base_model(), converted["spring"])
+    model.active_peft_config.prompt_template = "{context}{virtual}Question: {question}\nAnswer:"
+    inputs = peft_ctx.prepare_inputs(model, fixture_tokenizer, [record["question"]], contexts("spring", record))
+    assert slot_ids(inputs) != record["prompt_ids"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_converted_checkpoint_serves_its_prompt_embeddings_and_through_llama_cpp(
+    family, converted, fixture_tokenizer, tmp_path
+):
+    record = expected(family)
+    model = PeftModel.from_pretrained(base_model(), converted[family])
+    docs = contexts(family, record)
+    embeds = peft_ctx.prompt_embeds(model, fixture_tokenizer, [record["question"]], docs)[0]  # [seq, hidden]
+    with torch.no_grad():
+        logits = model.get_base_model()(inputs_embeds=embeds.unsqueeze(0)).logits[0]
+    torch.testing.assert_close(logits, record["logits"], rtol=1e-4, atol=1e-5)
+
+    if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") != "1":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
+    from peft_ctx.harness.serving import to_gguf
+
+    peft_ctx.export_for_serving(model, str(tmp_path / "export"), tokenizer=fixture_tokenizer)
+    engine = peft_ctx.LlamaCppEngine(to_gguf(str(tmp_path / "export"), "f16"))
+    try:
+        served = peft_ctx.generate(
+            model, fixture_tokenizer, [record["question"]], docs, engine=engine, max_new_tokens=8
+        )
+    finally:
+        engine.close()
+    assert served == peft_ctx.generate(model, fixture_tokenizer, [record["question"]], docs, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_card_records_source_licence_paper_and_command(family, converted):
+    card = (converted[family] / "README.md").read_text()
+    assert "## Converted from a published checkpoint" in card and "nothing was trained" in card
+    assert f"`python -m peft_ctx.convert {FIXTURES / family / 'checkpoint'}" in card
+    assert "arXiv:" in card and peft_ctx.__version__ in card
+    provenance = json.loads((converted[family] / "conversion.json").read_text())
+    assert provenance["family"] == family and provenance["source"].endswith("checkpoint")
+    if family == "spring":
+        assert "license: mit" in card
+        assert "read with `torch.load(weights_only=True)`" in card  # the release is a pickled tensor
+    else:
+        assert "license:" not in card.split("---")[1] and "no licence file" in card
+
+
+class Payload:
+    """Any Python object beside the tensors: the pickle a checkpoint must not carry."""
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_a_folder_of_no_known_family_is_refused_naming_what_each_family_needs(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"not a checkpoint of any family .*xrag: .*spring: .*--family"):
+        peft_ctx.convert(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="does not exist"):
+        peft_ctx.convert(str(tmp_path / "missing"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="family='pisco-x' is not one peft_ctx converts"):
+        peft_ctx.convert(str(tmp_path), str(tmp_path / "out"), family="pisco-x")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_kept_when_conversion_fails(tmp_path):
+    source = FIXTURES / "spring" / "checkpoint"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        peft_ctx.convert(str(source), str(out))
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURES / "xrag" / "checkpoint", broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["projector.projector.0.weight"] = tensors["projector.projector.0.weight"][:, :5].contiguous()  # mis-shaped
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"first projector layer has shape \(64, 5\)"):
+        peft_ctx.convert(str(broken), str(out), overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep me" and sorted(os.listdir(out)) == ["mine.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".peft_ctx-convert-")]  # no staging left behind
+    peft_ctx.convert(str(source), str(out), overwrite=True, base_model_name_or_path=str(BASE))
+    assert not (out / "mine.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_missing_tensors_a_wider_base_and_a_pickle_with_objects_are_refused(tmp_path, tokenizer):
+    from tests.helpers import tiny_model
+
+    no_projector = tmp_path / "no_projector"
+    shutil.copytree(FIXTURES / "xrag" / "checkpoint", no_projector)
+    tensors = {k: v for k, v in load_file(no_projector / "model.safetensors").items() if "projector" not in k}
+    save_file(tensors, no_projector / "model.safetensors")
+    with pytest.raises(ValueError, match="No projector weights"):
+        peft_ctx.convert(str(no_projector), str(tmp_path / "out"))
+
+    wide = str(tmp_path / "wide")
+    tiny_model("llama", tokenizer, hidden_size=96).save_pretrained(wide)
+    for family in FAMILIES:
+        with pytest.raises(ValueError, match=r"64-d .* has hidden size 96"):
+            peft_ctx.convert(
+                str(FIXTURES / family / "checkpoint"), str(tmp_path / "out"), base_model_name_or_path=wide
+            )
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"tokens": torch.zeros(4, 64), "payload": Payload()}, evil / "m.added_token_embeddings.pt")
+    with pytest.raises(ValueError, match="will not unpickle"):
+        peft_ctx.convert(str(evil), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

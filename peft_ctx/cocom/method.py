@@ -32,6 +32,7 @@ from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, reg
 from ..prompting import Slots, continuation_ids
 from .compressed import CompressedPassage, check_passage, compress
 from .config import COMPRESSOR_ROLE, CocomConfig
+from .convert import CLARA
 from .modules import CocomLightCompressor, CocomTokens, pooled_runs
 from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
@@ -87,6 +88,7 @@ class CocomMethod(ContextMethod):
     stages = STAGES
     input_names = ("cocom_passage_ids", "cocom_passage_lengths", "cocom_context_embeds", "cocom_slot_source")
     option_resources = ("tokenizer", "model")
+    converters = {"clara": CLARA}
 
     # ---- the adapter ---------------------------------------------------------------------------------------------
     def create_module(self, config: CocomConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:

@@ -1,0 +1,237 @@
+"""Import a published checkpoint of the PISCO lineage (CLaRa) as a peft_ctx COCOM adapter.
+
+The release is a folder written by its ``save_pretrained``: ``config.json`` (``model_type`` "CLaRa"), ``adapters.pth``
+(the compressor's and the decoder's LoRA, ``encoder_adapter`` and ``decoder_adapter``) and
+``decoder_first_last_layers.pth`` (the decoder's embedding and head, resized for the added tokens). Both ``.pth``
+files hold tensors only and are read with ``torch.load(weights_only=True)``. The added tokens' rows become the
+adapter's memory, <ENC>, <AE> and <SEP> embeddings; the vocabulary is not resized.
+
+    python -m peft_ctx.convert CLaRa-7B-Instruct/compression-16 OUT --base_model mistralai/Mistral-7B-Instruct-v0.2
+
+The adapter compresses and prompts as the release's code does (``tests/fixtures/published`` holds what that code
+gives on a tiny checkpoint): ``<ENC><s>passage</s>`` truncated at doc_max_length + 3 tokens and placed as if
+left-padded to that length, doc_max_length // compr_rate memory tokens per passage read from the last hidden states
+with the compressor's LoRA, and the decoder's chat prompt with each passage's embeddings followed by <SEP>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoints import load_tensor_file
+from ..converting import PublishedFamily
+from .config import CocomConfig
+
+# The release's decoder prompt (its _blend_standard_prompt), rendered through the decoder's chat template.
+CLARA_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided documents and to answer "
+    "to questions as briefly as possible."
+)
+CLARA_TEMPLATE = "Background:\n{context}\n\nQuestion:{question}"
+CLARA_BASE = "mistralai/Mistral-7B-Instruct-v0.2"
+_ADAPTERS = {"decoder_adapter": "", "encoder_adapter": ".compressor"}  # ours: the decoder's LoRA, the companion
+_LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
+
+
+def convert_clara(
+    source: str,
+    output_dir: str,
+    base_model_name_or_path: Optional[str] = None,
+    overwrite: bool = False,
+    **config_overrides,
+) -> CocomConfig:
+    """Write a peft_ctx COCOM adapter from a CLaRa release folder (compression pretraining / instruction tuning).
+
+    Args:
+        source: the folder with config.json, adapters.pth and decoder_first_last_layers.pth.
+        output_dir: folder for the adapter; an adapter already there is only replaced with ``overwrite=True``.
+        base_model_name_or_path: the decoder (default: the config's ``decoder_model_name`` when it is a Hub id, else
+            Mistral-7B-Instruct-v0.2, CLaRa's published decoder).
+        config_overrides: further ``CocomConfig`` fields.
+    """
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
+        )
+    settings = _read_config(source)
+    n_memory = int(settings["doc_max_length"]) // int(settings["compr_rate"])
+    adapters = _read_pickled(source, "adapters.pth")
+    layers = _read_pickled(source, "decoder_first_last_layers.pth")
+    embed_keys = [key for key in layers if key.endswith("embed_tokens.weight")]
+    if len(embed_keys) != 1:
+        raise ValueError(
+            f"{source}/decoder_first_last_layers.pth holds {sorted(layers)}; expected one '...embed_tokens.weight' "
+            "(the decoder's resized input embedding)."
+        )
+    embedding = layers[embed_keys[0]].float()  # [base vocab + added, hidden]
+    ids = _added_token_ids(source, settings, n_memory, embedding.shape[0])
+    unexpected = sorted(set(adapters) - set(_ADAPTERS))
+    missing = sorted(set(_ADAPTERS) - set(adapters))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}/adapters.pth holds the LoRAs {sorted(adapters)}; a CLaRa compression checkpoint has exactly "
+            f"{sorted(_ADAPTERS)} (missing {missing}, unexpected {unexpected}). End-to-end checkpoints with a "
+            "query_reasoner_adapter are not converted yet."
+        )
+    embed_module = embed_keys[0][: -len(".weight")]
+    state, targets = {}, set()
+    for adapter, role in _ADAPTERS.items():
+        for key, tensor in adapters[adapter].items():
+            match = _LORA_KEY.match(key)
+            if match is None or not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+                raise ValueError(
+                    f"{source}/adapters.pth[{adapter!r}] has {key!r} ({getattr(tensor, 'shape', type(tensor))}); "
+                    "expected LoRA matrices named '<module>.lora_A.weight' / '<module>.lora_B.weight'."
+                )
+            targets.add(match.group(1).rsplit(".", 1)[-1])
+            state[f"base_model.model.{match.group(1)}.{match.group(2)}{role}.weight"] = tensor.float().contiguous()
+    rank = int(settings["lora_r"])
+    for key, tensor in state.items():
+        if ".lora_A" in key and tensor.shape[0] != rank:
+            raise ValueError(f"{key} has rank {tensor.shape[0]} but config.json says lora_r={rank}.")
+    prefix = f"base_model.model.{embed_module}.ctx_modules"
+    state[f"{prefix}.memory"] = embedding[ids["memory"]].contiguous()  # [n_memory, hidden]
+    for name in ("enc", "ae", "sep"):
+        state[f"{prefix}.{name}_marker"] = embedding[ids[name]].unsqueeze(0).contiguous()  # [1, hidden]
+
+    config = CocomConfig(
+        compression_rate=int(settings["compr_rate"]),
+        memory_tokens_per_passage=n_memory,
+        max_passage_tokens=int(settings["doc_max_length"]) + 2,  # BOS passage EOS; <ENC> is the adapter's own
+        passage_special_tokens=True,
+        passage_truncation="sequence",
+        compressor_positions="left_padded",
+        passage_end_token=True,  # its prompt has <SEP> after every passage's memory tokens
+        separate_compressor_adapter=True,
+        lora_r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.1,
+        lora_target_modules=sorted(targets),
+        passage_separator="",
+        base_model_name_or_path=base_model_name_or_path or _hub_decoder(settings),
+        base_hidden_size=int(embedding.shape[1]),
+        **{
+            "prompt_template": CLARA_TEMPLATE,
+            "system_prompt": CLARA_SYSTEM_PROMPT,
+            "use_chat_template": True,
+            **config_overrides,
+        },
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+def _read_config(source: str) -> dict:
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{source} has no config.json; point at the CLaRa checkpoint folder (e.g. compression-16/).")
+    with open(path) as f:
+        settings = json.load(f)
+    missing = [key for key in ("doc_max_length", "compr_rate", "lora_r") if key not in settings]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: it is not a CLaRa checkpoint.")
+    if settings.get("compr_model_name") is not None:
+        raise ValueError(
+            f"{path} names a separate compressor model (compr_model_name={settings['compr_model_name']!r}); only "
+            "checkpoints where the decoder compresses (compr_model_name null) are converted."
+        )
+    if not settings.get("lora", False):
+        raise ValueError(f"{path} has lora={settings.get('lora')!r}; CLaRa's releases keep LoRA adapters (lora true).")
+    if int(settings["doc_max_length"]) % int(settings["compr_rate"]):
+        raise ValueError(
+            f"{path}: doc_max_length={settings['doc_max_length']} is not a multiple of compr_rate="
+            f"{settings['compr_rate']}."
+        )
+    return settings
+
+
+def _read_pickled(source: str, name: str) -> dict:
+    path = os.path.join(source, name)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{source} has no {name}; a CLaRa checkpoint folder holds config.json, adapters.pth and "
+            "decoder_first_last_layers.pth."
+        )
+    loaded = load_tensor_file(path)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}; expected a dict of tensors.")
+    return loaded
+
+
+def _added_token_ids(source: str, settings: dict, n_memory: int, rows: int) -> dict:
+    """The rows of the memory tokens, <AE>, <ENC> and <SEP>: from the saved tokenizer when there is one, else in the
+    order the release's code adds them (after the base vocabulary: the memory tokens, <AE>, <ENC>, <SEP>)."""
+    numbered = bool(settings.get("different_mem_tokens", False))
+    names = [f"<MEM{i}>" for i in range(n_memory)] if numbered else ["<MEM>"]
+    found = _tokenizer_ids(source)
+    if found is not None:
+        wanted = names + ["<AE>", "<ENC>", "<SEP>"]
+        absent = [token for token in wanted if token not in found]
+        if absent:
+            raise ValueError(
+                f"The tokenizer in {source} lacks the added tokens {absent}; it is not this checkpoint's."
+            )
+        index = {token: found[token] for token in wanted}
+    else:
+        first = rows - len(names) - 3
+        index = {token: first + i for i, token in enumerate(names + ["<AE>", "<ENC>", "<SEP>"])}
+    memory = [index[token] for token in names] * (1 if numbered else n_memory)
+    out = {"memory": memory, "ae": index["<AE>"], "enc": index["<ENC>"], "sep": index["<SEP>"]}
+    if max(memory + [out["ae"], out["enc"], out["sep"]]) >= rows:
+        raise ValueError(
+            f"The added tokens' ids reach {max(index.values())} but the embedding has {rows} rows; the tokenizer and "
+            "decoder_first_last_layers.pth are not from the same checkpoint."
+        )
+    return out
+
+
+def _tokenizer_ids(source: str) -> Optional[dict[str, int]]:
+    path = os.path.join(source, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        added = json.load(f).get("added_tokens", [])
+    return {entry["content"]: int(entry["id"]) for entry in added}
+
+
+def _hub_decoder(settings: dict) -> str:
+    name = settings.get("decoder_model_name")
+    if isinstance(name, str) and re.match(r"^[\w.-]+/[\w.-]+$", name) and not os.path.exists(name):
+        return name
+    return CLARA_BASE  # the releases record a training machine's path
+
+
+def _is_release(path: str) -> bool:
+    config_path = os.path.join(path, "config.json")
+    if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(path, "adapters.pth"))):
+        return False
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("model_type") == "CLaRa"
+    except (OSError, ValueError):
+        return False
+
+
+CLARA = PublishedFamily(
+    name="clara",
+    title="CLaRa",
+    method="cocom",
+    convert=convert_clara,
+    detect=_is_release,
+    hub_ids=("apple/CLaRa-7B-Base", "apple/CLaRa-7B-Instruct"),
+    base_models=(CLARA_BASE,),
+    paper="He et al. 2025, CLaRa: Bridging Retrieval and Generation with Continuous Latent Reasoning "
+    "(arXiv:2511.18659)",
+    license="other",
+    license_text="Apple's licence for the release (the Hub tags it apple-amlr; read the release's LICENSE before "
+    "use); the base model's own licence applies to it",
+    looks_for="a folder with adapters.pth and a config.json of model_type 'CLaRa'",
+)

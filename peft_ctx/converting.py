@@ -145,27 +145,36 @@ def _family(name: str) -> PublishedFamily:
     return known[name]
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)((?:/[\w.-]+)*)$")  # org/name, then a path inside it
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(?:/|$)")
 
 
 def _resolve_source(source: str, revision: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
-    """The local path of ``source``, its Hub id if it was one, and its revision if known."""
+    """The local path of ``source``, its Hub id if it was one, and its revision if known.
+
+    A Hub source is ``org/name`` or ``org/name/path/inside`` (a subfolder such as CLaRa's ``compression-16``, or one
+    file such as one of SPRING's tensors); only that part is downloaded."""
     if os.path.exists(source):
         match = _SNAPSHOT.search(os.path.abspath(source))
         return source, None, revision or (match.group(1) if match else None)
-    if not _HUB_ID.match(source):
+    match = _HUB_ID.match(source)
+    if match is None:
         raise ValueError(f"{source} does not exist; give the published checkpoint's folder or file, or its Hub id.")
+    repo_id, inside = match.group(1), match.group(2).strip("/")
     try:
         from huggingface_hub import HfApi, snapshot_download
 
-        info = HfApi().model_info(source, revision=revision)
-        local = snapshot_download(source, revision=info.sha)
+        info = HfApi().model_info(repo_id, revision=revision)
+        patterns = [inside, f"{inside}/*"] if inside else None
+        local = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns)
     except Exception as exc:  # offline, unknown repo, gated model: all say the same to the user
         raise ValueError(
             f"Cannot download {source} from the Hugging Face Hub ({type(exc).__name__}: {exc}); download it "
-            "elsewhere (huggingface-cli download) and give the folder."
+            "elsewhere (hf download) and give the folder."
         ) from exc
+    local = os.path.join(local, inside) if inside else local
+    if not os.path.exists(local):
+        raise ValueError(f"{repo_id} has no {inside!r} at revision {info.sha}; check the path inside the repository.")
     return local, source, info.sha
 
 
@@ -197,6 +206,7 @@ def _write_card(family, config, local, staging, output_dir, source, source_is_hu
     provenance = {
         "source": source,
         "source_is_hub": source_is_hub,
+        "source_url": _hub_url(source, revision) if source_is_hub else None,
         "source_title": family.title,
         "revision": revision,
         "license_text": family.license_text,
@@ -230,6 +240,12 @@ def _files_read(local: str) -> str:
         for n in weights
     ]
     return ", ".join(described) or "the checkpoint's files"
+
+
+def _hub_url(source: str, revision: Optional[str]) -> str:
+    repo_id, inside = _HUB_ID.match(source).groups()
+    inside = inside.strip("/")
+    return f"https://huggingface.co/{repo_id}" + (f"/tree/{revision or 'main'}/{inside}" if inside else "")
 
 
 def _numel(shape) -> int:

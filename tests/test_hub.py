@@ -553,3 +553,40 @@ def test_the_card_templates_ship_inside_the_built_wheel(tmp_path):
         check=True,
     ).stdout.strip()
     assert found == str(site / "peft_ctx" / "hub_cards")
+
+
+def test_a_published_checkpoint_converts_from_the_hub_by_its_id_and_a_path_inside_it(hub, tmp_path):
+    """`python -m peft_ctx.convert org/name/subfolder OUT`: only that folder is downloaded, the card names the id
+    and the revision it converted."""
+    fixtures = os.path.join(REPO, "tests", "fixtures", "published")
+    api = HfApi(endpoint=hub.upload)
+    api.create_repo("org/clara-tiny", exist_ok=True)
+    api.upload_folder(
+        repo_id="org/clara-tiny",
+        folder_path=os.path.join(fixtures, "clara", "checkpoint"),
+        path_in_repo="compression-8",
+    )
+    api.upload_file(
+        repo_id="org/clara-tiny",
+        path_or_fileobj=os.path.join(fixtures, "xrag", "expected.json"),
+        path_in_repo="other.json",
+    )
+    sha = api.model_info("org/clara-tiny").sha
+    base = os.path.join(fixtures, "base")
+    from peft_ctx.convert import main as convert_cli
+
+    convert_cli(["org/clara-tiny/compression-8", str(tmp_path / "clara"), "--base_model", base])
+    card = (tmp_path / "clara" / "README.md").read_text()
+    assert f"[org/clara-tiny/compression-8](https://huggingface.co/org/clara-tiny/tree/{sha}/compression-8)" in card
+    assert f"at revision `{sha}`" in card
+    assert json.loads((tmp_path / "clara" / "conversion.json").read_text())["revision"] == sha
+    snapshot = os.path.join(constants.HF_HUB_CACHE, "models--org--clara-tiny", "snapshots", sha)
+    assert not os.path.exists(os.path.join(snapshot, "other.json"))  # only the folder asked for
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "clara")
+    assert model.active_peft_config.memory_tokens_per_passage == 4
+    with pytest.raises(ValueError, match="has no 'compression-128'"):
+        peft_ctx.convert("org/clara-tiny/compression-128", str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="Cannot download org/missing"):
+        peft_ctx.convert("org/missing", str(tmp_path / "none"))

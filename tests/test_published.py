@@ -28,7 +28,7 @@ BASE = FIXTURES / "base"
 FAMILIES = ("spring", "xrag", "clara")
 # CLaRa's code left-pads each passage to one length before compressing it; the padded attention sums in another order
 # and the short passage's embeddings differ by ~1.5e-6 from ours (unpadded), which the tiny random decoder (weights of
-# std 0.2) amplifies to ~1.3e-4 in logits of ~6. Given the same embeddings the decoder agrees exactly: see
+# std 0.2) amplifies to ~1.5e-4 in logits of ~6. Given the same embeddings the decoder agrees exactly: see
 # test_clara_compresses_like_its_code_and_decodes_its_embeddings_exactly.
 END_TO_END_ATOL = {"clara": 5e-4}
 
@@ -269,3 +269,27 @@ def test_clara_checkpoints_it_cannot_convert_exactly_are_refused_naming_the_file
     with pytest.raises(ValueError, match="the embedding has 300 rows"):
         peft_ctx.convert(str(narrow), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clara_config_without_pure_inference_decodes_as_its_loading_does_without_the_decoder_lora(
+    fixture_tokenizer, tmp_path
+):
+    """CLaRa.from_pretrained skips a stage1_2 checkpoint's stored decoder_adapter unless config.json says
+    pure_inference; the fixture script ran its code on such a copy too."""
+    record = expected("clara")
+    variant = tmp_path / "variant"
+    shutil.copytree(FIXTURES / "clara" / "checkpoint", variant)
+    settings = json.loads((variant / "config.json").read_text())
+    del settings["pure_inference"]
+    (variant / "config.json").write_text(json.dumps(settings))
+    with pytest.warns(UserWarning, match="leaves its decoder_adapter unused"):
+        peft_ctx.convert(str(variant), str(tmp_path / "adapter"), base_model_name_or_path=str(BASE))
+    model = PeftModel.from_pretrained(base_model(), tmp_path / "adapter")
+    inputs = peft_ctx.prepare_inputs(model, fixture_tokenizer, [record["question"]], [record["passages"]])
+    want = load_file(FIXTURES / "clara" / "expected_without_pure_inference.safetensors")["logits"]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=END_TO_END_ATOL["clara"])
+    assert not torch.allclose(want, record["logits"], atol=1e-2)  # the decoder LoRA matters in this fixture
+    new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert new.tolist() == record["without_pure_inference"]["greedy_tokens"]

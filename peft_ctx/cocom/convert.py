@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ CLARA_TEMPLATE = "Background:\n{context}\n\nQuestion:{question}"
 CLARA_BASE = "mistralai/Mistral-7B-Instruct-v0.2"
 _ADAPTERS = {"decoder_adapter": "", "encoder_adapter": ".compressor"}  # ours: the decoder's LoRA, the companion
 _LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
+_SKIPS_DECODER = ("stage1_2", "stage2_reasoning")  # the stages whose loading skips the stored decoder_adapter
 
 
 def convert_clara(
@@ -80,9 +82,30 @@ def convert_clara(
             "query_reasoner_adapter are not converted yet."
         )
     embed_module = embed_keys[0][: -len(".weight")]
+    # Its from_pretrained skips the stored decoder_adapter of a stage1_2 / stage2_reasoning checkpoint unless the
+    # config says pure_inference, and decodes with a fresh one (LoRA B = 0): the plain decoder. So does the adapter.
+    decoder_lora_used = bool(settings.get("pure_inference")) or settings.get("training_stage") not in _SKIPS_DECODER
+    if not decoder_lora_used:
+        warnings.warn(
+            f"{source}/config.json has training_stage={settings.get('training_stage')!r} without pure_inference: "
+            "the release's own loading leaves its decoder_adapter unused, so the converted adapter decodes with "
+            'the plain decoder too (its decoder LoRA is written as zeros). Add "pure_inference": true to a copy '
+            "of config.json to convert it with the stored decoder LoRA.",
+            stacklevel=2,
+        )
     state, targets = {}, set()
     for adapter, role in _ADAPTERS.items():
         for key, tensor in adapters[adapter].items():
+            if key in layers:
+                # peft >= 0.12 saves a resized embedding / head with every adapter (CLaRa's pinned peft 0.17 does);
+                # loading ignores them and the decoder reads decoder_first_last_layers.pth's: they must agree.
+                if not (isinstance(tensor, torch.Tensor) and torch.equal(tensor, layers[key])):
+                    raise ValueError(
+                        f"{source}/adapters.pth[{adapter!r}] holds a {key!r} that differs from "
+                        "decoder_first_last_layers.pth's; the release's loading reads the latter, so this checkpoint "
+                        "is not one peft_ctx can convert exactly."
+                    )
+                continue
             match = _LORA_KEY.match(key)
             if match is None or not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
                 raise ValueError(
@@ -90,6 +113,7 @@ def convert_clara(
                     "expected LoRA matrices named '<module>.lora_A.weight' / '<module>.lora_B.weight'."
                 )
             targets.add(match.group(1).rsplit(".", 1)[-1])
+            tensor = tensor.float() if adapter != "decoder_adapter" or decoder_lora_used else torch.zeros_like(tensor)
             state[f"base_model.model.{match.group(1)}.{match.group(2)}{role}.weight"] = tensor.float().contiguous()
     rank = int(settings["lora_r"])
     for key, tensor in state.items():

@@ -9,31 +9,31 @@ filling, with the gradient flowing into the compressor; ``slot_embeddings`` then
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.utils.checkpoint
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer, LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora import LoraModel
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.pytorch_utils import Conv1D
 
-from .. import local_copies
 from ..distributed import full_shape, gathered
 from ..layer import companion_name
 from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
-from ..prompting import Slots, continuation_ids
+from ..prompting import Slots
 from .compressed import CompressedPassage, check_passage, compress
+from .compressor import (
+    all_linear,
+    compress_with_llm,
+    compressor_lora,
+    light_compressor,
+    memory_counts,
+    tokenize_passages,
+)
 from .config import COMPRESSOR_ROLE, CocomConfig
 from .convert import CLARA
-from .modules import CocomLightCompressor, CocomTokens, pooled_runs
+from .modules import CocomTokens
 from .recipe import STAGES, diagnostics
 from .recipe import train as train_recipe
 
@@ -106,7 +106,7 @@ class CocomMethod(ContextMethod):
                 residual_pooling=config.residual_pooling,
                 separator=initial[n_memory + 2 :] if config.passage_end_token else None,
             )
-        return _light_compressor(config, hidden_size, initial[n_memory + 1 : n_memory + 2])
+        return light_compressor(config, hidden_size, initial[n_memory + 1 : n_memory + 2])
 
     def check_base_model(self, config: CocomConfig, model: nn.Module) -> None:
         if not config.is_light and getattr(model, "base_model", model) is model:
@@ -125,7 +125,7 @@ class CocomMethod(ContextMethod):
         names = [adapter_name] + [companion_name(adapter_name, role) for role in self.companion_roles(config)]
         targets = config.lora_target_modules
         if isinstance(targets, str) and targets.lower() == "all-linear":
-            targets = _all_linear(model)
+            targets = all_linear(model)
         for name in names:
             lora = LoraConfig(
                 r=config.lora_r,
@@ -210,62 +210,11 @@ class CocomMethod(ContextMethod):
             device = module.projection.weight.device
             return module(ids.to(device), lengths.to(device))
         with self._compressor_lora(tuner.model, adapter_name, config):
-            return _compress_with_llm(tuner.model, module, config, ids, lengths)
+            return compress_with_llm(tuner.model, module, config, ids, lengths)
 
-    @contextlib.contextmanager
     def _compressor_lora(self, model: nn.Module, adapter_name: str, config: CocomConfig):
         """Switch the LoRA layers to the separate compressor LoRA for the compression pass (PISCO's set-up)."""
-        if COMPRESSOR_ROLE not in self.companion_roles(config):
-            yield
-            return
-
-        companion = companion_name(adapter_name, COMPRESSOR_ROLE)
-        switched = []
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and companion in module.lora_A:
-                if module.merged:
-                    # A merged layer runs its base weights only, which now hold the decoder LoRA's delta.
-                    raise ValueError(
-                        f"The decoder LoRA of {adapter_name!r} is merged into the base weights (merge_adapter()), "
-                        "but its separate compressor LoRA needs them unmerged: call model.unmerge_adapter() before "
-                        "compressing, or compress beforehand (peft_ctx.compress) and pass the CompressedIndex."
-                    )
-                switched.append((module, module._active_adapter))
-
-        @contextlib.contextmanager
-        def compressor_active():
-            # Not set_adapter: that would also flip requires_grad, and both LoRAs train.
-            previous = [module._active_adapter for module, _ in switched]
-            for module, _ in switched:
-                module._active_adapter = [companion]
-            try:
-                yield
-            finally:
-                for (module, _), active in zip(switched, previous):
-                    module._active_adapter = active
-
-        # Under gradient checkpointing the backward pass recomputes each compression layer after this context has
-        # ended, when the decoder's LoRA is active again: wrong gradients in fp32, a CheckpointError in bf16. For the
-        # compression pass the checkpointed layers get a checkpoint whose recomputation selects the compressor's
-        # LoRA too (non-reentrant: only that kind takes a context for the recomputation).
-        checkpointed = [
-            (layer, layer._gradient_checkpointing_func)
-            for layer in model.modules()
-            if getattr(layer, "gradient_checkpointing", False) and hasattr(layer, "_gradient_checkpointing_func")
-        ]
-        recompute = functools.partial(
-            torch.utils.checkpoint.checkpoint,
-            use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), compressor_active()),
-        )
-        for layer, _ in checkpointed:
-            layer._gradient_checkpointing_func = recompute
-        try:
-            with compressor_active():
-                yield
-        finally:
-            for layer, function in checkpointed:
-                layer._gradient_checkpointing_func = function
+        return compressor_lora(model, adapter_name, COMPRESSOR_ROLE in self.companion_roles(config))
 
     def slot_embeddings(self, module: nn.Module, context_mask, inputs, dtype) -> torch.Tensor:
         marker = module.marker()  # [1 or 2, hidden]: <AE>, then <SEP> where passages end with one
@@ -406,34 +355,6 @@ class CocomMethod(ContextMethod):
         )
 
 
-def _all_linear(model: nn.Module) -> list[str]:
-    """Every linear layer of the LLM (not the output head, nothing inside a PEFT layer such as COCOM-light's encoder).
-
-    Resolved here rather than by PEFT's "all-linear", which on transformers-5 MoE models also targets the fused expert
-    parameters, where LoRA allows no dropout.
-    """
-
-    linear = (nn.Linear, Conv1D)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inside = [f"{name}." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    names = []
-    for name, module in model.named_modules():
-        if module is head or any(name.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, LoraLayer):
-            module = module.get_base_layer()
-        elif isinstance(module, BaseTunerLayer):
-            continue
-        if isinstance(module, linear):
-            names.append(name)
-    if not names:
-        raise ValueError(
-            f"lora_target_modules='all-linear' found no linear layer in {type(model).__name__}; name the modules "
-            "(lora_target_modules=[...]) or set lora_r=0."
-        )
-    return names
-
-
 def _check_options(options: dict[str, Any]) -> None:
     unknown = sorted(name for name, value in options.items() if name not in OPTIONS and value is not None)
     if unknown:
@@ -442,174 +363,6 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ValueError(
             "COCOM compresses passages with its own compressor (the LLM or the adapter's encoder); drop encoder=."
         )
-
-
-def adapter_module(model, config: CocomConfig) -> tuple[str, nn.Module]:
-    """The name and context module of the adapter whose config is ``config`` on a PeftModel."""
-    if model is None:
-        raise ValueError(
-            "COCOM-light reads passages with its encoder's tokenizer, which lives in the adapter: pass the model "
-            "(peft_ctx.prepare_inputs does; for training, ContextDataCollator(..., model=model))."
-        )
-    names = [name for name, c in getattr(model, "peft_config", {}).items() if c is config]
-    if not names:
-        raise ValueError("The given model does not hold this COCOM adapter config; pass the PeftModel it belongs to.")
-    layer = model.get_base_model().get_input_embeddings()
-    return names[0], layer.ctx_modules[names[0]]
-
-
-def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, Any]) -> list[list[int]]:
-    """Compressor tokens of each passage, truncated to ``max_passage_tokens``."""
-    if config.is_light:
-        _, module = adapter_module(options.get("model"), config)
-        tokenizer, _ = module.tokenizer
-        tokenizer.enable_truncation(max_length=config.max_passage_tokens)
-        rows = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=True)]
-    else:
-        tokenizer = options.get("tokenizer")
-        if tokenizer is None:
-            raise ValueError("COCOM tokenises passages with the LLM's tokenizer; none was given.")
-        ids_list = tokenizer(texts, add_special_tokens=False).input_ids
-        if config.passage_special_tokens:
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            if config.passage_truncation == "sequence":
-                # "<s>passage</s>" tokenised as one text: the passage continues after BOS (continuation_ids), and
-                # truncation cuts the end of the whole, EOS first.
-                ids_list = continuation_ids(tokenizer, texts)
-                rows = [(bos + ids + eos)[: config.max_passage_tokens] for ids in ids_list]
-            else:
-                room = config.max_passage_tokens - len(bos) - len(eos)
-                rows = [bos + ids[:room] + eos for ids in ids_list]
-        else:
-            rows = [ids[: config.max_passage_tokens] for ids in ids_list]
-    for text, ids in zip(texts, rows):
-        if not ids:
-            raise ValueError(f"The passage {text!r:.60} tokenises to nothing; give passages with text in them.")
-    return rows
-
-
-def _compress_with_llm(
-    model: nn.Module, module: CocomTokens, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """COCOM: [<ENC>, passage tokens, k memory tokens] through the LLM; the last hidden states at the memory
-    positions are the context embeddings.  # [sum k_i, hidden]
-
-    With ``residual_pooling`` they are the pooled token embeddings plus the correction, which reads those memory
-    states or (``residual_source='tokens'``) the passage's own token states pooled like the embeddings."""
-    layer = model.get_input_embeddings()
-    base_embedding = getattr(layer, "base_layer", layer)
-    device = base_embedding.weight.device
-    ids, lengths = ids.to(device), lengths.to(device)
-    tokens = base_embedding(ids)  # [n, len, hidden]; the plain embedding, so no context slot is filled here
-    dtype = tokens.dtype
-    if config.residual_pooling and config.residual_source == "tokens":
-        # No learned input here: with the LLM frozen (lora_r=0) the compressor pass builds no autograd graph.
-        mask = (torch.arange(ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()  # [n, len]
-        states = model.base_model(inputs_embeds=tokens, attention_mask=mask, use_cache=False).last_hidden_state
-        pooled_states = pooled_runs(states, lengths, config.compression_rate)  # [sum k_i, hidden]
-        return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(pooled_states).to(dtype)
-    counts = memory_counts(config, lengths)  # [n] k_i
-    total = 1 + lengths + counts  # [n] <ENC> + tokens + memory
-    positions = torch.arange(int(total.max()), device=device).unsqueeze(0)  # [1, seq]
-    ends = lengths.unsqueeze(1)  # [n, 1]
-    is_token = (positions >= 1) & (positions <= ends)  # [n, seq]
-    is_memory = (positions > ends) & (positions <= ends + counts.unsqueeze(1))  # [n, seq]
-    token_index = (positions - 1).clamp(0, ids.shape[1] - 1).expand(ids.shape[0], -1)
-    gathered = torch.gather(tokens, 1, token_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    # Per position, its row of the module's [memory; <ENC>; <AE>] table: memory token j at the j-th position after
-    # the passage, <ENC> at position 0 (and, unused, wherever the passage's own tokens or padding go).
-    rows = torch.where(is_memory, (positions - 1 - ends).clamp(min=0), module.enc_row)  # [n, seq]
-    learned = module(rows.to(module.memory.device)).to(device=device, dtype=dtype)  # [n, seq, hidden]
-    is_learned = is_memory | (positions == 0)
-    embeds = torch.where(is_token.unsqueeze(-1), gathered, torch.where(is_learned.unsqueeze(-1), learned, 0.0))
-    attention_mask = (positions < total.unsqueeze(1)).long()  # right padding: positions are 0..total-1 per passage
-    position_ids = None
-    if config.compressor_positions == "left_padded":
-        # Where the passage sits in an input left-padded to max_passage_tokens + 1: <ENC> at max - n.
-        position_ids = positions + (config.max_passage_tokens - lengths).unsqueeze(1)  # [n, seq]
-    hidden = model.base_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    compressed = hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
-    if module.residual is None:
-        return compressed
-    return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(compressed).to(dtype)
-
-
-def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:
-    """k_i, the context embeddings of each passage of ``lengths[i]`` compressor tokens.  # [n]"""
-    if config.memory_tokens_per_passage is not None:
-        return torch.full_like(lengths, config.memory_tokens_per_passage)
-    return -(-lengths // config.compression_rate)
-
-
-def _light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:
-
-    blob = None
-    if getattr(config, "_fresh_compressor", config.compressor_config is None):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(config.compressor))
-            encoder = AutoModel.from_pretrained(local_copies.resolve(config.compressor), dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"Cannot load the COCOM-light compressor {config.compressor!r} (a BERT-style encoder folder or Hub "
-                f"id with its tokenizer): {exc}"
-            ) from exc
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
-                f"The compressor {config.compressor!r} has no fast tokenizer (tokenizer.json); COCOM-light stores the "
-                "fast tokenizer in the adapter. Save the encoder with a fast tokenizer first."
-            )
-        encoder_hidden = _check_encoder(config.compressor, encoder, tokenizer)
-        config.compressor_config = encoder.config.to_dict()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        blob = json.dumps({"tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token_id": pad_id}).encode("utf-8")
-    else:
-        settings = dict(config.compressor_config)
-        model_type = settings.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise ValueError(
-                f"compressor_config has model_type={model_type!r}, which this transformers does not know; install "
-                "the transformers version the adapter was made with."
-            )
-        encoder = AutoModel.from_config(CONFIG_MAPPING[model_type].from_dict(settings))
-        encoder_hidden = _encoder_hidden_size(encoder)
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None  # the pooled output is unused; keep its weights out of the adapter
-    return CocomLightCompressor(encoder, encoder_hidden, config.compression_rate, hidden_size, ae_initial, blob)
-
-
-def _encoder_hidden_size(encoder: nn.Module) -> int:
-    settings = encoder.config
-    for name in ("hidden_size", "d_model", "dim"):
-        value = getattr(settings, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"Cannot read the hidden size of the compressor {type(encoder).__name__} from its config.")
-
-
-def _check_encoder(name: str, encoder: nn.Module, tokenizer) -> int:
-    """The encoder's hidden size, after checking it returns per-token hidden states."""
-    batch = tokenizer(["a short passage"], return_tensors="pt")
-    try:
-        # gathered: under a ZeRO-3 init the encoder loads partitioned, and no engine gathers it for this probe
-        with torch.no_grad(), gathered(*encoder.parameters()):
-            output = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        hidden = getattr(output, "last_hidden_state", None)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        hidden, reason = None, f"it failed on input_ids + attention_mask ({exc})"
-    else:
-        reason = f"its output {type(output).__name__} has no last_hidden_state"
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(
-            f"The compressor {name!r} ({type(encoder).__name__}) gives no per-token hidden states: {reason}. "
-            "COCOM-light needs an encoder whose AutoModel returns last_hidden_state, e.g. BERT or MiniLM."
-        )
-    size = _encoder_hidden_size(encoder)
-    if hidden.shape[-1] != size:
-        raise ValueError(f"The compressor {name!r} returns {hidden.shape[-1]}-d states but its config says {size}.")
-    return size
 
 
 register_method(CocomMethod())

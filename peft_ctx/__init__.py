@@ -21,7 +21,6 @@ from .converting import convert
 from .distributed import gathered_adapter_state_dict
 from .encoders import Encoder
 from .engines import LlamaCppEngine
-from .hub import load, push_to_hub
 from .inference import generate, generate_baseline, prepare_inputs
 from .layer import ContextEmbedding
 from .methods import ContextMethod, get_method, register_method, registered_methods
@@ -63,3 +62,12 @@ __all__ = [
     "registered_methods",
     "save_vectors",
 ]
+
+
+def __getattr__(name: str):
+    # The Hub functions (huggingface_hub's upload client, model cards) load on first use, not with the adapter type.
+    if name in ("load", "push_to_hub"):
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

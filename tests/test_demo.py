@@ -376,7 +376,9 @@ def test_interleaved_timing_rotates_the_rows_and_reports_quartiles(monkeypatch):
         order.append((row["id"], runner.name, new_tokens))
         return seconds[runner.name] * new_tokens + int(row["id"])
 
-    monkeypatch.setattr(harness, "_timed", timed)
+    from peft_ctx.harness import measure
+
+    monkeypatch.setattr(measure, "_timed", timed)  # interleaved_latency lives in measure.py, beside _timed
     runners = [(None, harness.TextRunner(name, name, use_context=False)) for name in "abc"]
     rows = [{"id": str(i)} for i in range(4)]
     out = harness.interleaved_latency(runners, None, rows, new_tokens=10)

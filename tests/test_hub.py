@@ -545,7 +545,7 @@ def test_the_card_templates_ship_inside_the_built_wheel(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip install would unpack
     found = subprocess.run(
-        [sys.executable, "-c", "import peft_ctx.hub as h; print(h._template_dir())"],
+        [sys.executable, "-c", "import peft_ctx.hub.common as h; print(h._template_dir())"],
         env={**os.environ, "PYTHONPATH": str(site)},
         cwd=tmp_path,
         capture_output=True,

@@ -82,3 +82,17 @@ def test_the_library_loads_without_the_harness_plots_or_gguf_and_never_runs_pip(
     core = [p for p in (REPO / "peft_ctx").rglob("*.py") if "harness" not in p.parts]
     runs_pip = re.compile(r"subprocess|os\.system|[\"']-m[\"'], [\"']pip")
     assert core and not [str(p) for p in core if runs_pip.search(p.read_text())]
+
+
+def test_import_peft_ctx_loads_no_trainer_and_no_hub_client_until_they_are_used():
+    code = (
+        "import sys, peft_ctx\n"
+        "print(sorted(m for m in ('trl', 'peft_ctx.training', 'peft_ctx.hub') if m in sys.modules))\n"
+        "from peft_ctx import load, push_to_hub\n"
+        "import peft_ctx.cocom\n"
+        "peft_ctx.cocom.CocomPretrainingCollator\n"
+        "print(sorted(m for m in ('trl', 'peft_ctx.training', 'peft_ctx.hub') if m in sys.modules), callable(load))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"  # the adapter type, every method and generate, without trl or huggingface_hub's upload code
+    assert out[1] == "['peft_ctx.hub', 'peft_ctx.training', 'trl'] True"  # loaded on first use

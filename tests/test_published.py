@@ -165,6 +165,7 @@ def test_the_card_records_source_licence_paper_and_command(family, converted):
     elif family == "clara":
         assert "license: other" in card and "apple-amlr" in card and pickled
         assert "`adapters.pth` (pickled tensors" in card and "`decoder_first_last_layers.pth` (pickled" in card
+        assert "a passage of up to 34 tokens becomes 4 context embeddings and a <SEP>" in card  # not ceil(n / 8)
     else:
         assert "license:" not in card.split("---")[1] and "no licence file" in card and not pickled
 

@@ -11,6 +11,8 @@ COMPRESSOR_ROLE = "compressor"
 RESIDUAL_SOURCES = ("memory", "tokens")
 PASSAGE_TRUNCATIONS = ("text", "sequence")
 COMPRESSOR_POSITIONS = ("start", "left_padded")
+# The training recipe's stages, in order (recipe.py runs them; kept here so that the method needs no trainer).
+STAGES = ("pretrain", "qa")
 
 
 @dataclass

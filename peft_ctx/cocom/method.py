@@ -31,11 +31,9 @@ from .compressor import (
     memory_counts,
     tokenize_passages,
 )
-from .config import COMPRESSOR_ROLE, CocomConfig
+from .config import COMPRESSOR_ROLE, STAGES, CocomConfig
 from .convert import CLARA
 from .modules import CocomTokens
-from .recipe import STAGES, diagnostics
-from .recipe import train as train_recipe
 
 # Options that prepare_inputs / generate / the collators may pass; COCOM reads passages itself and takes no encoder.
 OPTIONS = ("tokenizer", "model", "encoder", "encode_batch_size", "autoencode")
@@ -328,9 +326,13 @@ class CocomMethod(ContextMethod):
             tuner.unmerge_adapter()
 
     def train(self, model, tokenizer, data, stages, work_dir, seed=0, callbacks=None):
+        from .recipe import train as train_recipe  # the trainer (trl) loads on first use, not on import
+
         return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)
 
     def diagnostics(self, model, tokenizer, passages, encoder=None):
+        from .recipe import diagnostics
+
         return diagnostics(model, tokenizer, passages)
 
     def demo_entries(self):

@@ -34,10 +34,9 @@ from ..training import (
     train_qa,
     train_stage,
 )
-from .config import CocomConfig
+from .config import STAGES, CocomConfig
 
 TASKS = ("autoencode", "continuation")
-STAGES = ("pretrain", "qa")
 
 
 @dataclass

@@ -20,6 +20,9 @@ OFFICIAL_TRAIN_TEMPLATE = "[INST] Refer to the background document: {context}\n\
 # The official retriever reads at most this many tokens per chunk; a longer document gets one slot per chunk.
 OFFICIAL_CHUNK_TOKENS = 180
 
+# The training recipe's stages, in order (recipe.py runs them; kept here so that the method needs no trainer).
+STAGES = ("paraphrase", "instruct")
+
 
 @dataclass
 class XRAGConfig(ContextConfig):

@@ -11,11 +11,9 @@ from ..distributed import full_shape
 from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
 from ..prompting import Slots, check_documents
 from ..vectors import save_vectors
-from .config import XRAGConfig
+from .config import STAGES, XRAGConfig
 from .convert import FAMILY
 from .modules import XRAGProjector
-from .recipe import STAGES, diagnostics
-from .recipe import train as train_recipe
 
 # The demo's training per profile (StageSettings fields by stage): stage 1 on short Wikipedia passages, stage 2 with
 # the cached top-k teacher.
@@ -148,11 +146,15 @@ class XRAGMethod(ContextMethod):
         return PassageIndex(entries, lambda path: save_vectors(path, torch.cat(per_passage), encoder=encoder))
 
     def train(self, model, tokenizer, data, stages, work_dir, seed=0, callbacks=None):
+        from .recipe import train as train_recipe  # the trainer (trl) loads on first use, not on import
+
         return train_recipe(model, tokenizer, data, stages, work_dir, seed=seed, callbacks=callbacks)
 
     def diagnostics(self, model, tokenizer, passages, encoder=None):
         if encoder is None:
             raise ValueError("xRAG's diagnostics encode the passages: pass encoder=peft_ctx.Encoder(...).")
+        from .recipe import diagnostics
+
         return diagnostics(model, tokenizer, passages, encoder)
 
     def demo_entries(self):

@@ -27,8 +27,8 @@ from ..training import (
     train_stage,
 )
 from ..vectors import VectorIndex, build_vector_index
+from .config import STAGES
 
-STAGES = ("paraphrase", "instruct")
 VECTORS = "retrieval_embeds"
 
 

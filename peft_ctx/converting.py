@@ -50,6 +50,40 @@ class PublishedFamily:
         return self.convert(source, output_dir, **kwargs)
 
 
+def refuse_existing_adapter(output_dir: str, overwrite: bool) -> None:
+    """A family's converter called directly writes into ``output_dir``: never over an adapter unless told to."""
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
+        )
+
+
+def release_config(source: str, required: tuple[str, ...], family: str, hint: str) -> dict:
+    """``source``'s config.json, which must hold ``required``: a ValueError naming the file and the fix otherwise."""
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{source} has no config.json; point at the {family} checkpoint folder ({hint}).")
+    with open(path) as f:
+        settings = json.load(f)
+    missing = [key for key in required if key not in settings]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}, which every {family} checkpoint's config has.")
+    return settings
+
+
+def peek_config(path: str) -> Optional[dict]:
+    """The JSON config.json of folder ``path`` for a family's ``detect``, or None where there is none to read."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def families() -> dict[str, PublishedFamily]:
     """Every registered method's published families by name."""
     found = {}

@@ -236,7 +236,7 @@ def test_converter_cli_refuses_to_overwrite_and_pickled_objects(tokenizer, tmp_p
 
 def test_converter_rejects_a_checkpoint_without_projector_settings(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(ValueError, match="not an xRAG checkpoint"):
+    with pytest.raises(ValueError, match="which every xRAG checkpoint's config has"):
         convert_official_xrag(str(tmp_path), str(tmp_path / "out"))
 
 

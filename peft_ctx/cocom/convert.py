@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoints import load_tensor_file
-from ..converting import PublishedFamily
+from ..converting import PublishedFamily, peek_config, refuse_existing_adapter, release_config
 from .config import CocomConfig
 
 # The release's decoder prompt (its _blend_standard_prompt), rendered through the decoder's chat template.
@@ -57,10 +57,7 @@ def convert_clara(
             Mistral-7B-Instruct-v0.2, CLaRa's published decoder).
         config_overrides: further ``CocomConfig`` fields.
     """
-    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
-        )
+    refuse_existing_adapter(output_dir, overwrite)
     settings = _read_config(source)
     n_memory = int(settings["doc_max_length"]) // int(settings["compr_rate"])
     adapters = _read_pickled(source, "adapters.pth")
@@ -155,13 +152,7 @@ def convert_clara(
 
 def _read_config(source: str) -> dict:
     path = os.path.join(source, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{source} has no config.json; point at the CLaRa checkpoint folder (e.g. compression-16/).")
-    with open(path) as f:
-        settings = json.load(f)
-    missing = [key for key in ("doc_max_length", "compr_rate", "lora_r") if key not in settings]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}: it is not a CLaRa checkpoint.")
+    settings = release_config(source, ("doc_max_length", "compr_rate", "lora_r"), "CLaRa", "e.g. compression-16/")
     if settings.get("compr_model_name") is not None:
         raise ValueError(
             f"{path} names a separate compressor model (compr_model_name={settings['compr_model_name']!r}); only "
@@ -234,14 +225,9 @@ def _hub_decoder(settings: dict) -> str:
 
 
 def _is_release(path: str) -> bool:
-    config_path = os.path.join(path, "config.json")
-    if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(path, "adapters.pth"))):
-        return False
-    try:
-        with open(config_path) as f:
-            return json.load(f).get("model_type") == "CLaRa"
-    except (OSError, ValueError):
-        return False
+    settings = peek_config(path)
+    is_clara = settings is not None and settings.get("model_type") == "CLaRa"
+    return is_clara and os.path.isfile(os.path.join(path, "adapters.pth"))
 
 
 CLARA = PublishedFamily(

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoints import load_tensor_file
-from ..converting import PublishedFamily
+from ..converting import PublishedFamily, refuse_existing_adapter
 from .config import SpringConfig
 
 # The official release is for Llama-2 and Mistral models, whose input embedding lives here.
@@ -52,10 +52,7 @@ def convert_official_spring(
         config_overrides: further ``SpringConfig`` fields. The prompt defaults to the release's (``OFFICIAL_TEMPLATE``,
             plain text, no chat template).
     """
-    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
-        )
+    refuse_existing_adapter(output_dir, overwrite)
     tokens = _read_tokens(_release_file(source))
     n, hidden = tokens.shape
     base_hidden = None

@@ -12,7 +12,6 @@ gives on a tiny checkpoint in this layout; the converted adapter gives the same 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional
@@ -20,7 +19,7 @@ from typing import Optional
 from safetensors.torch import save_file
 
 from ..checkpoints import checkpoint_keys, read_checkpoint_tensors
-from ..converting import PublishedFamily
+from ..converting import PublishedFamily, peek_config, refuse_existing_adapter, release_config
 from .config import OFFICIAL_CHUNK_TOKENS, OFFICIAL_EVAL_TEMPLATE, XRAGConfig
 
 # The frozen decoders of the releases, by the architecture their config.json names.
@@ -46,18 +45,9 @@ def convert_official_xrag(
     The adapter renders the official evaluation prompt (``OFFICIAL_EVAL_TEMPLATE``, plain text, slots joined by a
     space) and chunks documents as the official retriever did (180 tokens); ``config_overrides`` replace any of it.
     """
-    config_path = os.path.join(checkpoint_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{checkpoint_dir} has no config.json; point at the official xRAG model folder.")
-    with open(config_path) as f:
-        model_config = json.load(f)
-    missing = [key for key in ("projector_type", "retriever_hidden_size", "hidden_size") if key not in model_config]
-    if missing:
-        raise ValueError(f"{config_path} lacks {missing}: it is not an xRAG checkpoint (no projector settings).")
-    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds an adapter; pass overwrite=True (--overwrite) to replace it."
-        )
+    required = ("projector_type", "retriever_hidden_size", "hidden_size")
+    model_config = release_config(checkpoint_dir, required, "xRAG", "the official model folder, e.g. xrag-7b/")
+    refuse_existing_adapter(output_dir, overwrite)
 
     tensors = read_checkpoint_tensors(checkpoint_dir, lambda key: _PROJECTOR_KEY.search(key) is not None)
     if not tensors:
@@ -124,15 +114,8 @@ def _official_base(model_config: dict) -> Optional[str]:
 
 
 def _is_release(path: str) -> bool:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        return False
-    try:
-        with open(config_path) as f:
-            settings = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(settings, dict) and "projector_type" in settings and "retriever_hidden_size" in settings
+    settings = peek_config(path)
+    return settings is not None and "projector_type" in settings and "retriever_hidden_size" in settings
 
 
 FAMILY = PublishedFamily(

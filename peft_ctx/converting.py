@@ -10,6 +10,8 @@ registered methods' (``ContextMethod.converters``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -154,6 +156,7 @@ def convert(
         )
     local, hub_id, revision = _resolve_source(source, revision)
     chosen = _family(family) if family is not None else detect_family(local)
+    _check_overrides(chosen, overrides)
     base = base_model_name_or_path or (chosen.base_models[0] if len(chosen.base_models) == 1 else None)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -170,6 +173,23 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return config
+
+
+def _check_overrides(family: PublishedFamily, overrides: dict[str, Any]) -> None:
+    """Settings a family's conversion takes: its converter's own arguments and its method's config fields."""
+    from .methods import get_method
+
+    parameters = inspect.signature(family.convert).parameters.values()
+    accepted = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    accepted |= {f.name for f in dataclasses.fields(get_method(family.method).config_class)}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        own = sorted(p.name for p in parameters if p.default is not p.empty)
+        raise ValueError(
+            f"{', '.join(unknown)}: not a setting of a {family.title} conversion; it takes the fields of "
+            f"{get_method(family.method).config_class.__name__} (e.g. prompt_template) and the converter's own "
+            f"arguments ({', '.join(own)})."
+        )
 
 
 def _family(name: str) -> PublishedFamily:

@@ -258,6 +258,9 @@ def test_clara_checkpoints_it_cannot_convert_exactly_are_refused_naming_the_file
     with pytest.raises(ValueError, match="has no decoder_first_last_layers.pth"):
         peft_ctx.convert(str(no_layers), str(tmp_path / "out"))
 
+    with pytest.raises(ValueError, match="embedding_module: not a setting of a CLaRa conversion"):
+        convert_cli([str(FIXTURES / "clara" / "checkpoint"), str(tmp_path / "out"), "--embedding_module", "x.y"])
+
     evil = copy("evil")
     torch.save({"encoder_adapter": {}, "decoder_adapter": {}, "note": Payload()}, evil / "adapters.pth")
     with pytest.raises(ValueError, match="will not unpickle"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -255,8 +256,7 @@ def _write_card(family, config, local, staging, output_dir, source, source_is_hu
     from .hub import make_card
 
     with safe_open(os.path.join(staging, "adapter_model.safetensors"), framework="pt") as f:
-        trainable = sum(_numel(f.get_slice(key).get_shape()) for key in f.keys())
-    name = os.path.basename(os.path.normpath(output_dir)) or "converted"
+        trainable = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     provenance = {
         "source": source,
         "source_is_hub": source_is_hub,
@@ -270,7 +270,7 @@ def _write_card(family, config, local, staging, output_dir, source, source_is_hu
     }
     card = make_card(
         None,
-        f"{_namespace(source, source_is_hub)}/{_safe_name(name)}",
+        f"{_namespace(source, source_is_hub)}/{_safe_name(os.path.basename(os.path.normpath(output_dir)))}",
         config=config,
         trainable_parameters=trainable,
         base_model=config.base_model_name_or_path,
@@ -300,13 +300,6 @@ def _hub_url(source: str, revision: Optional[str]) -> str:
     repo_id, inside = _HUB_ID.match(source).groups()
     inside = inside.strip("/")
     return f"https://huggingface.co/{repo_id}" + (f"/tree/{revision or 'main'}/{inside}" if inside else "")
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
 
 
 def _namespace(source: str, source_is_hub: bool) -> str:

@@ -81,11 +81,10 @@ def adapter_fingerprint(model, adapter_name: Optional[str] = None) -> str:
         if config.residual_source != "memory":
             settings["residual_source"] = config.residual_source
     # The PISCO lineage's settings, likewise only where they differ from the defaults.
-    for name, default in (("memory_tokens_per_passage", None), ("passage_truncation", "text")):
+    lineage = (("memory_tokens_per_passage", None), ("passage_truncation", "text"), ("compressor_positions", "start"))
+    for name, default in lineage:
         if getattr(config, name) != default:
             settings[name] = getattr(config, name)
-    if config.compressor_positions != "start":
-        settings["compressor_positions"] = config.compressor_positions
     return adapter_digest(model, adapter_name, settings, select=lambda keys: _compressor_keys(config, keys))
 
 

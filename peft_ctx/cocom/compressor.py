@@ -111,13 +111,15 @@ def compress_with_llm(
     device = base_embedding.weight.device
     ids, lengths = ids.to(device), lengths.to(device)
     tokens = base_embedding(ids)  # [n, len, hidden]; the plain embedding, so no context slot is filled here
-    dtype = tokens.dtype
+
+    def pooled_plus_correction(states: torch.Tensor) -> torch.Tensor:  # residual_pooling: [sum k_i, hidden]
+        return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(states).to(tokens.dtype)
+
     if config.residual_pooling and config.residual_source == "tokens":
         # No learned input here: with the LLM frozen (lora_r=0) the compressor pass builds no autograd graph.
         mask = (torch.arange(ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()  # [n, len]
         states = model.base_model(inputs_embeds=tokens, attention_mask=mask, use_cache=False).last_hidden_state
-        pooled_states = pooled_runs(states, lengths, config.compression_rate)  # [sum k_i, hidden]
-        return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(pooled_states).to(dtype)
+        return pooled_plus_correction(pooled_runs(states, lengths, config.compression_rate))
     counts = memory_counts(config, lengths)  # [n] k_i
     total = 1 + lengths + counts  # [n] <ENC> + tokens + memory
     positions = torch.arange(int(total.max()), device=device).unsqueeze(0)  # [1, seq]
@@ -129,7 +131,7 @@ def compress_with_llm(
     # Per position, its row of the module's [memory; <ENC>; <AE>] table: memory token j at the j-th position after
     # the passage, <ENC> at position 0 (and, unused, wherever the passage's own tokens or padding go).
     rows = torch.where(is_memory, (positions - 1 - ends).clamp(min=0), module.enc_row)  # [n, seq]
-    learned = module(rows.to(module.memory.device)).to(device=device, dtype=dtype)  # [n, seq, hidden]
+    learned = module(rows.to(module.memory.device)).to(device=device, dtype=tokens.dtype)  # [n, seq, hidden]
     is_learned = is_memory | (positions == 0)
     embeds = torch.where(is_token.unsqueeze(-1), gathered, torch.where(is_learned.unsqueeze(-1), learned, 0.0))
     attention_mask = (positions < total.unsqueeze(1)).long()  # right padding: positions are 0..total-1 per passage
@@ -141,9 +143,7 @@ def compress_with_llm(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     compressed = hidden[is_memory]  # [sum k_i, hidden], row-major: passage by passage, memory token by memory token
-    if module.residual is None:
-        return compressed
-    return pooled_runs(tokens, lengths, config.compression_rate) + module.correction(compressed).to(dtype)
+    return compressed if module.residual is None else pooled_plus_correction(compressed)
 
 
 def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:

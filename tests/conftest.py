@@ -15,15 +15,21 @@ torch.set_num_threads(int(os.environ.get("PEFT_CTX_TEST_THREADS") or max(1, min(
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--engines", action="store_true", default=False, help="run tests marked engines")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    skips = {
+        "slow": (config.getoption("--runslow"), "slow: run with --runslow (make test-all)"),
+        "engines": (
+            config.getoption("--engines"),
+            "an engine server on real weights: run with --engines (make test-engines)",
+        ),
+    }
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, (run, reason) in skips.items():
+            if marker in item.keywords and not run:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

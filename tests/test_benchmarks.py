@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -15,13 +16,15 @@ from benchmarks import check
 from benchmarks.methods import registry, select
 from benchmarks.run import Bench, Settings, write_results
 from peft_ctx.harness.fast import convert_weights, greedy_generate, quantize_linear, weight_bytes
+from tests import fake_vllm
 from tests.helpers import ARCHITECTURES, RETRIEVER_DIM, tiny_model
 
-# The benchmark's llama.cpp rows run where the binding is built (make install builds it; make test requires it).
+# The benchmark's llama.cpp rows run where the binding is built (make install builds it; make test requires it); its
+# vLLM rows then run too, on the stand-in server of tests/fake_vllm.py (vLLM itself: make test-engines).
 try:
     import llama_cpp  # noqa: F401
 
-    ENGINE = "both"
+    ENGINE = "all"
 except ImportError:
     if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") == "1":
         raise
@@ -122,6 +125,19 @@ def test_benchmark_settings_reject_bad_values():
 
 @pytest.fixture(scope="module")
 def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
+    fake = tmp_path_factory.mktemp("fake_vllm")
+    fake_vllm.install(str(fake))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join([str(fake), root]))
+        env.setenv("PEFT_CTX_VLLM_PYTHON", sys.executable)
+        env.setenv("FAKE_VLLM_PIDS", str(fake / "pids"))
+        result, paths = _tiny_bench(tokenizer, encoder_dir, tmp_path_factory)
+    servers = [int(pid) for pid in (fake / "pids").read_text().split()] if ENGINE == "all" else []
+    yield result, paths, servers
+
+
+def _tiny_bench(tokenizer, encoder_dir, tmp_path_factory):
     base = tiny_model("llama", tokenizer)
     base.requires_grad_(False)
     settings = Settings(
@@ -147,12 +163,12 @@ def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
 
 
 def test_benchmark_writes_a_row_per_method_docs_and_batch_with_the_issue_fields(tiny_result):
-    result, paths = tiny_result
+    result, paths, _ = tiny_result
     with open(paths["json"]) as f:
         saved = json.load(f)
     rows = saved["rows"]
     names = ("no_retrieval", "rag", "xrag", "spring", "cocom_xi4", "cocom_light")
-    engines = ("torch", "llama.cpp") if ENGINE == "both" else ("torch",)
+    engines = ("torch", "llama.cpp", "vllm") if ENGINE == "all" else ("torch",)
     assert [(r["method"], r["docs"], r["batch"], r["engine"]) for r in rows] == [
         (m, 2, 2, e) for e in engines for m in names
     ]
@@ -177,7 +193,7 @@ def test_benchmark_writes_a_row_per_method_docs_and_batch_with_the_issue_fields(
 
 
 def test_benchmark_figures_are_consistent(tiny_result):
-    result, _ = tiny_result
+    result, _, servers = tiny_result
     rows = {r["method"]: r for r in result["rows"] if r["engine"] == "torch"}
     rag, xrag = rows["rag"], rows["xrag"]
     assert rag["ttft_speedup_vs_rag"] == 1.0 and rag["e2e_speedup_vs_rag"] == 1.0
@@ -198,13 +214,22 @@ def test_benchmark_figures_are_consistent(tiny_result):
         if row["engine"] == "llama.cpp":  # the same prompts decoded by llama.cpp on each row's own GGUF export
             assert row["kv_cache_bytes"] > 0 and row["weights"] == "f16"
             assert row["e2e_speedup_vs_fastest_rag"] > 0
+        if row["engine"] == "vllm":  # the same prompts sent to a server of each row's export
+            assert (
+                row["kv_cache_bytes"] > 0 and row["weights"] == row["vllm_dtype"] == result["settings"]["vllm_dtype"]
+            )
+    # One server of the base model (the baselines, xRAG, SPRING) and one per COCOM row (merged), all stopped.
+    assert len(servers) == (3 if ENGINE == "all" else 0)
+    for pid in servers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert rows["rag"]["train_speedup_vs_lora_sft"] == 1.0
     assert rows["xrag"]["train_samples_per_s"] > 0
     assert rows["no_retrieval"].get("train_samples_per_s") is None
 
 
 def test_regression_check_passes_an_identical_run_and_fails_a_slower_method(tiny_result, tmp_path):
-    result, paths = tiny_result
+    result, paths, _ = tiny_result
     assert check.main([paths["json"], "--baseline", paths["json"]]) == 0
     slower = json.loads(json.dumps(result))
     for row in slower["rows"]:

@@ -120,8 +120,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument(
         "--engine", default="torch", choices=ENGINES, help="who decodes the generation and timing rows (every row)"
     )
-    parser.add_argument("--engine_dir", default=None, help="folder for the llama.cpp exports (default: a temp dir)")
+    parser.add_argument("--engine_dir", default=None, help="folder for the engines' exports (default: a temp dir)")
     parser.add_argument("--gguf_type", default="f16", choices=OUTTYPES, help="llama.cpp weight type")
+    parser.add_argument(
+        "--vllm_dtype", default=None, choices=("float32", "bfloat16"), help="vLLM weights (default: by CPU)"
+    )
     parser.add_argument(
         "--option",
         action="append",
@@ -189,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         engine=args.engine,
         engine_dir=engine_dir,
         gguf_type=args.gguf_type,
+        vllm_dtype=args.vllm_dtype,
     )
     results = evaluate(model, tokenizer, runners, rows, settings)
     print(markdown_table(results))

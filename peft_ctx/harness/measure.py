@@ -24,7 +24,7 @@ from ..prompting import Example, pad_token_id, position_ids
 from . import metrics
 from .report import _summary, add_speedups
 from .runners import AdapterRunner, EvalSettings, Runner
-from .serving import llama_cpp_engine
+from .serving import llama_cpp_engine, vllm_engine
 
 
 # ---- measurements -----------------------------------------------------------------------------------------------
@@ -259,22 +259,26 @@ def _evaluate_prepared(model, tokenizer, runner: Runner, rows: list[dict], setti
     gen_rows = rows[: settings.n_generate] if settings.n_generate else rows
     engine = make_engine(model, tokenizer, runner, settings)
     result["engine"] = settings.engine
-    predictions = generate_answers(
-        model,
-        tokenizer,
-        runner,
-        gen_rows,
-        settings.max_new_tokens,
-        settings.batch_size,
-        settings.show_progress,
-        engine=engine,
-    )
+    try:
+        predictions = generate_answers(
+            model,
+            tokenizer,
+            runner,
+            gen_rows,
+            settings.max_new_tokens,
+            settings.batch_size,
+            settings.show_progress,
+            engine=engine,
+        )
+        result["ttft_s"], result["e2e_s"] = latency(
+            model, tokenizer, runner, rows[: settings.timing_examples], settings.timing_new_tokens, engine=engine
+        )
+    finally:
+        if engine is not None:
+            engine.close()  # a vLLM server stops here, also when a row fails
     result.update(metrics.generation_scores(predictions, [r["answers"] for r in gen_rows]))
     result["n_generate"] = len(gen_rows)
     result["prompt_tokens"] = prompt_tokens(model, tokenizer, runner, rows)
-    result["ttft_s"], result["e2e_s"] = latency(
-        model, tokenizer, runner, rows[: settings.timing_examples], settings.timing_new_tokens, engine=engine
-    )
     result["examples"] = [
         {"question": r["question"], "answer": r["answer"], "prediction": p} for r, p in zip(gen_rows[:5], predictions)
     ]
@@ -282,17 +286,29 @@ def _evaluate_prepared(model, tokenizer, runner: Runner, rows: list[dict], setti
 
 
 def make_engine(model, tokenizer, runner: Runner, settings: EvalSettings):
-    """The engine that decodes this row (None: torch). llama.cpp serves an adapter row on its own export (COCOM:
-    merged), a text row on the base model; the export and its GGUF are written under ``settings.engine_dir``."""
+    """The engine that decodes this row (None: torch). An engine serves an adapter row on its own export (COCOM:
+    merged), a text row on the base model; the export (and llama.cpp's GGUF) is written under
+    ``settings.engine_dir``. The caller closes it (a vLLM engine runs a server)."""
     if settings.engine == "torch":
         return None
+    base = not isinstance(runner, AdapterRunner)
     with runner.activate(model):
+        if settings.engine == "vllm":
+            return vllm_engine(
+                model,
+                tokenizer,
+                settings.engine_dir,
+                runner.name,
+                base=base,
+                max_num_seqs=settings.batch_size,
+                dtype=settings.vllm_dtype,
+            )
         return llama_cpp_engine(
             model,
             tokenizer,
             settings.engine_dir,
             runner.name,
-            base=not isinstance(runner, AdapterRunner),
+            base=base,
             outtype=settings.gguf_type,
             n_seq_max=settings.batch_size,
         )

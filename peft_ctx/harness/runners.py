@@ -34,11 +34,13 @@ class EvalSettings:
     # holds up without the right passage comes from a shortcut, not from reading it.
     wrong_passage: bool = False
     show_progress: bool = True
-    # Who decodes the generation and timing rows: "torch" (model.generate) or "llama.cpp" (LlamaCppEngine on a GGUF
-    # of each row's export, written under engine_dir). Choice accuracy and the diagnostics score with torch.
+    # Who decodes the generation and timing rows: "torch" (model.generate), "llama.cpp" (LlamaCppEngine on a GGUF
+    # of each row's export) or "vllm" (a VllmEngine server of it); exports go under engine_dir. Choice accuracy and
+    # the diagnostics score with torch.
     engine: str = "torch"
     engine_dir: Optional[str] = None
     gguf_type: str = "f16"
+    vllm_dtype: Optional[str] = None  # the vLLM server's weights (None: bf16 where the hardware has it, else fp32)
 
     def __post_init__(self):
         if self.engine not in ENGINES:

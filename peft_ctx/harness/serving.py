@@ -1,4 +1,5 @@
-"""Serving tools: convert an ``export_for_serving`` folder to GGUF for llama.cpp, and the engines the harness builds.
+"""Serving tools: convert an ``export_for_serving`` folder to GGUF for llama.cpp, and the engines the harness builds
+(llama.cpp on a GGUF, vLLM's server on the export itself).
 
     python -m peft_ctx.harness.serving gguf EXPORT_DIR [--outtype f16|bf16|q8_0|q8_0_f16emb|f32]
 
@@ -18,15 +19,16 @@ import subprocess
 import sys
 from typing import Optional
 
-from ..engines import LlamaCppEngine
+from ..engines import LlamaCppEngine, VllmEngine
 from ..serving import export_base, export_for_serving
 from .llama_cpp_build import CONVERTER_DIR
+from .vllm_env import vllm_python
 
 # What the converter writes itself; and types quantized from one of those: {type: (source type, weight type name)}.
 CONVERTED = ("f16", "bf16", "q8_0", "f32")
 QUANTIZED = {"q8_0_f16emb": ("f16", "Q8_0")}
 OUTTYPES = (*CONVERTED, *QUANTIZED)
-ENGINES = ("torch", "llama.cpp")
+ENGINES = ("torch", "llama.cpp", "vllm")
 
 
 def converter_path() -> str:
@@ -109,6 +111,37 @@ def llama_cpp_engine(
         engine.check_base(model)
     else:
         engine.check_model(model)
+    return engine
+
+
+def vllm_engine(
+    model,
+    tokenizer,
+    work_dir: str,
+    name: str,
+    *,
+    base: bool = False,
+    max_num_seqs: int = 8,
+    max_model_len: int = 2048,
+    dtype: Optional[str] = None,
+    url: Optional[str] = None,
+) -> VllmEngine:
+    """A vLLM engine for the active adapter of ``model`` (``base=True``: the baselines, on the base model): the export
+    in ``work_dir/name`` and a server of it in the venv ``make vllm`` built (``url``: a running server of the same
+    weights, e.g. the base model's for xRAG and SPRING, which serve on it unchanged). Close it when done."""
+    out = os.path.join(work_dir, name)
+    if base:
+        export_base(model, out, tokenizer=tokenizer, overwrite=True)
+    else:
+        export_for_serving(model, out, tokenizer=tokenizer, overwrite=True)
+    engine = VllmEngine(
+        out, url=url, python=vllm_python(), max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype
+    )
+    try:
+        engine.check_base(model) if base else engine.check_model(model)
+    except ValueError:
+        engine.close()
+        raise
     return engine
 
 

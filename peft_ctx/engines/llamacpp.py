@@ -1,13 +1,9 @@
-"""Inference engines that decode the prompts peft_ctx builds: llama.cpp on the CPU (``LlamaCppEngine``).
+"""llama.cpp on the CPU: ``LlamaCppEngine`` decodes peft_ctx prompts in this process, from a GGUF file.
 
-An engine receives each question's prompt as ``ServingPrompt`` (token ids, the slot mask and the input-embedding
-sequence, ``peft_ctx.serving``) and decodes greedily, batched over sequences. It serves the model that
-``export_for_serving`` wrote, converted to GGUF; the ``peft_ctx_serving.json`` beside the GGUF says which adapter's
-embeddings it takes, and ``peft_ctx.generate(..., engine=engine)`` refuses any other.
-
-llama.cpp comes from the ``llama-cpp-python`` package, built for this CPU by ``make install`` (the ``serving``
-extra); ``python -m peft_ctx.harness.serving gguf EXPORT_DIR`` converts an export with the converter that ships with
-llama.cpp.
+It serves the model that ``export_for_serving`` wrote, converted to GGUF; the ``peft_ctx_serving.json`` beside the
+GGUF says which adapter's embeddings it takes. llama.cpp comes from the ``llama-cpp-python`` package, built for this
+CPU by ``make install`` (the ``serving`` extra); ``python -m peft_ctx.harness.serving gguf EXPORT_DIR`` converts an
+export with the converter that ships with llama.cpp.
 
 Example::
 
@@ -22,14 +18,14 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .inference import ServingPrompt
-from .serving import SERVING_FILE, check_export
+from ..inference import ServingPrompt
+from ..serving import SERVING_FILE
+from .common import EngineTimings, GreedyEngine
 
 _INSTALL_HINT = (
     "llama.cpp's Python binding (llama-cpp-python) is not installed: `make install` builds it for this CPU, or "
@@ -46,18 +42,7 @@ def _llama_cpp():
     return llama_cpp, _logger
 
 
-@dataclass
-class EngineTimings:
-    """Wall time of the last ``generate_prompts`` call: prefill (prompt in, first token out) and the decoding after."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    first_token_s: list[float] = field(default_factory=list)  # per sequence, from the call's start
-
-
-class LlamaCppEngine:
+class LlamaCppEngine(GreedyEngine):
     """Greedy, batched decoding with llama.cpp of peft_ctx prompts (token runs fed as tokens, slots as embeddings).
 
     Args:
@@ -76,6 +61,8 @@ class LlamaCppEngine:
     """
 
     name = "llama.cpp"
+    export_hint = "the GGUF of a peft_ctx.export_for_serving folder (python -m peft_ctx.harness.serving gguf DIR)"
+    base_hint = "the base model's GGUF"
 
     def __init__(
         self,
@@ -168,44 +155,6 @@ class LlamaCppEngine:
         lib, model = self._lib, self._model
         head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
         return 2 * 2 * lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * head_dim
-
-    # ---- checks ------------------------------------------------------------------------------------------------
-    def check_settings(self, settings: dict[str, Any]) -> None:
-        """This engine decodes greedily: refuse sampling or beam settings rather than ignore them."""
-        greedy = {"do_sample": False, "num_beams": 1}
-        bad = sorted(k for k, v in settings.items() if k not in ("pad_token_id",) and greedy.get(k, object()) != v)
-        if bad:
-            raise ValueError(
-                f"The {self.name} engine decodes greedily; {bad} are transformers generate settings it does not "
-                "take. Drop them, or generate with the torch path (engine=None)."
-            )
-
-    def check_model(self, model) -> None:
-        """Refuse to serve ``model``'s active adapter unless this GGUF is its export."""
-        if self.info is None:
-            raise ValueError(
-                f"{self.model_path!r} has no {SERVING_FILE} beside it, so nothing says which adapter it serves; "
-                "convert the folder peft_ctx.export_for_serving wrote (python -m peft_ctx.harness.serving gguf DIR), "
-                "or pass serving_info=."
-            )
-        check_export(model, self.info)
-        self._check_vocab(model.active_peft_config.base_vocab_size)
-
-    def check_base(self, model) -> None:
-        """Baselines read the base model: refuse an export whose weights hold a merged adapter."""
-        if self.info is not None and self.info.get("lora_merged"):
-            raise ValueError(
-                f"{self.model_path!r} is a {self.info.get('method')} export with its decoder LoRA merged; the "
-                "baselines (text RAG, no retrieval) need the base model's GGUF."
-            )
-        self._check_vocab(model.active_peft_config.base_vocab_size)
-
-    def _check_vocab(self, vocab_size: Optional[int]) -> None:
-        if vocab_size is not None and vocab_size != self.n_vocab:
-            raise ValueError(
-                f"The GGUF {self.model_path!r} has a {self.n_vocab}-token vocabulary, the adapter's base model "
-                f"{vocab_size}; convert the export of this adapter's own base model."
-            )
 
     # ---- decoding ----------------------------------------------------------------------------------------------
     def _decode(self, batch) -> None:

@@ -1,0 +1,69 @@
+"""What every engine shares: its timings and the checks that keep it serving the right adapter greedily."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..serving import SERVING_FILE, check_export
+
+
+@dataclass
+class EngineTimings:
+    """Wall time of the last ``generate_prompts`` call: prefill (prompt in, first token out) and the decoding after."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: list[float] = field(default_factory=list)  # per sequence, from the call's start
+
+
+class GreedyEngine:
+    """The checks ``peft_ctx.generate`` runs before an engine decodes: greedy settings only, and the export of the
+    active adapter (or, for the baselines, the base model). Subclasses set ``name``, ``model_path``, ``info`` (the
+    export's ``peft_ctx_serving.json`` as a dict, or None), ``n_vocab``, and ``export_hint`` / ``base_hint`` (what
+    the engine must load to serve an adapter / the baselines)."""
+
+    name = "engine"
+    model_path: str
+    info: Optional[dict]
+    n_vocab: Optional[int]
+    export_hint = "the folder peft_ctx.export_for_serving wrote"
+    base_hint = "the base model (peft_ctx.serving.export_base)"
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """This engine decodes greedily: refuse sampling or beam settings rather than ignore them."""
+        greedy = {"do_sample": False, "num_beams": 1}
+        bad = sorted(k for k, v in settings.items() if k not in ("pad_token_id",) and greedy.get(k, object()) != v)
+        if bad:
+            raise ValueError(
+                f"The {self.name} engine decodes greedily; {bad} are transformers generate settings it does not "
+                "take. Drop them, or generate with the torch path (engine=None)."
+            )
+
+    def check_model(self, model) -> None:
+        """Refuse to serve ``model``'s active adapter unless this engine's model is its export."""
+        if self.info is None:
+            raise ValueError(
+                f"{self.model_path!r} has no {SERVING_FILE} beside it, so nothing says which adapter it serves; "
+                f"serve {self.export_hint}, or pass serving_info=."
+            )
+        check_export(model, self.info)
+        self._check_vocab(model.active_peft_config.base_vocab_size)
+
+    def check_base(self, model) -> None:
+        """Baselines read the base model: refuse an export whose weights hold a merged adapter."""
+        if self.info is not None and self.info.get("lora_merged"):
+            raise ValueError(
+                f"{self.model_path!r} is a {self.info.get('method')} export with its decoder LoRA merged; the "
+                f"baselines (text RAG, no retrieval) need {self.base_hint}."
+            )
+        self._check_vocab(model.active_peft_config.base_vocab_size)
+
+    def _check_vocab(self, vocab_size: Optional[int]) -> None:
+        if vocab_size is not None and self.n_vocab is not None and vocab_size != self.n_vocab:
+            raise ValueError(
+                f"The model {self.model_path!r} has a {self.n_vocab}-token vocabulary, the adapter's base model "
+                f"{vocab_size}; serve the export of this adapter's own base model."
+            )

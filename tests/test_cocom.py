@@ -757,23 +757,21 @@ def test_bad_passages_are_refused_with_the_fix(tokenizer, light_dir):
         collator(qa_rows(1))
 
 
-# ---- the README -----------------------------------------------------------------------------------------------------
+# ---- the docs -------------------------------------------------------------------------------------------------------
 
 
-def test_readme_cocom_example_runs_as_written(tokenizer, encoder_dir, tmp_path, monkeypatch):
+def test_the_docs_cocom_example_runs_as_written(tokenizer, encoder_dir, tmp_path, monkeypatch):
     import re
 
     monkeypatch.chdir(tmp_path)
-    text = open(os.path.join(REPO, "README.md")).read()
-    start = text.index("## COCOM\n")
-    section = text[start : text.index("\n## ", start + 1)]
+    section = open(os.path.join(REPO, "docs", "cocom.md")).read()
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     namespace = {
         "base_causal_lm": tiny_model("llama", tokenizer),
         "other_causal_lm": tiny_model("gpt2", tokenizer),
         "tokenizer": tokenizer,
     }
-    exec(compile(code.replace('"path/to/all-MiniLM-L6-v2"', repr(encoder_dir)), "README.md", "exec"), namespace)
+    exec(compile(code.replace('"path/to/all-MiniLM-L6-v2"', repr(encoder_dir)), "docs/cocom.md", "exec"), namespace)
     assert namespace["from_index"] == namespace["served"] == namespace["answers"] and len(namespace["answers"]) == 2
     assert namespace["model"].merged_lora_adapters() == []
     assert len(namespace["index"]) == 3 and os.path.isfile(tmp_path / "cocom-index.safetensors")

@@ -22,11 +22,9 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from peft_ctx.harness import assets
-from peft_ctx.harness.data import load_qa
 from peft_ctx.harness.vllm_env import vllm_python
 from tests import fake_vllm
-from tests.helpers import tiny_model
+from tests.helpers import assert_engine_agrees, assert_engine_refuses, cpkc_rows, every_method, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,19 +142,58 @@ def test_the_engine_refuses_prompts_it_cannot_serve(fake, spring_export, tokeniz
             engine.generate_prompts(long, 2)
 
 
+def test_one_command_serves_an_export(fake, spring_export, tokenizer, monkeypatch):
+    """python -m peft_ctx.harness.serving vllm EXPORT: the server in the foreground, which a plain client reads."""
+    from peft_ctx.engines.vllm_server import _free_port
+
+    model, out = spring_export
+    monkeypatch.setenv("PEFT_CTX_VLLM_PYTHON", sys.executable)
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "peft_ctx.harness.serving",
+        "vllm",
+        out,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+    ]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "--enable-prompt-embeds" in server.stdout.readline()  # the command it runs, printed first
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = peft_ctx.VllmEngine(out, url=f"http://127.0.0.1:{port}")
+                break
+            except ValueError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.3)
+        assert client.model_name == out  # served under its folder's name, as vllm serve does
+        assert peft_ctx.generate(model, tokenizer, ["Who?"], [["Ada."]], engine=client, max_new_tokens=2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_default_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
     from peft_ctx.engines import vllm_server
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(vllm_server, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(vllm_server, "cpu_flags", lambda: {"avx2", "fma"})
     assert vllm_server.default_dtype() == "float32"
-    monkeypatch.setattr(vllm_server, "_cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    monkeypatch.setattr(vllm_server, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
     assert vllm_server.default_dtype() == "bfloat16"
 
 
 # ---- vLLM itself, on real weights ---------------------------------------------------------------------------------
 N_QUESTIONS = 50
 NEW_TOKENS = 6
+# fp32, as the torch path computes; PEFT_CTX_VLLM_TEST_DTYPE=bfloat16 measures what the default dtype of a CPU with
+# AMX / AVX-512 BF16 gives (see docs/serving.md).
+DTYPE = os.environ.get("PEFT_CTX_VLLM_TEST_DTYPE", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -171,123 +208,41 @@ def vllm():
 
 @pytest.fixture(scope="module")
 def rows():
-    test = load_qa("cpkc")["test"].select(range(N_QUESTIONS))
-    return [r["question"] for r in test], [r["contexts"][:1] for r in test]
-
-
-def _configs(minilm):
-    return {
-        "xrag": peft_ctx.XRAGConfig(**minilm.describe()),
-        "spring": peft_ctx.SpringConfig(num_virtual_tokens=8),
-        "cocom_xi16": peft_ctx.CocomConfig(compression_rate=16, max_passage_tokens=256, lora_r=8),
-        "cocom_light": peft_ctx.CocomConfig(
-            compression_rate=4, max_passage_tokens=256, lora_r=8, compressor=assets.hub_id(assets.minilm_dir())
-        ),
-    }
+    return cpkc_rows(N_QUESTIONS)
 
 
 @pytest.fixture(scope="module")
 def served(vllm, smollm2, minilm, tmp_path_factory):
-    """One PeftModel with every method's adapter (random LoRA B, so COCOM's merged export differs from the base) and a
+    """Every method's adapter on one PeftModel (random LoRA B, so COCOM's merged export differs from the base) and a
     vLLM engine per adapter: xRAG and SPRING serve on the unchanged base model, so they share one server (started on
     xRAG's export; SPRING's engine reads it with its own export's fingerprint); each COCOM its merged export's."""
     base, tokenizer = smollm2
-    configs = _configs(minilm)
-    names = list(configs)
-    model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, configs[name])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0.0, 0.01)
-    model.eval()
+    model = every_method(base, minilm)
     exports = {}
-    for name in names:
+    for name in model.peft_config:
         model.set_adapter(name)
         exports[name] = str(tmp_path_factory.mktemp(f"served_{name}"))
         peft_ctx.export_for_serving(model, exports[name], tokenizer=tokenizer, overwrite=True)
 
     def start(name):
-        return peft_ctx.VllmEngine(exports[name], python=vllm, dtype="float32", max_num_seqs=16, kv_cache_gib=1)
+        return peft_ctx.VllmEngine(exports[name], python=vllm, dtype=DTYPE, max_num_seqs=16, kv_cache_gib=1)
 
+    owners = ("xrag", "cocom_xi16", "cocom_light")
     with ThreadPoolExecutor(3) as pool:  # ~50 s each to start on 2 cores, mostly imports: start them together
-        engines = dict(
-            zip(("xrag", "cocom_xi16", "cocom_light"), pool.map(start, ("xrag", "cocom_xi16", "cocom_light")))
-        )
-    engines["spring"] = peft_ctx.VllmEngine(exports["spring"], url=engines["xrag"].url, dtype="float32")
+        engines = dict(zip(owners, pool.map(start, owners)))
+    engines["spring"] = peft_ctx.VllmEngine(exports["spring"], url=engines["xrag"].url, dtype=DTYPE)
     yield model, tokenizer, engines
     for engine in engines.values():
         engine.close()
-
-
-def _torch_ids(model, tokenizer, prompts_inputs) -> list[list[int]]:
-    out = []
-    stop = set(peft_ctx.inference.eos_ids(model, tokenizer))
-    for inputs in prompts_inputs:
-        generated = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )[:, inputs["input_ids"].shape[1] :]
-        for row in generated.tolist():
-            while row and row[-1] in stop:  # padding after the end token, and the end token itself
-                row.pop()
-            out.append(row)
-    return out
-
-
-def _prompts(model, tokenizer, row, questions, contexts, minilm):
-    """The batches of 8 ``peft_ctx.generate`` builds for this row, and their engine prompts."""
-    batches = [slice(i, i + 8) for i in range(0, len(questions), 8)]
-    if row == "rag":
-        config = model.peft_config["xrag"]
-        inputs = [
-            peft_ctx.inference.collate(
-                config, peft_ctx.inference.text_examples(config, tokenizer, questions[b], contexts[b]), tokenizer
-            )
-            for b in batches
-        ]
-    else:
-        encoder = minilm if row == "xrag" else None
-        inputs = [
-            peft_ctx.prepare_inputs(model, tokenizer, questions[b], contexts[b], encoder=encoder) for b in batches
-        ]
-    return inputs, [p for batch in inputs for p in peft_ctx.inference.batch_prompts(model, batch)]
 
 
 @pytest.mark.engines
 @pytest.mark.parametrize("row", ["rag", "xrag", "spring", "cocom_xi16", "cocom_light"])
 def test_vllm_answers_as_the_torch_path_does(row, served, rows, minilm):
     model, tokenizer, engines = served
-    questions, contexts = rows
     model.set_adapter("xrag" if row == "rag" else row)
     engine = engines["xrag" if row == "rag" else row]
-    if row == "rag":
-        engine.check_base(model)  # xRAG's export is the base model
-        with model.disable_adapter():
-            inputs, prompts = _prompts(model, tokenizer, row, questions, contexts, minilm)
-            expected = _torch_ids(model, tokenizer, inputs)
-    else:
-        engine.check_model(model)
-        inputs, prompts = _prompts(model, tokenizer, row, questions, contexts, minilm)
-        expected = _torch_ids(model, tokenizer, inputs)
-    got = engine.generate_prompts(prompts, NEW_TOKENS, peft_ctx.inference.eos_ids(model, tokenizer))
-    first = sum(a[:1] == b[:1] for a, b in zip(expected, got, strict=True)) / len(got)
-    whole = sum(a == b for a, b in zip(expected, got, strict=True)) / len(got)
-    print(f"{row}: first token {first:.0%}, answers {whole:.0%}")
-    if row == "rag":
-        public = peft_ctx.generate_baseline(
-            model, tokenizer, questions[:8], contexts[:8], max_new_tokens=NEW_TOKENS, engine=engine
-        )
-    else:
-        public = peft_ctx.generate(
-            model, tokenizer, questions[:8], contexts[:8], encoder=minilm if row == "xrag" else None,
-            max_new_tokens=NEW_TOKENS, engine=engine,
-        )  # fmt: skip
-    assert public == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in got[:8]]
-    assert first >= 0.95, (row, first)
-    assert whole >= 0.90, (row, whole)
-    assert len({tuple(ids) for ids in expected}) > 1  # the answers depend on the question: not a constant output
+    assert_engine_agrees(model, tokenizer, engine, row, *rows, minilm, NEW_TOKENS)
 
 
 @pytest.mark.engines
@@ -303,21 +258,9 @@ def test_a_batch_is_decoded_as_one_by_one(served, rows):
 
 
 @pytest.mark.engines
-def test_vllm_refuses_another_adapters_embeddings_and_the_wrong_width(served, rows, tokenizer):
-    model, tok, engines = served
-    questions, contexts = rows
-    model.set_adapter("spring")
-    with pytest.raises(ValueError, match="serves 'xrag' embeddings, but the active adapter is 'spring'"):
-        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["xrag"])
-    model.set_adapter("cocom_xi16")
-    with pytest.raises(ValueError, match="made for another cocom adapter"):
-        peft_ctx.generate(model, tok, questions[:1], contexts[:1], engine=engines["cocom_light"])
-    with pytest.raises(ValueError, match="decoder LoRA merged; the baselines"):
-        peft_ctx.generate_baseline(model, tok, questions[:1], contexts[:1], engine=engines["cocom_xi16"])
-    tiny = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
-    prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
-    with pytest.raises(ValueError, match="width 64, the served model's hidden size is 576"):
-        engines["spring"].generate_prompts(prompts, 4)
+def test_vllm_refuses_another_adapters_embeddings_and_the_wrong_width(served, rows):
+    model, tokenizer, engines = served
+    assert_engine_refuses(model, tokenizer, engines, *rows, served_model="served model")
 
 
 @pytest.mark.engines

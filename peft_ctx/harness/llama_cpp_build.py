@@ -24,6 +24,8 @@ import sys
 import tarfile
 import tempfile
 
+from ..engines.common import cpu_flags
+
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python=={VERSION}"
 STAMP = os.path.join(sys.prefix, ".peft-ctx-llama-cpp.json")
@@ -54,17 +56,6 @@ LADDER = (("this CPU's instruction sets (no AMX)", NO_AMX), ("portable AVX2", PO
 WITH_AMX = ("this CPU's instruction sets with AMX", tuple(X86_OPTIONS))
 # Only what the binding needs: no server, tools, examples or multimodal library.
 COMMON = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF"]
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cmake_args(wanted: tuple[str, ...] = tuple(X86_OPTIONS)) -> list[str]:

@@ -291,27 +291,13 @@ def make_engine(model, tokenizer, runner: Runner, settings: EvalSettings):
     ``settings.engine_dir``. The caller closes it (a vLLM engine runs a server)."""
     if settings.engine == "torch":
         return None
-    base = not isinstance(runner, AdapterRunner)
+    if settings.engine == "vllm":
+        build, options = vllm_engine, {"max_num_seqs": settings.batch_size, "dtype": settings.vllm_dtype}
+    else:
+        build, options = llama_cpp_engine, {"outtype": settings.gguf_type, "n_seq_max": settings.batch_size}
     with runner.activate(model):
-        if settings.engine == "vllm":
-            return vllm_engine(
-                model,
-                tokenizer,
-                settings.engine_dir,
-                runner.name,
-                base=base,
-                max_num_seqs=settings.batch_size,
-                dtype=settings.vllm_dtype,
-            )
-        return llama_cpp_engine(
-            model,
-            tokenizer,
-            settings.engine_dir,
-            runner.name,
-            base=base,
-            outtype=settings.gguf_type,
-            n_seq_max=settings.batch_size,
-        )
+        base = not isinstance(runner, AdapterRunner)
+        return build(model, tokenizer, settings.engine_dir, runner.name, base=base, **options)
 
 
 def evaluate(model, tokenizer, runners: Sequence[Runner], rows: Sequence[dict], settings: EvalSettings) -> list[dict]:

@@ -2,13 +2,15 @@
 (llama.cpp on a GGUF, vLLM's server on the export itself).
 
     python -m peft_ctx.harness.serving gguf EXPORT_DIR [--outtype f16|bf16|q8_0|q8_0_f16emb|f32]
+    python -m peft_ctx.harness.serving vllm EXPORT_DIR [--port 8000] [--dtype float32|bfloat16]
 
 The converter is the one that ships with llama.cpp (``convert_hf_to_gguf.py``), unpacked into the venv by
 ``make install`` (``peft_ctx.harness.llama_cpp_build``); it runs in a subprocess because it brings its own ``gguf``
 package. ``q8_0_f16emb`` is q8_0 with the token embedding and output matrices kept f16 (llama-quantize's
 ``--token-embedding-type f16 --output-tensor-type f16``), quantized from the f16 GGUF by llama.cpp's own
 ``llama_model_quantize``. The GGUF lands in the export folder (``model-<outtype>.gguf``), beside the
-``peft_ctx_serving.json`` that ``LlamaCppEngine`` reads.
+``peft_ctx_serving.json`` that ``LlamaCppEngine`` reads. ``vllm`` serves an export with vLLM's OpenAI-compatible
+server (prompt embeddings on) from the venv ``make vllm`` built, in the foreground, until interrupted.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import subprocess
 import sys
 from typing import Optional
 
-from ..engines import LlamaCppEngine, VllmEngine
-from ..serving import export_base, export_for_serving
+from ..engines import LlamaCppEngine, VllmEngine, default_dtype
+from ..engines.vllm_server import server_command, server_env
+from ..serving import export_base, export_for_serving, read_export
 from .llama_cpp_build import CONVERTER_DIR
 from .vllm_env import vllm_python
 
@@ -86,6 +89,14 @@ def quantize(source: str, out_file: str, weights_type: str, keep_embeddings_f16:
     return out_file
 
 
+def _export(model, tokenizer, work_dir: str, name: str, base: bool) -> str:
+    """``work_dir/name``: the active adapter's export, or the base model's (``base``); an earlier one is replaced."""
+    out = os.path.join(work_dir, name)
+    if base:
+        return export_base(model, out, tokenizer=tokenizer, overwrite=True)
+    return export_for_serving(model, out, tokenizer=tokenizer, overwrite=True)
+
+
 def llama_cpp_engine(
     model,
     tokenizer,
@@ -101,11 +112,7 @@ def llama_cpp_engine(
     the export (``export_for_serving`` / ``export_base``) in ``work_dir/name``, converted to GGUF, loaded.
 
     ``work_dir`` belongs to the harness: an earlier export there is replaced."""
-    out = os.path.join(work_dir, name)
-    if base:
-        export_base(model, out, tokenizer=tokenizer, overwrite=True)
-    else:
-        export_for_serving(model, out, tokenizer=tokenizer, overwrite=True)
+    out = _export(model, tokenizer, work_dir, name, base)
     engine = LlamaCppEngine(to_gguf(out, outtype), n_seq_max=n_seq_max, n_ctx=n_ctx)
     if base:
         engine.check_base(model)
@@ -129,11 +136,7 @@ def vllm_engine(
     """A vLLM engine for the active adapter of ``model`` (``base=True``: the baselines, on the base model): the export
     in ``work_dir/name`` and a server of it in the venv ``make vllm`` built (``url``: a running server of the same
     weights, e.g. the base model's for xRAG and SPRING, which serve on it unchanged). Close it when done."""
-    out = os.path.join(work_dir, name)
-    if base:
-        export_base(model, out, tokenizer=tokenizer, overwrite=True)
-    else:
-        export_for_serving(model, out, tokenizer=tokenizer, overwrite=True)
+    out = _export(model, tokenizer, work_dir, name, base)
     engine = VllmEngine(
         out, url=url, python=vllm_python(), max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype
     )
@@ -152,8 +155,29 @@ def main(argv=None) -> None:
     gguf.add_argument("export_dir")
     gguf.add_argument("--outtype", default="f16", choices=OUTTYPES)
     gguf.add_argument("--outfile", default=None)
+    vllm = sub.add_parser("vllm", help="Serve an export_for_serving folder with vLLM (prompt embeddings on).")
+    vllm.add_argument("export_dir")
+    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--port", type=int, default=8000)
+    vllm.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16"), help="default: bf16 where the CPU has it"
+    )
+    vllm.add_argument("--max_model_len", type=int, default=2048)
+    vllm.add_argument("--max_num_seqs", type=int, default=32)
     args = parser.parse_args(argv)
-    print(to_gguf(args.export_dir, args.outtype, args.outfile, quiet=False))
+    if args.command == "gguf":
+        print(to_gguf(args.export_dir, args.outtype, args.outfile, quiet=False))
+        return
+    read_export(args.export_dir)  # only a peft_ctx export: its peft_ctx_serving.json says which adapter it serves
+    python = vllm_python()
+    if python is None:
+        raise SystemExit("vLLM's venv is not built: make vllm (or set PEFT_CTX_VLLM_PYTHON to a Python with vLLM).")
+    command = server_command(
+        python, args.export_dir, args.port, args.dtype or default_dtype(), args.max_model_len, args.max_num_seqs,
+        host=args.host, served_model_name=args.export_dir,
+    )  # fmt: skip
+    print(" ".join(command), flush=True)
+    os.execve(python, command, server_env())
 
 
 if __name__ == "__main__":

@@ -294,3 +294,39 @@ def assert_engine_refuses(model, tokenizer, engines: dict, questions, contexts, 
     prompts = peft_ctx.serving.serving_prompts(tiny, tokenizer, ["Who?"], [["A passage."]])
     with pytest.raises(ValueError, match=f"width 64, the {served_model}'s hidden size is 576"):
         engines["spring"].generate_prompts(prompts, 4)
+
+
+# ---- training with the one stack on the CPU ------------------------------------------------------------------------
+def cpu_sft_config(tmp_path, steps: int, lr: float, batch_size: int, **overrides):
+    """A ``ContextSFTConfig`` for a few CPU steps in fp32 that saves nothing and logs every step (seed 0)."""
+    from peft_ctx.training import ContextSFTConfig
+
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    return ContextSFTConfig(**{**settings, **overrides})
+
+
+def sft_trainer(model, args, rows: list[dict], collator, tokenizer):
+    """The one training stack's trainer on ``rows`` (a list of dicts) with ``collator``."""
+    from datasets import Dataset
+
+    from peft_ctx.training import ContextSFTTrainer
+
+    return ContextSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=tokenizer,
+    )

@@ -23,12 +23,13 @@ from peft_ctx.cocom import CocomConfig, CocomPretrainingCollator, CompressedInde
 from peft_ctx.layer import ContextEmbedding
 from peft_ctx.methods import get_method
 from peft_ctx.prompting import IGNORE_INDEX
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.training import ContextDataCollator, ContextSFTTrainer
 from tests.helpers import (
     ARCHITECTURES,
     captured_embeddings,
     changed,
     clone,
+    cpu_sft_config,
     gradients_apart,
     positions,
     snapshot,
@@ -536,19 +537,7 @@ def qa_rows(n=4):
 
 
 def make_args(tmp_path, steps, lr=1e-2):
-    return ContextSFTConfig(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=2,
-        max_steps=steps,
-        learning_rate=lr,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
+    return cpu_sft_config(tmp_path, steps, lr, batch_size=2)
 
 
 @pytest.mark.parametrize("light", [False, True])

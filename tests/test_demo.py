@@ -26,7 +26,7 @@ from peft_ctx.training import (
     train_method,
 )
 from peft_ctx.xrag import recipe as xrag_recipe
-from tests.helpers import changed, snapshot, tiny_model
+from tests.helpers import changed, sft_trainer, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light"}
@@ -198,15 +198,7 @@ def test_a_cache_built_for_other_answers_is_refused(tokenizer, encoder, tmp_path
         vector_index=index,
     )
     args = ContextSFTConfig(output_dir=str(tmp_path), a_kl=1.0, teacher_top_k=4, report_to=[], use_cpu=True)
-    from datasets import Dataset
-
-    trainer = ContextSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
+    trainer = sft_trainer(model, args, rows, collator, tokenizer)
     with pytest.raises(ValueError, match="Rebuild it"):
         trainer.compute_loss(model, collator(rows))
 

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 
 from peft_ctx.cocom import CocomPretrainingCollator
 from peft_ctx.prompting import IGNORE_INDEX
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer, answer_logits, row_mean_nll
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig, answer_logits, row_mean_nll
+from tests.helpers import sft_trainer
 from tests.test_cocom import MAX_TOKENS, cocom_model, make_args, qa_rows
 
 
@@ -31,13 +31,7 @@ def test_the_margin_term_is_the_hinge_on_own_vs_next_rows_passages(tokenizer, tm
     rows = qa_rows()
     collator = ContextDataCollator(model.active_peft_config, tokenizer)
     args = dataclasses.replace(make_args(tmp_path, 1), a_margin=2.0, margin=0.5)
-    trainer = ContextSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
+    trainer = sft_trainer(model, args, rows, collator, tokenizer)
     assert collator.wrong_passage  # the trainer asks its collator for the wrong-passage rows
     batch = collator(rows)
     assert {"wrong_input_ids", "wrong_labels"} <= set(batch)

@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import peft_ctx
@@ -20,15 +19,17 @@ from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.spring import SpringMethod
 from peft_ctx.spring.convert import convert_official_spring
 from peft_ctx.spring.convert import main as convert_cli
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.training import ContextDataCollator
 from tests.helpers import (
     ARCHITECTURES,
     RETRIEVER_DIM,
     captured_embeddings,
     changed,
     clone,
+    cpu_sft_config,
     load_train_script,
     positions,
+    sft_trainer,
     snapshot,
     tiny_model,
 )
@@ -291,27 +292,9 @@ def test_training_changes_only_the_virtual_tokens_and_logs_true_token_accuracy(t
     before = snapshot(model)
     frozen = clone(model)
     rows = qa_rows(8)
-    args = ContextSFTConfig(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=len(rows),
-        max_steps=3,
-        learning_rate=5e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = cpu_sft_config(tmp_path, 3, 5e-2, batch_size=len(rows))
     collator = RecordingCollator(model.active_peft_config, tokenizer, seed=7)
-    trainer = ContextSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
+    trainer = sft_trainer(model, args, rows, collator, tokenizer)
     trainer.train()
     assert changed(before, model) == {"base_model.model.model.embed_tokens.ctx_modules.default.virtual_tokens"}
     assert (

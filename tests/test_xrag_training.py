@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import peft_ctx
 from peft_ctx.convert import main as convert_main
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig, ContextSFTTrainer
+from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 from peft_ctx.xrag.convert import convert_official_xrag
-from tests.helpers import RETRIEVER_DIM, changed, clone, snapshot, tiny_model
+from tests.helpers import RETRIEVER_DIM, changed, clone, cpu_sft_config, sft_trainer, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,20 +37,7 @@ def qa_rows(n=16, seed=0):
 
 
 def make_trainer(model, tokenizer, tmp_path, rows, *, a_kl=0.0, task="qa", steps=12, lr=3e-2):
-    args = ContextSFTConfig(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        max_steps=steps,
-        learning_rate=lr,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        a_kl=a_kl,
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = cpu_sft_config(tmp_path, steps, lr, batch_size=4, a_kl=a_kl)
     collator = ContextDataCollator(
         model.active_peft_config,
         tokenizer,
@@ -59,13 +46,7 @@ def make_trainer(model, tokenizer, tmp_path, rows, *, a_kl=0.0, task="qa", steps
         text_column="contexts" if task == "qa" else "text",
         distill=a_kl > 0,
     )
-    return ContextSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
+    return sft_trainer(model, args, rows, collator, tokenizer)
 
 
 def objective(trainer, rows):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -104,3 +105,19 @@ def install(folder: str) -> None:
         open(os.path.join(folder, part, "__init__.py"), "w").close()
     with open(os.path.join(openai, "api_server.py"), "w") as f:
         f.write("import sys\nfrom tests.fake_vllm import serve\n\nserve(sys.argv[1:])\n")
+
+
+@contextlib.contextmanager
+def serving(folder: str):
+    """Inside the block, a ``VllmEngine`` (and ``vllm_python()``) starts this stand-in instead of vLLM; yields the
+    file where each stand-in server writes its pid."""
+    import pytest
+
+    install(folder)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pids = os.path.join(folder, "pids")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join([folder, root]))
+        env.setenv("PEFT_CTX_VLLM_PYTHON", sys.executable)
+        env.setenv("FAKE_VLLM_PIDS", pids)
+        yield pids

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -125,15 +124,9 @@ def test_benchmark_settings_reject_bad_values():
 
 @pytest.fixture(scope="module")
 def tiny_result(tokenizer, encoder_dir, tmp_path_factory):
-    fake = tmp_path_factory.mktemp("fake_vllm")
-    fake_vllm.install(str(fake))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PYTHONPATH", os.pathsep.join([str(fake), root]))
-        env.setenv("PEFT_CTX_VLLM_PYTHON", sys.executable)
-        env.setenv("FAKE_VLLM_PIDS", str(fake / "pids"))
+    with fake_vllm.serving(str(tmp_path_factory.mktemp("fake_vllm"))) as pids:
         result, paths = _tiny_bench(tokenizer, encoder_dir, tmp_path_factory)
-    servers = [int(pid) for pid in (fake / "pids").read_text().split()] if ENGINE == "all" else []
+        servers = [int(pid) for pid in open(pids).read().split()] if ENGINE == "all" else []
     yield result, paths, servers
 
 

@@ -26,6 +26,7 @@ from peft_ctx.hub import make_card
 from peft_ctx.methods import Entry, TrainingData
 from peft_ctx.prompting import Slots, check_documents
 from peft_ctx.training import StageSettings, train_method
+from tests import fake_vllm
 from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_model
 
 QUESTIONS = ["What colour is the door?", "Who keeps the lighthouse?"]
@@ -191,10 +192,13 @@ def test_the_fourth_method_runs_in_the_benchmark(tokenizer, encoder_dir, tmp_pat
         new_tokens=2, repeats=1, device="cpu", train_batch=2, train_steps=1, encode_passages=2, out=str(tmp_path),
     )  # fmt: skip
     passages = [f"Passage {i} tells how the harbour town of Vell{i} rebuilt its lighthouse." for i in range(8)]
-    result = Bench(settings, base=base, tokenizer=tokenizer, passages=passages).run()
+    # The vLLM rows on the stand-in server (vLLM itself is make test-engines').
+    with fake_vllm.serving(str(tmp_path / "fake_vllm")):
+        result = Bench(settings, base=base, tokenizer=tokenizer, passages=passages).run()
     row = next(r for r in result["rows"] if r["method"] == "meanpool")
     rag = next(r for r in result["rows"] if r["method"] == "rag")
     assert row["prompt_tokens"] < rag["prompt_tokens"] and row["e2e_s"] > 0 and row["train_samples_per_s"] > 0
+    assert {r["engine"] for r in result["rows"] if r["method"] == "meanpool"} >= {"torch", "vllm"}
 
 
 def test_a_registration_that_does_not_add_up_is_refused():

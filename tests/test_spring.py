@@ -472,12 +472,10 @@ def test_unload_returns_the_untouched_base_model(tokenizer):
         assert torch.equal(base(ids).logits, reference(ids).logits)
 
 
-def test_readme_spring_section_runs_as_written(tokenizer, tmp_path, monkeypatch):
+def test_the_docs_spring_example_runs_as_written(tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = open(os.path.join(REPO, "README.md")).read()
-    start = text.index("## SPRING\n")
-    end = text.find("\n## ", start + 1)
-    blocks = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
+    text = open(os.path.join(REPO, "docs", "spring.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 1
     base = tiny_model("llama", tokenizer)
     reference = clone(base)
@@ -485,7 +483,7 @@ def test_readme_spring_section_runs_as_written(tokenizer, tmp_path, monkeypatch)
         "xrag-adapter"
     )
     namespace = {"base_causal_lm": base, "tokenizer": tokenizer}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[0], "docs/spring.md", "exec"), namespace)
     assert len(namespace["answers"]) == 2
     loaded, questions = namespace["loaded"], namespace["questions"]
     assert loaded.active_adapter == "spring" and set(loaded.peft_config) >= {"spring", "xrag"}

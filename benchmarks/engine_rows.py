@@ -100,15 +100,16 @@ def engine_row(bench, engine, torch_row: dict, batch: int) -> dict:
     """The row of ``engine`` (a llama.cpp or vLLM engine) beside a method's torch row: the same prompts and FLOPs, the
     engine's own weights, and a computed KV cache (the engines' memory is not measured)."""
     kv = engine.kv_bytes_per_token() * torch_row["prompt_tokens"] * batch
+    weight_bytes = engine.weight_bytes()  # vLLM's reads the export's safetensors headers
     weights = {"gguf_type": bench.gguf_type} if engine.name == "llama.cpp" else {"vllm_dtype": bench.vllm_dtype}
     return {
         **torch_row,
         "engine": engine.name,
         **weights,
-        "weight_bytes": engine.weight_bytes(),
+        "weight_bytes": weight_bytes,
         "peak_activation_bytes": None,
         "kv_cache_bytes": kv,
-        "peak_mem_bytes": engine.weight_bytes() + kv,
+        "peak_mem_bytes": weight_bytes + kv,
         "_ttft": [],
         "_e2e": [],
     }

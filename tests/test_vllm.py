@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,12 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---- against the stand-in server ----------------------------------------------------------------------------------
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """PYTHONPATH with the stand-in ``vllm`` package; returns the request log and the file of server pids."""
-    fake_vllm.install(str(tmp_path / "fake"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), ROOT]))
+    """The stand-in ``vllm`` package on PYTHONPATH; yields the request log and the file of server pids."""
     monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "requests.jsonl"))
-    monkeypatch.setenv("FAKE_VLLM_PIDS", str(tmp_path / "pids"))
-    return tmp_path / "requests.jsonl", tmp_path / "pids"
+    with fake_vllm.serving(str(tmp_path / "fake")) as pids:
+        yield tmp_path / "requests.jsonl", Path(pids)
 
 
 @pytest.fixture

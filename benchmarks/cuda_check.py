@@ -1,7 +1,7 @@
 """The CUDA check of training at scale: one prepared script for a session that is lent a GPU (10 minutes at most).
 
-It checks, on a tiny llama built from a config (sdpa attention), for xRAG, SPRING, COCOM, COCOM with a separate
-compressor LoRA and COCOM-light:
+It checks, on a tiny llama built from a config (sdpa attention), for every registered method's tiny rows
+(``peft_ctx.harness.rows``: xRAG, SPRING, COCOM, COCOM with a separate compressor LoRA and COCOM-light today):
 - one training step on a bf16 base under bf16 autocast on the device: every trainable tensor fp32, the loss and every
   gradient finite, adapter parameters changed by AdamW and the base unchanged;
 - the same gradients as an fp32 reference on the CPU (the same weights and batch), within bf16 tolerance: over all
@@ -48,8 +48,6 @@ MIN_COSINE = 0.999
 MAX_RELATIVE = 0.05
 MAX_TENSOR_RELATIVE = 0.1
 INIT_STD = 0.02
-RETRIEVER_DIM = 32
-METHODS = ("xrag", "spring", "cocom", "cocom_separate", "cocom_light")
 QUESTIONS = ["What colour is the sky in the story?", "Who wrote the letter?"]
 PASSAGES = [
     ["The sky was green all day long in the story, and nobody in the village found that strange."],
@@ -94,29 +92,6 @@ def prepare(out: str, wheels: bool = True) -> None:
     print(f"Wrote {out}")
 
 
-def tiny_encoder_dir(source: str, out: str, hidden: int = RETRIEVER_DIM) -> str:
-    """A random BERT of width ``hidden`` (seed 0) with the tokenizer and pooling of the sentence-transformers folder
-    ``source`` (MiniLM's), saved as a sentence-transformers folder; the tests' tiny encoder too (tests/conftest.py)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=2 * hidden, max_position_embeddings=512,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    shutil.copy(os.path.join(source, "modules.json"), out)
-    os.makedirs(os.path.join(out, "1_Pooling"), exist_ok=True)
-    with open(os.path.join(source, "1_Pooling", "config.json")) as f:
-        pooling = json.load(f)
-    pooling["word_embedding_dimension"] = hidden
-    with open(os.path.join(out, "1_Pooling", "config.json"), "w") as f:
-        json.dump(pooling, f)
-    return out
-
-
 def random_model_dir(assets_dir: str, name: str, out: str) -> str:
     """A model of the asset's own config (SmolLM2-135M or MiniLM-L6) with random weights, for timing only."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -135,19 +110,26 @@ def random_model_dir(assets_dir: str, name: str, out: str) -> str:
 
 
 # ---- the training check ---------------------------------------------------------------------------------------------
+def methods() -> list[str]:
+    """The variants checked: every registered method's tiny rows (``peft_ctx.harness.rows``)."""
+    from peft_ctx.harness.rows import tiny_configs
+
+    return list(tiny_configs())
+
+
 def adapter_config(method: str, encoder_dir: str):
-    """The adapter of one of ``METHODS`` on the tiny models (the tests build theirs here too, tests/test_serving.py);
-    ``encoder_dir``: COCOM-light's compressor."""
+    """The adapter of tiny row ``method`` (one of ``methods()``) on the tiny models; ``encoder_dir``: the tiny
+    encoder (COCOM-light's compressor)."""
+    from peft_ctx.harness.rows import tiny_configs
+
+    return tiny_configs(encoder_dir)[method]()
+
+
+def uses_encoder(config) -> bool:
+    """Whether the adapter reads retriever vectors (xRAG), so that prompts need the encoder."""
     import peft_ctx
 
-    cocom = dict(compression_rate=4, max_passage_tokens=16, lora_r=2)
-    return {
-        "xrag": lambda: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
-        "spring": lambda: peft_ctx.SpringConfig(num_virtual_tokens=4),
-        "cocom": lambda: peft_ctx.CocomConfig(**cocom),
-        "cocom_separate": lambda: peft_ctx.CocomConfig(**cocom, separate_compressor_adapter=True),
-        "cocom_light": lambda: peft_ctx.CocomConfig(**cocom, compressor=encoder_dir),
-    }[method]()
+    return peft_ctx.get_method(config.method).uses_encoder
 
 
 def tiny_base(tokenizer, dtype: torch.dtype):
@@ -211,14 +193,15 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
 
     import peft_ctx
 
-    reference = get_peft_model(tiny_base(tokenizer, torch.float32), adapter_config(method, encoder_dir))
+    config = adapter_config(method, encoder_dir)
+    reference = get_peft_model(tiny_base(tokenizer, torch.float32), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # random adapter values, so that LoRA's zero B and the slots all carry gradient
         for param in reference.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
     trained = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
-    cpu_encoder = peft_ctx.Encoder(encoder_dir) if method == "xrag" else None
+    cpu_encoder = peft_ctx.Encoder(encoder_dir) if uses_encoder(config) else None
     ref_loss, ref_grads = gradients(reference, tokenizer, cpu_encoder, None)
 
     model = get_peft_model(tiny_base(tokenizer, dtype).to(device), adapter_config(method, encoder_dir))
@@ -228,7 +211,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
                 param.copy_(trained[name])
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    encoder = peft_ctx.Encoder(encoder_dir, device=str(device)) if method == "xrag" else None
+    encoder = peft_ctx.Encoder(encoder_dir, device=str(device)) if uses_encoder(config) else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -264,14 +247,16 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
     return result
 
 
-def train_check(assets_dir: str, device: torch.device, dtype: torch.dtype, methods=METHODS) -> list[dict]:
+def train_check(assets_dir: str, device: torch.device, dtype: torch.dtype, names=None) -> list[dict]:
     from transformers import AutoTokenizer
+
+    from peft_ctx.harness.tiny import tiny_encoder_dir
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(assets_dir, "smollm2"))
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory() as scratch:
         encoder_dir = tiny_encoder_dir(os.path.join(assets_dir, "minilm"), os.path.join(scratch, "encoder"))
-        return [check_method(m, tokenizer, encoder_dir, device, dtype) for m in methods]
+        return [check_method(m, tokenizer, encoder_dir, device, dtype) for m in names or methods()]
 
 
 def table(rows: list[dict]) -> str:
@@ -327,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--assets", default=None, help="folder written by `prepare` (default: the offline assets)")
     r.add_argument("--device", default="cuda", help="cuda (the check) or cpu (the check's own test)")
     r.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="base weights and autocast")
-    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    r.add_argument("--methods", nargs="+", default=None, help="tiny rows to check (default: all of them)")
     r.add_argument("--skip-bench", action="store_true")
     r.add_argument("--out", default="cuda_check_out")
     args = parser.parse_args(argv)
@@ -337,6 +322,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}, but torch {torch.__version__} sees no CUDA GPU; use --device cpu.")
+    unknown = sorted(set(args.methods or ()) - set(methods()))
+    if unknown:
+        raise SystemExit(f"--methods {unknown}: unknown; choose from {', '.join(methods())}.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     with tempfile.TemporaryDirectory() as scratch:
         if args.assets is None:  # the offline assets' tokenizers and configs

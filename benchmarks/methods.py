@@ -21,8 +21,9 @@ from peft import LoraConfig, get_peft_model
 
 import peft_ctx
 from peft_ctx.harness.assets import MINILM_HUB_ID, resolve
+from peft_ctx.harness.rows import Entry, Resources, benchmark_entries
 from peft_ctx.inference import collate, template_examples
-from peft_ctx.methods import ContextMethod, Entry, Resources
+from peft_ctx.methods import ContextMethod
 from peft_ctx.prompting import RAG_TEMPLATE
 
 
@@ -216,12 +217,11 @@ register(TextRAG())
 
 
 def registry() -> dict[str, BenchMethod]:
-    """Every benchmark row by name: the baselines, then each registered peft_ctx method's ``benchmark_entries``
+    """Every benchmark row by name: the baselines, then each registered peft_ctx method's benchmark rows
     (read now, so a method registered after this module was imported is in it)."""
     rows = dict(_ROWS)
-    for method in peft_ctx.registered_methods():
-        for entry in method.benchmark_entries():
-            rows.setdefault(entry.name, AdapterMethod(method, entry))
+    for method, entry in benchmark_entries():
+        rows.setdefault(entry.name, AdapterMethod(method, entry))
     return rows
 
 

@@ -4,8 +4,12 @@
     python -m benchmarks.planner --out /tmp/plan
 
 Computed from the model config, not guessed:
+- the methods: every registered method's paper rows (``peft_ctx.harness.rows``, ``MethodRows.paper``);
 - parameters: the base and every adapter are built on the meta device from the config and counted exactly
-  (COCOM-light's BERT-base encoder likewise from BertConfig());
+  (an encoder a row trains, COCOM-light's BERT-base, likewise from BertConfig());
+- tokens per training example: one paper-sized example (5 passages of 128 tokens, a 32-token question and answer)
+  through a tiny model with the row's adapter, counting the tokens that enter the first decoder layer (the
+  compressor's passes included, where the LLM compresses);
 - static memory per GPU: bf16 base weights (whole under DDP, 1/n under FSDP2 / ZeRO-3) plus the fp32 adapter with
   its gradient and AdamW's two moments (16 bytes per trainable parameter, sharded likewise);
 - activations: bytes saved for backward per token per decoder layer, fitted as ``a * hidden + b * intermediate``
@@ -29,10 +33,11 @@ from dataclasses import dataclass
 
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig, MistralConfig
 
 import peft_ctx
 from peft_ctx.harness import assets
+from peft_ctx.harness.rows import Entry, Resources, paper_entries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Mistral-7B-Instruct-v0.2's config (its config.json); SFR-Embedding-Mistral has the same decoder (no LM head).
@@ -41,58 +46,93 @@ MISTRAL_7B = dict(
     num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=False,
 )  # fmt: skip
 RETRIEVER_DIM = 4096
-# The papers' training examples, in tokens: xRAG stage 2 (one 180-token chunk per passage), SPRING (5 passages of 128
-# tokens as text plus 50 virtual tokens), COCOM (5 passages of 128 tokens compressed at xi = 16).
+# The papers' training examples, in tokens: 5 passages of 128 tokens (xRAG: a vector each; SPRING: as text beside its
+# virtual tokens; COCOM: compressed at xi = 16), a 32-token question and a 32-token answer.
 PASSAGES, PASSAGE_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 5, 128, 32, 32
-METHODS = ("xrag", "spring", "cocom", "cocom_light")
 # Sustained bf16 rate assumed for encoding: 40% of an A100's 312 TFLOP/s peak.
 SUSTAINED_FLOPS = 0.4 * 312e12
 N_PASSAGES, CHUNK_TOKENS = 2_000_000, 180
 
 
-def adapter_config(method: str, retriever_dim: int, encoder_dir=None):
-    if method == "xrag":
-        return peft_ctx.XRAGConfig(retriever_hidden_size=retriever_dim)
-    if method == "spring":
-        return peft_ctx.SpringConfig(num_virtual_tokens=50)
-    if method == "cocom":
-        return peft_ctx.CocomConfig(compression_rate=16, max_passage_tokens=PASSAGE_TOKENS, lora_r=16, lora_alpha=32)
-    return peft_ctx.CocomConfig(
-        compression_rate=16, max_passage_tokens=PASSAGE_TOKENS, lora_r=16, lora_alpha=32, compressor=encoder_dir
-    )
+def paper_rows() -> dict[str, Entry]:
+    """The rows planned: every registered method's paper-scale training rows, by name."""
+    return {entry.name: entry for _, entry in paper_entries()}
+
+
+def paper_resources(retriever_dim: int) -> Resources:
+    """What a paper row is built from at scale: a ``retriever_dim``-wide retriever and BERT-base by config."""
+    return Resources(
+        encoder_name_or_path="google-bert/bert-base-uncased", encoder_config=BertConfig().to_dict(),
+        retriever_hidden_size=retriever_dim,
+    )  # fmt: skip
 
 
 def count_parameters(config_kwargs: dict, retriever_dim: int) -> dict:
-    """Exact parameter counts of the base and of each method's adapter (trainable), built on the meta device."""
+    """Exact parameter counts of the base and of each row's adapter (trainable), built on the meta device."""
     config = MistralConfig(**config_kwargs)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
     counts = {"base": sum(p.numel() for p in base.parameters())}
-    for method in ("xrag", "spring", "cocom"):
+    resources = paper_resources(retriever_dim)
+    for name, row in paper_rows().items():
         with torch.device("meta"):
-            model = get_peft_model(AutoModelForCausalLM.from_config(config), adapter_config(method, retriever_dim))
-        counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with torch.device("meta"):
-        bert = BertModel(BertConfig())  # BERT-base, COCOM-light's compressor (trained with it)
-        lora = get_peft_model(AutoModelForCausalLM.from_config(config), adapter_config("cocom", retriever_dim))
-    lora_only = sum(p.numel() for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n)
-    projection = bert.config.hidden_size * 16 * config.hidden_size + config.hidden_size
-    counts["cocom_light"] = sum(p.numel() for p in bert.parameters()) + projection + config.hidden_size + lora_only
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), row.make_config(resources))
+        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts
 
 
-def workload_tokens(method: str) -> int:
-    """Tokens that pass through the decoder layers for one paper-sized training example."""
-    question, answer, template = QUESTION_TOKENS, ANSWER_TOKENS, 30
-    if method == "xrag":
-        return PASSAGES + question + answer + template
-    if method == "spring":
-        return PASSAGES * PASSAGE_TOKENS + 50 + question + answer + template
-    k = -(-PASSAGE_TOKENS // 16)
-    decoder = PASSAGES * k + question + answer + template
-    if method == "cocom":
-        return decoder + PASSAGES * (1 + PASSAGE_TOKENS + k)  # the LLM compresses too
-    return decoder
+def _words(tokenizer, n: int, word: str) -> str:
+    """A text of exactly ``n`` tokens of ``tokenizer``."""
+    ids = tokenizer((word + " ") * (2 * n), add_special_tokens=False).input_ids[:n]
+    text = tokenizer.decode(ids)
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) == n, text
+    return text
+
+
+class LayerTokens:
+    """Counts the tokens that enter a decoder layer (batch x sequence of each call) while it is in a ``with``."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer, self.tokens = layer, 0
+
+    def __enter__(self):
+        def count(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, sequence, hidden]
+            self.tokens += hidden.shape[0] * hidden.shape[1]
+
+        self.handle = self.layer.register_forward_pre_hook(count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _first_layer(model) -> torch.nn.Module:
+    return model.get_base_model().model.layers[0]
+
+
+def workload_tokens(row: Entry, tokenizer, encoder, encoder_dir) -> int:
+    """Tokens through the decoder layers for one paper-sized training example: counted on a tiny llama with the row's
+    adapter (the passages' compression included, where the LLM compresses)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    resources = Resources(encoder_name_or_path=encoder_dir, encoder=encoder)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), row.make_config(resources))
+    passages = [[_words(tokenizer, PASSAGE_TOKENS, f"p{j}") for j in range(PASSAGES)]]
+    inputs = _inputs(model, tokenizer, encoder, passages, _words(tokenizer, QUESTION_TOKENS, "q"),
+                     _words(tokenizer, ANSWER_TOKENS, "a"))  # fmt: skip
+    with LayerTokens(_first_layer(model)) as counter, torch.no_grad():
+        model(**inputs)
+    return counter.tokens
+
+
+def _inputs(model, tokenizer, encoder, passages, question: str, answer: str) -> dict:
+    method = peft_ctx.get_method(model.active_peft_config.method)
+    return peft_ctx.prepare_inputs(
+        model, tokenizer, [question], passages, answers=[answer], encoder=encoder if method.uses_encoder else None
+    )
 
 
 # ---- measuring activations on tiny models --------------------------------------------------------------------------
@@ -102,16 +142,7 @@ class Tiny:
     intermediate: int
 
 
-def _tiny_inputs(method, model, tokenizer, encoder):
-    words = " ".join(f"w{i}" for i in range(40))
-    passages = [[f"{words} passage {j}." for j in range(3)]]
-    return peft_ctx.prepare_inputs(
-        model, tokenizer, ["What is the answer to the question?"], passages, answers=["the answer is here"],
-        encoder=encoder if method == "xrag" else None,
-    )  # fmt: skip
-
-
-def saved_bytes(model, inputs, llm_compressor: bool = False) -> tuple[int, int]:
+def saved_bytes(model, inputs) -> tuple[int, int]:
     """(bytes autograd saves for backward in one training step, tokens through the decoder layers: the decoder's,
     plus the compressor's when the LLM compresses, as COCOM's does)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -127,17 +158,13 @@ def saved_bytes(model, inputs, llm_compressor: bool = False) -> tuple[int, int]:
         return tensor
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with LayerTokens(_first_layer(model)) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**inputs, use_cache=False).loss
     loss.backward()
-    tokens = int(inputs["input_ids"].numel())
-    if llm_compressor:
-        lengths = inputs["cocom_passage_lengths"]
-        tokens += int((1 + lengths + (-(-lengths // 16))).sum())
-    return total, tokens
+    return total, counter.tokens
 
 
-def per_layer_bytes_per_token(method: str, tiny: Tiny, tokenizer, encoder, encoder_dir) -> float:
+def per_layer_bytes_per_token(row: Entry, tiny: Tiny, tokenizer, encoder, encoder_dir) -> float:
     """Bytes saved per token by one decoder layer: (4 layers - 2 layers) / 2, per token."""
     values = []
     for layers in (2, 4):
@@ -148,23 +175,28 @@ def per_layer_bytes_per_token(method: str, tiny: Tiny, tokenizer, encoder, encod
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        model = get_peft_model(base, adapter_config(method, encoder.hidden_size, encoder_dir))
-        total, tokens = saved_bytes(model, _tiny_inputs(method, model, tokenizer, encoder), method == "cocom")
+        model = get_peft_model(base, row.make_config(Resources(encoder_name_or_path=encoder_dir, encoder=encoder)))
+        words = " ".join(f"w{i}" for i in range(40))
+        passages = [[f"{words} passage {j}." for j in range(3)]]
+        inputs = _inputs(
+            model, tokenizer, encoder, passages, "What is the answer to the question?", "the answer is here"
+        )
+        total, tokens = saved_bytes(model, inputs)
         values.append((total, tokens))
     (small, tokens), (large, _) = values
     return (large - small) / 2 / tokens
 
 
 def fit_activations(tokenizer, encoder, encoder_dir) -> dict:
-    """Per method: bytes per token per layer = a * hidden + b * intermediate (fp32), fitted on two tiny configs and
+    """Per row: bytes per token per layer = a * hidden + b * intermediate (fp32), fitted on two tiny configs and
     checked on a third."""
     fits = {}
     train_configs, check = (Tiny(64, 128), Tiny(64, 512)), Tiny(128, 320)
-    for method in METHODS:
-        (m1, m2) = [per_layer_bytes_per_token(method, t, tokenizer, encoder, encoder_dir) for t in train_configs]
+    for method, row in paper_rows().items():
+        (m1, m2) = [per_layer_bytes_per_token(row, t, tokenizer, encoder, encoder_dir) for t in train_configs]
         matrix = torch.tensor([[float(t.hidden), float(t.intermediate)] for t in train_configs], dtype=torch.float64)
         a, b = torch.linalg.solve(matrix, torch.tensor([m1, m2], dtype=torch.float64)).tolist()
-        measured = per_layer_bytes_per_token(method, check, tokenizer, encoder, encoder_dir)
+        measured = per_layer_bytes_per_token(row, check, tokenizer, encoder, encoder_dir)
         predicted = a * check.hidden + b * check.intermediate
         fits[method] = {"a": a, "b": b, "check_measured": measured, "check_predicted": predicted}
     return fits
@@ -183,13 +215,12 @@ def encoding_flops_check(encoder) -> dict:
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------------
-def plan(counts: dict, fits: dict, config_kwargs: dict, batch_per_gpu: int = 8) -> list[dict]:
+def plan(counts: dict, fits: dict, workloads: dict, config_kwargs: dict, batch_per_gpu: int = 8) -> list[dict]:
     h, i, layers = config_kwargs["hidden_size"], config_kwargs["intermediate_size"], config_kwargs["num_hidden_layers"]
     gib = 1024**3
     rows = []
-    for method in METHODS:
-        fit = fits[method]
-        tokens = workload_tokens(method) * batch_per_gpu
+    for method, fit in fits.items():
+        tokens = workloads[method] * batch_per_gpu
         per_layer = (fit["a"] * h + fit["b"] * i) / 2 * tokens  # bf16: half the fp32 bytes
         full = per_layer * layers
         checkpointed = tokens * h * 2 * layers + per_layer  # layer inputs kept + one layer recomputed
@@ -211,11 +242,14 @@ def plan(counts: dict, fits: dict, config_kwargs: dict, batch_per_gpu: int = 8) 
     return rows
 
 
-def markdown(counts, fits, rows, flops_check, encode) -> str:
+def markdown(counts, fits, workloads, rows, flops_check, encode) -> str:
+    measured = ", ".join(f"{name} {tokens}" for name, tokens in workloads.items())
     lines = [
         "# Training plan: Mistral-7B, bf16 base, fp32 adapter + AdamW, batch 8 per GPU",
         "",
-        f"Base parameters: {counts['base'] / 1e9:.2f} B (exact, from the config on the meta device). Per GPU:",
+        f"Base parameters: {counts['base'] / 1e9:.2f} B (exact, from the config on the meta device). Tokens through "
+        f"the decoder layers per training example ({PASSAGES} passages x {PASSAGE_TOKENS} tokens, {QUESTION_TOKENS}-"
+        f"token question and answer, counted on a tiny model with each adapter): {measured}. Per GPU:",
         "",
         "| method | adapter params | GPUs | engine | weights GiB | adapter+grad+Adam GiB | activations GiB "
         "(no ckpt / ckpt) | total GiB (no ckpt / ckpt) |",
@@ -262,7 +296,8 @@ def main(argv=None) -> dict:
     encoder = peft_ctx.Encoder(encoder_dir)
     counts = count_parameters(MISTRAL_7B, RETRIEVER_DIM)
     fits = fit_activations(tokenizer, encoder, encoder_dir)
-    rows = plan(counts, fits, MISTRAL_7B)
+    workloads = {name: workload_tokens(row, tokenizer, encoder, encoder_dir) for name, row in paper_rows().items()}
+    rows = plan(counts, fits, workloads, MISTRAL_7B)
     flops_check = encoding_flops_check(encoder)
     retriever = counts["base"] - MISTRAL_7B["vocab_size"] * MISTRAL_7B["hidden_size"]  # no LM head
     flops = 2 * retriever * N_PASSAGES * CHUNK_TOKENS
@@ -270,12 +305,13 @@ def main(argv=None) -> dict:
         "params": retriever, "flops": flops, "hours_1": flops / SUSTAINED_FLOPS / 3600,
         "hours_8": flops / SUSTAINED_FLOPS / 3600 / 8,
     }  # fmt: skip
-    result = {"parameters": counts, "activation_fits": fits, "plan": rows, "flops_check": flops_check}
+    result = {"parameters": counts, "activation_fits": fits, "workload_tokens": workloads, "plan": rows}
+    result["flops_check"] = flops_check
     result["encode"] = encode
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "planner.json"), "w") as f:
         json.dump(result, f, indent=2)
-    text = markdown(counts, fits, rows, flops_check, encode)
+    text = markdown(counts, fits, workloads, rows, flops_check, encode)
     with open(os.path.join(args.out, "planner.md"), "w") as f:
         f.write(text)
     print(text)

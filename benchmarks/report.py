@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import peft_ctx
-from peft_ctx.methods import Target
+from peft_ctx.harness.rows import Target, benchmark_entries
 
 from .engine_rows import engine_notes
 
@@ -91,12 +90,7 @@ def engine_targets(result: dict) -> list[dict]:
 
 def entry_targets() -> list[tuple[str, Target]]:
     """(row name, target) of every registered method's benchmark entries."""
-    return [
-        (entry.name, target)
-        for method in peft_ctx.registered_methods()
-        for entry in method.benchmark_entries()
-        for target in entry.targets
-    ]
+    return [(entry.name, target) for _, entry in benchmark_entries() for target in entry.targets]
 
 
 def targets(result: dict) -> list[dict]:

@@ -17,9 +17,9 @@ from peft import PeftConfig
 from safetensors import safe_open
 
 from ._registration import PEFT_CTX
+from .methods import registered_methods
 from .version import __version__
 
-_CONFIG_CLASSES: dict[str, type[ContextConfig]] = {}
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
@@ -55,8 +55,13 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _config_classes() -> dict[str, type[ContextConfig]]:
+    # One registry: a method's config class is the one its registered ContextMethod names.
+    return {method.name: method.config_class for method in registered_methods()}
+
+
 def _known_methods() -> str:
-    return ", ".join(sorted(_CONFIG_CLASSES)) or "(none registered)"
+    return ", ".join(sorted(_config_classes())) or "(none registered)"
 
 
 @dataclass
@@ -101,18 +106,14 @@ class ContextConfig(PeftConfig):
         # PEFT builds configs as PEFT_TYPE_TO_CONFIG_MAPPING["PEFT_CTX"](**json): pick the method's class here.
         if cls is ContextConfig:
             method = kwargs.get("method")
-            if method not in _CONFIG_CLASSES:
+            classes = _config_classes()
+            if method not in classes:
                 raise ValueError(
                     f"adapter_config.json names peft_ctx method {method!r}, which this peft_ctx ({__version__}) does "
                     f"not know; known methods: {_known_methods()}. Upgrade peft_ctx if the adapter is newer."
                 )
-            cls = _CONFIG_CLASSES[method]
+            cls = classes[method]
         return super().__new__(cls)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.method_name:
-            _CONFIG_CLASSES[cls.method_name] = cls
 
     def __post_init__(self):
         if type(self) is ContextConfig:

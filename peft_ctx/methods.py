@@ -3,15 +3,16 @@
 Each method's package (``peft_ctx/<method>/method.py``) defines one ``ContextMethod`` subclass and registers one
 instance with ``register_method``. That instance is the only place the rest of peft_ctx learns about the method:
 the tuner calls its hooks (slot filling, prompt fields, batching), ``hub`` renders its card template, the evaluation
-harness asks it how to index passages, the demo and the benchmarks iterate its ``demo_entries`` /
-``benchmark_entries``, ``python -m peft_ctx.convert`` lists its converters and the demo trains it with ``train``.
+harness asks it how to index passages, the demo, the benchmarks and the tests read its rows from ``rows_module``
+(``peft_ctx.harness.rows``), ``python -m peft_ctx.convert`` lists its converters and the demo trains it with
+``train``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -22,46 +23,6 @@ if TYPE_CHECKING:
     from .prompting import Part
 
 _METHODS: dict[str, ContextMethod] = {}
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What an entry's ``make_config`` may read: the base model's and the encoder's names, and the encoder."""
-
-    base_model_name_or_path: Optional[str] = None
-    encoder_name_or_path: Optional[str] = None
-    encoder: Any = None  # a peft_ctx.Encoder
-
-
-@dataclass(frozen=True)
-class Target:
-    """A speed target a benchmark row must meet: ``metric`` (a row field such as ``e2e_speedup_vs_rag``) at least
-    ``at_least`` at ``docs`` documents for each batch size in ``batches``."""
-
-    metric: str
-    at_least: float
-    docs: int = 5
-    batches: tuple[int, ...] = (1, 8)
-    source: str = ""  # where the number comes from (the paper's claim)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One row of the demo's or the benchmark's table for a method (a method may have several: COCOM's rates).
-
-    ``make_config(resources)`` builds the adapter config; ``options`` go to ``prepare_inputs`` when the row is
-    evaluated; ``stages`` maps a demo profile name to the settings of each training stage (``StageSettings``
-    fields, by stage name of ``ContextMethod.stages``); ``trains`` says what a training step updates and ``targets``
-    what speed the row must reach (benchmarks).
-    """
-
-    name: str
-    label: str
-    make_config: Callable[[Resources], ContextConfig]
-    options: Mapping[str, Any] = field(default_factory=dict)
-    stages: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
-    trains: str = "the adapter"
-    targets: tuple[Target, ...] = ()
 
 
 @dataclass
@@ -118,6 +79,9 @@ class ContextMethod:
     # Shared objects that prompt building adds to this method's options (``prepare_docs`` / ``prompt_fields``):
     # "tokenizer" (the LLM's) and "model" (the PeftModel the prompts are for, when known). Only listed names are added.
     option_resources: tuple[str, ...] = ()
+    # The module of its rows in the harness (the demo's, the benchmark's, the tiny test configurations), e.g.
+    # "peft_ctx.xrag.rows" defining ``ROWS = peft_ctx.harness.rows.MethodRows(...)``; only the harness imports it.
+    rows_module: Optional[str] = None
 
     def create_module(self, config: ContextConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         """The adapter's trainable module, stored under the adapter's name in the embedding wrapper."""
@@ -213,14 +177,6 @@ class ContextMethod:
         compresses nothing (SPRING reads the passages as text)."""
         return None
 
-    def demo_entries(self) -> tuple[Entry, ...]:
-        """Rows of ``make demo`` / ``make reproduce`` (trained with ``train``)."""
-        return ()
-
-    def benchmark_entries(self) -> tuple[Entry, ...]:
-        """Rows of the speed benchmarks (``benchmarks/``), with freshly initialised adapters."""
-        return ()
-
     def train(
         self,
         model,
@@ -239,7 +195,8 @@ class ContextMethod:
 
 
 def register_method(method: ContextMethod) -> ContextMethod:
-    """Make a method known to PEFT loading, prompts, cards, the harness and the benchmarks (idempotent per name)."""
+    """Make a method known to PEFT loading (its config class), prompts, cards, the harness and the benchmarks
+    (idempotent per name)."""
     if not method.name:
         raise ValueError(f"{type(method).__name__} has no name; set ContextMethod.name.")
     config_class = method.config_class
@@ -248,13 +205,6 @@ def register_method(method: ContextMethod) -> ContextMethod:
             f"{type(method).__name__}.config_class must be the method's ContextConfig subclass with "
             f"method_name={method.name!r}, got {config_class!r}."
         )
-    for entry in method.demo_entries():
-        unknown = sorted({stage for table in entry.stages.values() for stage in table} - set(method.stages))
-        if unknown:
-            raise ValueError(
-                f"Demo entry {entry.name!r} of {type(method).__name__} trains stages {unknown}, which its recipe does "
-                f"not have; its stages are {list(method.stages)} (ContextMethod.stages)."
-            )
     _METHODS[method.name] = method
     return method
 

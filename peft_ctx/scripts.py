@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 
 from . import local_copies
 from .distributed import gathered_adapter_state_dict
+from .hub import push_after_training, take_push_settings
 from .training import ContextSFTTrainer, resolve_resume, save_adapter
 
 
@@ -156,6 +157,8 @@ def train_and_save(
     on every rank (whole tensors under FSDP2 / DeepSpeed ZeRO-3), save it atomically on the main process (replacing
     an adapter there only with ``--overwrite_output_dir``), and push it with its model card when ``--push_to_hub``
     was given."""
+    # Taken before the Trainer exists, which then does not push itself (trl's card would go over ours at every save).
+    push_settings = take_push_settings(training_args)
     trainer = ContextSFTTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
@@ -168,7 +171,9 @@ def train_and_save(
         save_adapter(model, args.output_dir, overwrite=script_args.overwrite_output_dir, state_dict=state)
         tokenizer.save_pretrained(args.output_dir)
         print(f"Saved the {method_title} adapter to {args.output_dir}")
-        trainer.push_to_hub(training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs)
+        push_after_training(
+            trainer, push_settings, training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs
+        )
     end_process_group(trainer.accelerator)
     return args.output_dir
 

@@ -45,8 +45,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
     """A tiny random BERT with all-MiniLM-L6-v2's real tokenizer, saved as a sentence-transformers folder."""
-    from benchmarks.cuda_check import tiny_encoder_dir
     from peft_ctx.harness import assets
+    from peft_ctx.harness.tiny import tiny_encoder_dir
 
     return tiny_encoder_dir(assets.minilm_dir(), str(tmp_path_factory.mktemp("encoder")), hidden=RETRIEVER_DIM)
 

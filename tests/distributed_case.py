@@ -6,8 +6,7 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from tests.helpers import tiny_model
-from tests.test_serving import METHODS, _perturb
+from tests.helpers import TINY_ROWS, encoder_for, perturb, tiny_adapter_config, tiny_model
 
 QUESTIONS = ["What colour is the sky?", "Who wrote the letter?", "Where did the ship sail?", "When was it built?"]
 PASSAGES = [
@@ -19,7 +18,7 @@ PASSAGES = [
 ANSWERS = ["green", "Ada", "Vell", "1204"]
 STEPS = 3
 LR = 1e-3  # small enough that 3 steps stay near-linear: fp32 reduction-order noise is not amplified
-METHOD_NAMES = sorted(METHODS)
+METHOD_NAMES = TINY_ROWS
 
 
 def build(method: str, tokenizer, encoder_dir: str, base=None):
@@ -27,13 +26,13 @@ def build(method: str, tokenizer, encoder_dir: str, base=None):
     B starts at zero, which would leave the first steps' other gradients zero), no dropout anywhere (COCOM-light's
     BERT compressor has some; each rank would draw its own masks)."""
     base = tiny_model("llama", tokenizer, initializer_range=0.2) if base is None else base  # or a saved copy of it
-    model = get_peft_model(base, METHODS[method](encoder_dir))
+    model = get_peft_model(base, tiny_adapter_config(method, encoder_dir))
     for module in model.modules():  # LoRA's dropout, and COCOM-light's BERT's
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "dropout_prob", None), float):
             module.dropout_prob = 0.0
-    return _perturb(model, seed=1)  # COCOM-light's encoder loads partitioned under a ZeRO-3 init: _perturb writes it
+    return perturb(model, seed=1)  # COCOM-light's encoder loads partitioned under a ZeRO-3 init: perturb writes it
 
 
 def rank_inputs(method: str, model, tokenizer, encoder, rank: int, world: int, step: int) -> dict:
@@ -41,5 +40,5 @@ def rank_inputs(method: str, model, tokenizer, encoder, rank: int, world: int, s
     i = (step * world + rank) % len(QUESTIONS)
     return peft_ctx.prepare_inputs(
         model, tokenizer, QUESTIONS[i : i + 1], PASSAGES[i : i + 1], answers=ANSWERS[i : i + 1],
-        encoder=encoder if method == "xrag" else None,
+        encoder=encoder_for(model, encoder),
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """Shared test helpers: tiny random causal LMs of several architectures, parameter snapshots (the tiny encoder is
-``benchmarks.cuda_check.tiny_encoder_dir``, through the ``encoder_dir`` fixture)."""
+``peft_ctx.harness.tiny.tiny_encoder_dir``, through the ``encoder_dir`` fixture)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,14 @@ from transformers import (
     Qwen2Config,
 )
 
+from peft_ctx.harness.rows import tiny_configs
+from peft_ctx.harness.tiny import RETRIEVER_DIM  # noqa: F401 (the tests' retriever width, the tiny encoder's)
+
 ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gpt2")
-RETRIEVER_DIM = 32
+# Every tiny row of the methods peft_ctx registers (peft_ctx.harness.rows), read once when the suite starts, so that a
+# method a test module registers (the fourth method) does not change other modules' parameters: that module checks
+# each of these places for its own method.
+TINY_ROWS = tuple(sorted(tiny_configs()))
 
 
 def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64):
@@ -131,6 +137,38 @@ def gradients_apart(
         for name, want in expected.items()
         if float((actual[name] - want).abs().max()) > rel * max(float(want.abs().max()), floor)
     ]
+
+
+def tiny_adapter_config(row: str, encoder_dir: str):
+    """The config of tiny row ``row`` (one of ``TINY_ROWS``, or a method registered since); ``encoder_dir``: the tiny
+    encoder (COCOM-light's compressor)."""
+    return tiny_configs(encoder_dir, RETRIEVER_DIM)[row]()
+
+
+def perturb(model, seed: int = 1):
+    """Random values in every adapter tensor, so that LoRA (zero-initialised B) and the slots change the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                with writable(param):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+def tiny_adapter(row: str, arch: str, tokenizer, encoder_dir: str, seed: int = 0):
+    """Tiny row ``row`` on a tiny ``arch`` model sensitive to its inputs, every adapter tensor random, in eval mode."""
+    from peft import get_peft_model
+
+    base = tiny_model(arch, tokenizer, seed=seed, initializer_range=0.2)
+    return perturb(get_peft_model(base, tiny_adapter_config(row, encoder_dir)).eval(), seed=seed + 1)
+
+
+def encoder_for(model, encoder):
+    """``encoder`` when the model's active adapter reads retriever vectors (xRAG), else None."""
+    import peft_ctx
+
+    return encoder if peft_ctx.get_method(model.active_peft_config.method).uses_encoder else None
 
 
 def clone(model):

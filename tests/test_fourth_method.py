@@ -1,6 +1,8 @@
 """A fourth method, defined entirely in this module, goes through everything peft_ctx gives a method, with no edit
-anywhere else: ``get_peft_model``, save / load, ``generate``, training with the one stack, the evaluation harness, the
-demo's and the benchmark's registries, and a rendered model card.
+anywhere else: ``get_peft_model``, save / load, ``generate``, training with the one stack, the evaluation harness, a
+rendered model card, and every place that iterates the registered methods: the demo's rows, the benchmark's, the
+planner's, the CUDA check's, the robustness checks and the serving export (its rows: ``ROWS`` below, named by
+``rows_module``).
 
 The method: each passage is tokenised by the LLM's tokenizer, its token embeddings (the base model's own) are
 mean-pooled, and one trained linear map turns the mean into the passage's single context slot.
@@ -16,18 +18,20 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
 import peft_ctx
+from benchmarks import cuda_check, planner
 from benchmarks.methods import registry
 from benchmarks.run import Bench, Settings
 from peft_ctx import ContextMethod, register_method
 from peft_ctx.config import ContextConfig
 from peft_ctx.harness import demo
 from peft_ctx.harness import eval as harness
+from peft_ctx.harness.rows import Entry, MethodRows, method_rows, tiny_configs
 from peft_ctx.hub import make_card
-from peft_ctx.methods import Entry, TrainingData
+from peft_ctx.methods import TrainingData
 from peft_ctx.prompting import Slots, check_documents
 from peft_ctx.training import StageSettings, train_method
 from tests import fake_vllm
-from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_model
+from tests.helpers import ARCHITECTURES, changed, clone, snapshot, tiny_adapter, tiny_adapter_config, tiny_model
 
 QUESTIONS = ["What colour is the door?", "Who keeps the lighthouse?"]
 CONTEXTS = [["The door of the old mill is painted blue."], ["Ada keeps the lighthouse.", "It stands on a cliff."]]
@@ -65,6 +69,7 @@ class MeanPoolMethod(ContextMethod):
     config_class = MeanPoolConfig
     input_names = ("meanpool_ids", "meanpool_lengths")
     option_resources = ("tokenizer",)
+    rows_module = __name__  # ROWS, below
 
     def create_module(self, config, base_embedding, model_config):
         return MeanPoolMap(int(base_embedding.weight.shape[-1]))
@@ -102,18 +107,22 @@ class MeanPoolMethod(ContextMethod):
         weight = module.pool_map.weight
         return module(inputs["meanpool_pooled"].to(weight.device, weight.dtype)).to(dtype)
 
-    def demo_entries(self):
-        stages = {"tiny": {"qa": {"steps": 3, "batch_size": 2, "learning_rate": 1e-2}}}
-        return (Entry("meanpool", "Mean-pool (1 token)", _config, stages=stages),)
-
-    def benchmark_entries(self):
-        return (Entry("meanpool", "Mean-pool (1 token / passage)", _config, trains="the linear map"),)
-
 
 def _config(resources):
     return MeanPoolConfig(base_model_name_or_path=resources.base_model_name_or_path)
 
 
+ROWS = MethodRows(
+    demo=(
+        Entry(
+            "meanpool", "Mean-pool (1 token)", _config,
+            stages={"tiny": {"qa": {"steps": 3, "batch_size": 2, "learning_rate": 1e-2}}},
+        ),
+    ),
+    benchmark=(Entry("meanpool", "Mean-pool (1 token / passage)", _config, trains="the linear map"),),
+    tiny=(Entry("meanpool", "Mean-pool", lambda resources: MeanPoolConfig(max_passage_tokens=16)),),
+    paper=(Entry("meanpool", "Mean-pool", lambda resources: MeanPoolConfig(max_passage_tokens=128)),),
+)  # fmt: skip
 register_method(MeanPoolMethod())
 
 
@@ -201,17 +210,60 @@ def test_the_fourth_method_runs_in_the_benchmark(tokenizer, encoder_dir, tmp_pat
     assert {r["engine"] for r in result["rows"] if r["method"] == "meanpool"} >= {"torch", "vllm"}
 
 
-def test_a_registration_that_does_not_add_up_is_refused():
+def test_the_fourth_method_is_in_the_planner_the_cuda_check_robustness_and_serving(tokenizer, encoder_dir, tmp_path):
+    # The planner: its paper row counted on the meta device and its tokens per example measured.
+    assert "meanpool" in planner.paper_rows()
+    tiny = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    assert planner.count_parameters(tiny, 32)["meanpool"] == 64 * 64 + 64
+    tokens = planner.workload_tokens(planner.paper_rows()["meanpool"], tokenizer, None, encoder_dir)
+    assert (
+        planner.PASSAGES + 2 * planner.QUESTION_TOKENS <= tokens <= planner.PASSAGES + 2 * planner.QUESTION_TOKENS + 60
+    )
+    # The CUDA check (its bf16 step against the fp32 reference, here on the CPU).
+    assert "meanpool" in cuda_check.methods() and "meanpool" in tiny_configs()
+    row = cuda_check.check_method("meanpool", tokenizer, encoder_dir, torch.device("cpu"), torch.bfloat16)
+    assert row["ok"], row
+    # Robustness: bad passages are refused by name; a config of a newer peft_ctx is refused on load.
+    model = get_peft_model(tiny_model("llama", tokenizer), tiny_adapter_config("meanpool", encoder_dir))
+    with pytest.raises(ValueError, match=r"contexts\[0\]\[1\]"):
+        peft_ctx.prepare_inputs(model, tokenizer, ["q?"], [["a fine passage", ""]])
+    # Serving: the export's prompt_embeds decode what peft_ctx.generate does.
+    model = tiny_adapter("meanpool", "llama", tokenizer, encoder_dir)
+    expected = peft_ctx.generate(model, tokenizer, QUESTIONS, CONTEXTS, batch_size=1, max_new_tokens=4)
+    peft_ctx.export_for_serving(model, str(tmp_path / "export"), tokenizer=tokenizer)
+    served = type(model.get_base_model()).from_pretrained(tmp_path / "export").eval()
+    got = []
+    for embeds in peft_ctx.prompt_embeds(model, tokenizer, QUESTIONS, CONTEXTS):
+        mask = torch.ones(1, embeds.shape[0], dtype=torch.long)
+        out = served.generate(inputs_embeds=embeds[None], attention_mask=mask, max_new_tokens=4, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        got.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())
+    assert got == expected
+
+
+def test_rows_that_do_not_add_up_are_refused():
     class NoConfig(MeanPoolMethod):
         name = "meanpool_broken"
 
     with pytest.raises(ValueError, match="config_class"):
         register_method(NoConfig())
+    assert type(peft_ctx.get_method("meanpool")) is MeanPoolMethod  # the refused one changed nothing
 
     class UnknownStage(MeanPoolMethod):
-        def demo_entries(self):
-            return (Entry("meanpool", "Mean-pool", _config, stages={"tiny": {"pretrain": {"steps": 1}}}),)
+        rows_module = "tests.test_fourth_method_rows"
 
-    with pytest.raises(ValueError, match=r"\['pretrain'\].*\['qa'\]"):
-        register_method(UnknownStage())
-    assert type(peft_ctx.get_method("meanpool")) is MeanPoolMethod  # the refused ones changed nothing
+    class NoRows(MeanPoolMethod):
+        rows_module = "tests.helpers"  # a module without ROWS
+
+    import sys
+    import types
+
+    broken = types.ModuleType("tests.test_fourth_method_rows")
+    broken.ROWS = MethodRows(demo=(Entry("meanpool", "Mean-pool", _config, stages={"tiny": {"pretrain": {}}}),))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, broken.__name__, broken)
+        with pytest.raises(ValueError, match=r"\['pretrain'\].*\['qa'\]"):
+            method_rows(UnknownStage())
+    with pytest.raises(ValueError, match="must define ROWS = MethodRows"):
+        method_rows(NoRows())

@@ -13,30 +13,18 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 import peft_ctx
-from tests.helpers import RETRIEVER_DIM, clone, tiny_model
+from tests.helpers import TINY_ROWS, clone, encoder_for, tiny_adapter_config, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-METHODS = {
-    "xrag": lambda: peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM),
-    "spring": lambda: peft_ctx.SpringConfig(num_virtual_tokens=4),
-    "cocom": lambda: peft_ctx.CocomConfig(compression_rate=4, max_passage_tokens=16, lora_r=2),
-}
-
-
-@pytest.fixture(params=sorted(METHODS))
-def saved_adapter(request, tokenizer, tmp_path):
+@pytest.fixture(params=TINY_ROWS)
+def saved_adapter(request, tokenizer, encoder_dir, tmp_path):
     base = tiny_model("llama", tokenizer)
     reference = clone(base)
-    model = get_peft_model(base, METHODS[request.param]())
+    model = get_peft_model(base, tiny_adapter_config(request.param, encoder_dir))
     model.save_pretrained(tmp_path / "adapter")
     return model, reference, tmp_path / "adapter"
-
-
-def encoder_for(model, encoder):
-    """xRAG reads passages through a retriever; SPRING and COCOM read the text themselves."""
-    return encoder if isinstance(model.active_peft_config, peft_ctx.XRAGConfig) else None
 
 
 @pytest.mark.parametrize("bad", ["", "   ", None, 42, ["nested"]])

@@ -10,8 +10,17 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from tests.helpers import changed, gradients_apart, snapshot, tiny_model
-from tests.test_serving import METHODS, _build, _encoder, _perturb
+from tests.helpers import (
+    TINY_ROWS,
+    changed,
+    encoder_for,
+    gradients_apart,
+    perturb,
+    snapshot,
+    tiny_adapter,
+    tiny_adapter_config,
+    tiny_model,
+)
 
 QUESTIONS = ["What colour is the sky?", "Who wrote the letter?"]
 PASSAGES = [["The sky was green all day long in the story."], ["The letter was written by Ada in the spring."]]
@@ -19,21 +28,19 @@ ANSWERS = ["green", "Ada"]
 
 
 # Both kinds of checkpoint on llama; PEFT's usual (reentrant) one on gpt2, whose blocks are built differently.
-CASES = [(m, "llama", r) for m in sorted(METHODS) for r in (True, False)] + [
-    (m, "gpt2", True) for m in sorted(METHODS)
-]
+CASES = [(m, "llama", r) for m in TINY_ROWS for r in (True, False)] + [(m, "gpt2", True) for m in TINY_ROWS]
 
 
 @pytest.mark.parametrize(("method", "arch", "reentrant"), CASES)
 def test_checkpointed_gradients_equal_the_plain_ones(method, arch, reentrant, tokenizer, encoder_dir, encoder):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = _build(method, arch, tokenizer, encoder_dir)
+        model = tiny_adapter(method, arch, tokenizer, encoder_dir)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model.train()
         inputs = peft_ctx.prepare_inputs(
-            model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=_encoder(method, encoder)
+            model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=encoder_for(model, encoder)
         )
         model(**inputs).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
@@ -55,17 +62,17 @@ def test_the_gradient_comparison_tolerates_rounding_and_catches_wrong_gradients(
     assert gradients_apart(want, {n: -t for n, t in want.items()}) == ["big", "small"]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", TINY_ROWS)
 def test_a_bf16_base_trains_a_step_with_fp32_adapter_tensors(method, tokenizer, encoder_dir, encoder):
     base = tiny_model("llama", tokenizer, initializer_range=0.2).to(torch.bfloat16)
-    model = _perturb(get_peft_model(base, METHODS[method](encoder_dir)))  # the tuner keeps its tensors fp32
+    model = perturb(get_peft_model(base, tiny_adapter_config(method, encoder_dir)))  # the tuner keeps its tensors fp32
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     before = snapshot(model)
     model.train()
     inputs = peft_ctx.prepare_inputs(
-        model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=_encoder(method, encoder)
+        model, tokenizer, QUESTIONS, PASSAGES, answers=ANSWERS, encoder=encoder_for(model, encoder)
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**inputs).loss

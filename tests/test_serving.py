@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
-from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import peft_ctx
-from benchmarks.cuda_check import METHODS as CHECKED_METHODS
-from benchmarks.cuda_check import adapter_config
-from tests.helpers import tiny_model, writable
+from tests.helpers import TINY_ROWS, encoder_for, tiny_adapter, tiny_model
 
 QUESTIONS = ["Who keeps the lighthouse?", "What colour is the door of the old mill?", "Where is it?"]
 PASSAGES = [
@@ -24,37 +20,13 @@ PASSAGES = [
 ARCHS = ("llama", "qwen2", "gpt2")
 
 
-def _perturb(model, seed=1):
-    """Random values in every adapter tensor, so that LoRA (zero-initialised B) and the slots change the outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                with writable(param):
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
-
-
-# The five method variants on tiny models, as the prepared CUDA check builds them: METHODS[name](encoder_dir).
-METHODS = {name: functools.partial(adapter_config, name) for name in CHECKED_METHODS}
-
-
-def _build(method, arch, tokenizer, encoder_dir, seed=0):
-    model = get_peft_model(tiny_model(arch, tokenizer, seed=seed, initializer_range=0.2), METHODS[method](encoder_dir))
-    return _perturb(model.eval(), seed=seed + 1)
-
-
-def _encoder(method, encoder):
-    return encoder if method == "xrag" else None
-
-
 @pytest.fixture(scope="module")
 def built(tokenizer, encoder_dir, tmp_path_factory):
     cache = {}
 
     def get(method, arch):
         if (method, arch) not in cache:
-            model = _build(method, arch, tokenizer, encoder_dir)
+            model = tiny_adapter(method, arch, tokenizer, encoder_dir)
             out = tmp_path_factory.mktemp(f"export_{method}_{arch}")
             peft_ctx.export_for_serving(model, str(out), tokenizer=tokenizer, overwrite=True)
             served = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -65,10 +37,10 @@ def built(tokenizer, encoder_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", TINY_ROWS)
 def test_exported_model_generates_what_peft_ctx_generates(method, arch, built, tokenizer, encoder):
     model, served, _ = built(method, arch)
-    enc = _encoder(method, encoder)
+    enc = encoder_for(model, encoder)
     expected = peft_ctx.generate(model, tokenizer, QUESTIONS, PASSAGES, encoder=enc, batch_size=1, max_new_tokens=8)
     embeds = peft_ctx.prompt_embeds(model, tokenizer, QUESTIONS, PASSAGES, encoder=enc)
     got = []
@@ -91,10 +63,10 @@ def test_exported_model_generates_what_peft_ctx_generates(method, arch, built, t
     assert not torch.allclose(base_embeds[prompts[0].slot_mask], prompts[0].embeds[prompts[0].slot_mask])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", TINY_ROWS)
 def test_prompt_embeds_of_a_batch_equal_the_per_question_ones(method, built, tokenizer, encoder):
     model, _, _ = built(method, "llama")
-    enc = _encoder(method, encoder)
+    enc = encoder_for(model, encoder)
     batch = peft_ctx.prompt_embeds(model, tokenizer, QUESTIONS, PASSAGES, encoder=enc)
     for i, question in enumerate(QUESTIONS):
         (single,) = peft_ctx.prompt_embeds(model, tokenizer, [question], [PASSAGES[i]], encoder=enc)
@@ -144,7 +116,7 @@ def test_xrag_and_spring_exports_are_the_unchanged_base(built, tokenizer):
 def test_embeddings_of_another_adapter_are_refused_on_an_export(built, tokenizer, encoder_dir, tmp_path):
     model, _, out = built("xrag", "llama")
     peft_ctx.check_export(model, out)  # its own export passes
-    other = _build("xrag", "llama", tokenizer, encoder_dir, seed=5)
+    other = tiny_adapter("xrag", "llama", tokenizer, encoder_dir, seed=5)
     with pytest.raises(ValueError, match="made for another xrag adapter"):
         peft_ctx.check_export(other, out)
     spring, _, _ = built("spring", "llama")

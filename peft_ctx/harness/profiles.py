@@ -6,10 +6,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..methods import Entry, registered_methods
 from ..training import StageSettings
+from .rows import demo_entries
 
 
 # ---- profiles ----------------------------------------------------------------------------------------------------
@@ -18,7 +17,7 @@ class Profile:
     """How much data and training each run gets. Test questions are always the first ``n_test`` of the test split.
 
     ``stages`` holds every demo entry's training (entry name -> stage name -> ``StageSettings``), read from the
-    methods' own ``demo_entries`` (``Entry.stages[profile name]``) unless given.
+    methods' own demo rows (``Entry.stages[profile name]``, ``peft_ctx.harness.rows``) unless given.
     """
 
     name: str
@@ -45,11 +44,6 @@ class Profile:
                 }
                 for _, entry in demo_entries()
             }
-
-
-def demo_entries() -> list[tuple[Any, Entry]]:
-    """(method, entry) for every registered method's demo rows, in registration order."""
-    return [(method, entry) for method in registered_methods() for entry in method.demo_entries()]
 
 
 def profiles() -> dict[str, Profile]:

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from .. import local_copies
 from ..config import is_int
 from ..distributed import full_shape, gathered
-from ..methods import ContextMethod, Entry, Resources, register_method
-from ..prompting import RAG_TEMPLATE, Part, Slots, check_documents
+from ..methods import ContextMethod, register_method
+from ..prompting import Part, Slots, check_documents
 from .config import SpringConfig
 from .convert import FAMILY
 from .modules import SpringTokens
@@ -26,27 +26,6 @@ _SHARED_OPTIONS = ("encoder", "encode_batch_size")
 TRAINING_OPTIONS = ("virtual_tokens_range",)
 
 
-# The demo's SPRING: 8 tokens, inside text RAG's own prompt right before the question, k drawn from 1..8 per batch.
-_DEMO_TOKENS = 8
-_DEMO_STAGES = {
-    "demo": {"qa": {"steps": 12, "batch_size": 4, "learning_rate": 1e-2, "options": {"virtual_tokens_range": [1, 8]}}},
-    "reproduce": {
-        "qa": {
-            "steps": 100, "batch_size": 4, "learning_rate": 1e-2, "options": {"virtual_tokens_range": [1, 8]},
-            "save_steps": 50,
-        }
-    },
-}  # fmt: skip
-
-
-def _demo_config(resources: Resources) -> SpringConfig:
-    return SpringConfig(
-        num_virtual_tokens=_DEMO_TOKENS,
-        base_model_name_or_path=resources.base_model_name_or_path,
-        prompt_template=RAG_TEMPLATE.replace("\nQuestion:", "\n{virtual}Question:"),
-    )
-
-
 class SpringMethod(ContextMethod):
     name = "spring"
     title = "SPRING"
@@ -54,6 +33,7 @@ class SpringMethod(ContextMethod):
     card_template = "spring.md.j2"
     option_names = OPTIONS
     converters = {"spring": FAMILY}
+    rows_module = "peft_ctx.spring.rows"
 
     # ---- the module ----------------------------------------------------------------------------------------------
     def create_module(self, config: SpringConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
@@ -145,29 +125,6 @@ class SpringMethod(ContextMethod):
         # Scalable training: a fresh k each batch, so that every prefix of the tokens learns to work on its own.
         options["num_virtual_tokens"] = rng.randint(low, high)
         return options
-
-    # ---- registry hooks ------------------------------------------------------------------------------------------
-    def demo_entries(self):
-        return (
-            Entry(
-                "spring",
-                "SPRING + RAG",
-                _demo_config,
-                options={"num_virtual_tokens": _DEMO_TOKENS},
-                stages=_DEMO_STAGES,
-                trains="the virtual tokens",
-            ),
-        )
-
-    def benchmark_entries(self):
-        return (
-            Entry(
-                "spring",
-                "SPRING (50 virtual tokens + text)",
-                lambda resources: SpringConfig(num_virtual_tokens=50),
-                trains="the virtual tokens",
-            ),
-        )
 
 
 def check_options(config: SpringConfig, options: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ from trl import SFTConfig, SFTTrainer
 
 from ..config import is_int
 from ..distributed import partitioned
-from ..hub import push_after_training, take_push_settings
 from .checkpoints import COMPLETE_MARKER
 from .collator import TEACHER_IDS, BudgetReport
 from .scoring import answer_logits, row_mean_nll
@@ -105,8 +104,10 @@ class ContextSFTTrainer(SFTTrainer):
 
     With ``teacher_top_k`` set (and ``a_kl`` > 0) the teacher's top-k log-probs are added to the training rows once,
     here, before the first step (``teacher_cache_seconds`` says how long that took).
-    With ``push_to_hub=True`` the adapter is published by ``peft_ctx.push_to_hub`` with peft_ctx's model card when
-    ``push_to_hub()`` is called (the Trainer's own push would upload trl's card over ours at every save).
+    Pushing is not the trainer's job: with ``push_to_hub=True`` it pushes as trl does (trl's card). peft_ctx's model
+    card comes from ``peft_ctx.push_to_hub(model, repo_id)``, or, around a trainer, from
+    ``peft_ctx.hub.take_push_settings(args)`` before building it and ``peft_ctx.hub.push_after_training(trainer,
+    settings)`` after training, as the ``train/`` scripts do (``peft_ctx.scripts.train_and_save``).
 
     Example::
 
@@ -116,8 +117,6 @@ class ContextSFTTrainer(SFTTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self.hub_settings = take_push_settings(training_args) if training_args is not None else None
         super().__init__(*args, **kwargs)
         collator = self.data_collator
         if hasattr(collator, "model") and collator.model is None:
@@ -188,12 +187,6 @@ class ContextSFTTrainer(SFTTrainer):
             with open(tmp, "w") as f:
                 json.dump({"global_step": self.state.global_step}, f)
             os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
-
-    def push_to_hub(self, commit_message: Optional[str] = None, blocking: bool = True, **kwargs):
-        """Publish the adapter with peft_ctx's card; a no-op unless the arguments asked for ``push_to_hub``."""
-        if commit_message is not None:
-            kwargs["commit_message"] = commit_message
-        return push_after_training(self, self.hub_settings, **kwargs)
 
     def _answer_logits(self, model, inputs: dict, labels: torch.Tensor):
         return answer_logits(model, inputs, labels, answer_span_only=self.args.answer_logits_only)

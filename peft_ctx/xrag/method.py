@@ -8,34 +8,12 @@ import torch
 from torch import nn
 
 from ..distributed import full_shape
-from ..methods import ContextMethod, Entry, PassageIndex, Resources, Target, register_method
+from ..methods import ContextMethod, PassageIndex, register_method
 from ..prompting import Slots, check_documents
 from ..vectors import save_vectors
 from .config import STAGES, XRAGConfig
 from .convert import FAMILY
 from .modules import XRAGProjector
-
-# The demo's training per profile (StageSettings fields by stage): stage 1 on short Wikipedia passages, stage 2 with
-# the cached top-k teacher.
-_DEMO_STAGES = {
-    "demo": {
-        "paraphrase": {"steps": 20, "batch_size": 8, "learning_rate": 3e-3, "max_chars": 200},
-        "instruct": {"steps": 24, "batch_size": 8, "learning_rate": 2e-3, "a_kl": 1.0, "teacher_k": 16},
-    },
-    "reproduce": {
-        "paraphrase": {"steps": 250, "batch_size": 8, "learning_rate": 3e-3, "max_chars": 300, "save_steps": 50},
-        "instruct": {
-            "steps": 200, "batch_size": 8, "learning_rate": 2e-3, "a_kl": 1.0, "teacher_k": 32, "save_steps": 50
-        },
-    },
-}  # fmt: skip
-
-
-def _config(resources: Resources) -> XRAGConfig:
-    return XRAGConfig(
-        base_model_name_or_path=resources.base_model_name_or_path,
-        **{**resources.encoder.describe(), "retriever_name_or_path": resources.encoder_name_or_path},
-    )
 
 
 class XRAGMethod(ContextMethod):
@@ -47,6 +25,7 @@ class XRAGMethod(ContextMethod):
     converters = {"xrag": FAMILY}
     stages = STAGES
     input_names = ("retrieval_embeds",)
+    rows_module = "peft_ctx.xrag.rows"
 
     def create_module(self, config: XRAGConfig, base_embedding: nn.Module, model_config: Any) -> nn.Module:
         return XRAGProjector(
@@ -156,26 +135,6 @@ class XRAGMethod(ContextMethod):
         from .recipe import diagnostics
 
         return diagnostics(model, tokenizer, passages, encoder)
-
-    def demo_entries(self):
-        return (Entry("xrag", "xRAG (1 token)", _config, stages=_DEMO_STAGES),)
-
-    def benchmark_entries(self):
-        return (
-            Entry(
-                "xrag",
-                "xRAG (1 token / document)",
-                lambda resources: XRAGConfig(**resources.encoder.describe()),
-                trains="the projector (retriever vectors precomputed)",
-                targets=(
-                    Target(
-                        "e2e_speedup_vs_rag",
-                        3.53,
-                        source="xRAG's 3.53x is a FLOPs ratio; its measured time speed-up is 1.64x (A100, bf16)",
-                    ),
-                ),
-            ),
-        )
 
 
 def check_vectors(config: XRAGConfig, vectors: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""What every ``train/*.py`` script shares: reading rows, guarding the output folder, the end of a run."""
+"""What every ``train/*.py`` script shares: its common arguments and their parsing, reading rows, guarding the output
+folder, the end of a run (saving, and pushing with peft_ctx's card)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,34 @@ from typing import Any, Optional
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from peft import PeftModel, get_peft_model
+from transformers import AutoTokenizer
+from trl import TrlParser
 
 from . import local_copies
 from .distributed import gathered_adapter_state_dict
 from .hub import push_after_training, take_push_settings
-from .training import ContextSFTTrainer, resolve_resume, save_adapter
+from .methods import get_method
+from .training import ContextSFTConfig, ContextSFTTrainer, resolve_resume, save_adapter
+
+
+@dataclass(kw_only=True)
+class TrainScriptArguments:
+    """The arguments every ``train/*.py`` script takes; each script's ``ScriptArguments`` subclasses it with its own
+    (keyword-only here, so that a script's own required fields may follow these defaults)."""
+
+    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a datasets folder or Hub dataset."})
+    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    adapter_init: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Go on training this saved adapter of the script's method instead of a new one (a second stage "
+            "starts from the first's)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
+    )
 
 
 def load_rows(name: str, split: str = "train", max_examples: Optional[int] = None) -> Dataset:
@@ -49,6 +73,30 @@ def refuse_existing_adapter(output_dir: str, overwrite: bool) -> None:
         raise FileExistsError(
             f"{output_dir} already holds an adapter; pass --overwrite_output_dir true or pick another --output_dir."
         )
+
+
+def collator_settings(training_args) -> dict[str, Any]:
+    """What a script's collator takes from the training arguments: the text-RAG teacher's inputs when ``a_kl`` > 0,
+    ``max_length`` and the seed of its per-row draws."""
+    return {"distill": training_args.a_kl > 0, "max_length": training_args.max_length, "seed": training_args.seed}
+
+
+def parse_script(script_arguments: type, argv: Optional[list[str]] = None):
+    """A script's start: its ``script_arguments``, ``ModelArguments`` and ``ContextSFTConfig`` from the command line
+    or ``--config file.yaml`` (``TrlParser``), refused before any work when ``--output_dir`` already holds an adapter
+    (unless ``--overwrite_output_dir``), and the base model's tokenizer.
+
+    Returns ``(script_args, loading, training_args, tokenizer)``.
+
+    Example::
+
+        script_args, loading, training_args, tokenizer = parse_script(ScriptArguments, ["--config", "run.yaml"])
+    """
+    parser = TrlParser((script_arguments, ModelArguments, ContextSFTConfig))
+    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
+    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(script_args.model_name_or_path))
+    return script_args, loading, training_args, tokenizer
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -150,7 +198,7 @@ def train_and_save(
     tokenizer,
     *,
     script_args: Any,
-    method_title: str,
+    method_title: Optional[str] = None,
     **push_kwargs: Any,
 ) -> str:
     """Train with ``ContextSFTTrainer`` (resuming from the newest complete checkpoint when asked), gather the adapter
@@ -170,7 +218,8 @@ def train_and_save(
     if trainer.is_world_process_zero():
         save_adapter(model, args.output_dir, overwrite=script_args.overwrite_output_dir, state_dict=state)
         tokenizer.save_pretrained(args.output_dir)
-        print(f"Saved the {method_title} adapter to {args.output_dir}")
+        title = method_title or get_method(model.active_peft_config.method).title
+        print(f"Saved the {title} adapter to {args.output_dir}")
         push_after_training(
             trainer, push_settings, training_config={"script": script_args}, tokenizer=tokenizer, **push_kwargs
         )

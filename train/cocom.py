@@ -33,38 +33,22 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from datasets import Dataset
-from transformers import AutoTokenizer, set_seed
-from trl import TrlParser
+from transformers import set_seed
 
 import peft_ctx
+from peft_ctx import scripts
 from peft_ctx.cocom import CocomConfig, recipe
 from peft_ctx.harness.data import load_corpus
-from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import (
-    ModelArguments,
-    build_adapter_model,
-    load_rows,
-    refuse_existing_adapter,
-    require_columns,
-    train_and_save,
-)
-from peft_ctx.training import ContextSFTConfig
 
 STAGES = recipe.STAGES
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
+class ScriptArguments(scripts.TrainScriptArguments):
     dataset_name: str = field(
         metadata={"help": "Stage 1: 'wiki', a text / JSON / JSONL file or datasets folder; stage 2: QA rows."}
     )
     stage: str = field(default="pretrain", metadata={"help": "'pretrain' (stage 1) or 'qa' (stage 2)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a datasets folder or Hub dataset."})
-    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
-    adapter_init: Optional[str] = field(
-        default=None, metadata={"help": "Start from this saved COCOM adapter (stage 2 starts from stage 1)."}
-    )
     compression_rate: int = field(default=16, metadata={"help": "New adapter: tokens per context embedding (xi)."})
     compressor: Optional[str] = field(
         default=None,
@@ -106,9 +90,6 @@ class ScriptArguments:
     )
     max_target_tokens: int = field(default=128, metadata={"help": "Stage 1: at most this many target tokens."})
     top_k: int = field(default=5, metadata={"help": "Stage 2: compress the first k passages of each question."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
-    )
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -122,13 +103,13 @@ def load_passages(name: str, split: str, max_examples: Optional[int]) -> Dataset
     if name == "wiki" or (os.path.isfile(name) and not name.endswith((".json", ".jsonl"))):
         texts = load_corpus(name)
     else:
-        return load_rows(name, split, max_examples)
+        return scripts.load_rows(name, split, max_examples)
     return Dataset.from_dict({"text": texts[:max_examples] if max_examples is not None else texts})
 
 
 def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
     needed = ("text",) if stage == "pretrain" else ("question", "answer", "contexts")
-    require_columns(dataset, needed, f"COCOM stage {stage!r}")
+    scripts.require_columns(dataset, needed, f"COCOM stage {stage!r}")
     if stage == "pretrain":
         return dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
     dataset = dataset.map(lambda row: {"contexts": [c for c in row["contexts"] if c and c.strip()][:top_k]})
@@ -138,7 +119,7 @@ def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
     return kept
 
 
-def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] = None):
+def build_model(script_args: ScriptArguments, loading: Optional[scripts.ModelArguments] = None):
     def make_config():
         return CocomConfig(
             compression_rate=script_args.compression_rate,
@@ -154,22 +135,19 @@ def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] 
             base_model_name_or_path=script_args.model_name_or_path,
         )
 
-    return build_adapter_model(
+    return scripts.build_adapter_model(
         script_args.model_name_or_path, script_args.adapter_init, CocomConfig, make_config, loading
     )
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
-    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
-    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
+    script_args, loading, training_args, tokenizer = scripts.parse_script(ScriptArguments, argv)
     if script_args.stage == "pretrain" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (qa); pretraining has no text-RAG teacher.")
-    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
     if script_args.stage == "pretrain":
         dataset = load_passages(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     else:
-        dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+        dataset = scripts.load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
     dataset = prepare_rows(dataset, script_args.stage, script_args.top_k)
     set_seed(training_args.seed)  # the new adapter's initialisation is part of the run's reproducibility
     model = build_model(script_args, loading)
@@ -178,11 +156,9 @@ def main(argv: Optional[list[str]] = None) -> str:
         config,
         tokenizer,
         script_args.stage,
-        distill=training_args.a_kl > 0,
         autoencode_ratio=script_args.autoencode_ratio,
         max_target_tokens=script_args.max_target_tokens,
-        max_length=training_args.max_length,
-        seed=training_args.seed,
+        **scripts.collator_settings(training_args),
     )
     size = peft_ctx.adapter_size(model)
     print(
@@ -190,14 +166,8 @@ def main(argv: Optional[list[str]] = None) -> str:
         f"{size['parameters']:,} parameters, {size['bytes'] / 2**20:.2f} MiB"
     )
     title = "COCOM-light" if config.is_light else "COCOM"
-    output_dir = train_and_save(
-        model,
-        training_args,
-        dataset,
-        collator,
-        tokenizer,
-        script_args=script_args,
-        method_title=title,
+    output_dir = scripts.train_and_save(
+        model, training_args, dataset, collator, tokenizer, script_args=script_args, method_title=title
     )
     weights = os.path.join(output_dir, "adapter_model.safetensors")
     if os.path.isfile(weights):

@@ -24,21 +24,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
-from transformers import AutoTokenizer, set_seed
-from trl import TrlParser
+from transformers import set_seed
 
 import peft_ctx
-from peft_ctx.local_copies import resolve
-from peft_ctx.scripts import (
-    ModelArguments,
-    build_adapter_model,
-    load_rows,
-    refuse_existing_adapter,
-    require_columns,
-    train_and_save,
-)
+from peft_ctx import scripts
 from peft_ctx.spring.method import check_range
-from peft_ctx.training import ContextDataCollator, ContextSFTConfig
+from peft_ctx.training import ContextDataCollator
 
 COLUMNS = ("question", "answer", "contexts")
 # A new adapter's tokens start from this instruction's token embeddings, as the paper's start from an instruction's
@@ -47,14 +38,8 @@ INIT_INSTRUCTION = "According to the passages above, answer the question below."
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
+class ScriptArguments(scripts.TrainScriptArguments):
     dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
-    adapter_init: Optional[str] = field(
-        default=None, metadata={"help": "Continue training this saved SPRING adapter instead of a new one."}
-    )
     num_virtual_tokens: int = field(default=50, metadata={"help": "N, the number of virtual tokens of a new adapter."})
     min_virtual_tokens: int = field(default=1, metadata={"help": "Smallest k drawn per batch."})
     max_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Largest k drawn per batch (None: N)."})
@@ -81,9 +66,6 @@ class ScriptArguments:
         metadata={
             "help": "Wrap prompts in the tokenizer's chat template; the paper and its released tokens use plain text."
         },
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
     )
 
     def __post_init__(self):
@@ -112,7 +94,7 @@ def choose_passages(row: dict, index: int, low: Optional[int], high: int, seed: 
     return {"contexts": chosen}
 
 
-def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] = None):
+def build_model(script_args: ScriptArguments, loading: Optional[scripts.ModelArguments] = None):
     def make_config():
         return peft_ctx.SpringConfig(
             num_virtual_tokens=script_args.num_virtual_tokens,
@@ -122,18 +104,15 @@ def build_model(script_args: ScriptArguments, loading: Optional[ModelArguments] 
             base_model_name_or_path=script_args.model_name_or_path,
         )
 
-    return build_adapter_model(
+    return scripts.build_adapter_model(
         script_args.model_name_or_path, script_args.adapter_init, peft_ctx.SpringConfig, make_config, loading
     )
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
-    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
-    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
-    dataset = load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
-    require_columns(dataset, COLUMNS, "SPRING training")
+    script_args, loading, training_args, tokenizer = scripts.parse_script(ScriptArguments, argv)
+    dataset = scripts.load_rows(script_args.dataset_name, script_args.dataset_split, script_args.max_examples)
+    scripts.require_columns(dataset, COLUMNS, "SPRING training")
     if script_args.max_passages is not None:
         # Chosen here rather than in the collator, so that a distillation teacher (a_kl > 0) reads the same passages.
         dataset = dataset.map(
@@ -156,20 +135,10 @@ def main(argv: Optional[list[str]] = None) -> str:
         task="qa",
         context_column="contexts",
         text_column="contexts",
-        distill=training_args.a_kl > 0,
-        max_length=training_args.max_length,
-        seed=training_args.seed,
         method_options={"virtual_tokens_range": virtual_tokens_range},
+        **scripts.collator_settings(training_args),
     )
-    return train_and_save(
-        model,
-        training_args,
-        dataset,
-        collator,
-        tokenizer,
-        script_args=script_args,
-        method_title="SPRING",
-    )
+    return scripts.train_and_save(model, training_args, dataset, collator, tokenizer, script_args=script_args)
 
 
 if __name__ == "__main__":

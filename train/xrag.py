@@ -27,20 +27,19 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from accelerate import PartialState
-from transformers import AutoTokenizer, set_seed
-from trl import TrlParser
+from transformers import set_seed
 
 import peft_ctx
-from peft_ctx.local_copies import resolve
 from peft_ctx.scripts import (
     ModelArguments,
+    TrainScriptArguments,
     build_adapter_model,
+    collator_settings,
     load_rows,
-    refuse_existing_adapter,
+    parse_script,
     resolve_dtype,
     train_and_save,
 )
-from peft_ctx.training import ContextSFTConfig
 from peft_ctx.vectors import VECTOR_DTYPES
 from peft_ctx.xrag import recipe
 from peft_ctx.xrag.config import OFFICIAL_EVAL_TEMPLATE, OFFICIAL_TRAIN_TEMPLATE
@@ -50,18 +49,12 @@ OFFICIAL_TEMPLATES = {"official_train": OFFICIAL_TRAIN_TEMPLATE, "official_eval"
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str = field(metadata={"help": "Base causal LM: Hub id (or a local copy of it) or folder."})
+class ScriptArguments(TrainScriptArguments):
     encoder_name_or_path: str = field(
         metadata={"help": "Frozen retriever: sentence-transformers / transformers Hub id or folder."}
     )
     dataset_name: str = field(metadata={"help": "JSON/JSONL file, datasets folder, or Hub dataset id."})
     stage: str = field(default="instruct", metadata={"help": "'paraphrase' (stage 1) or 'instruct' (stage 2)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    max_examples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
-    adapter_init: Optional[str] = field(
-        default=None, metadata={"help": "Start from this saved xRAG adapter (stage 2 starts from stage 1)."}
-    )
     projector_type: str = field(default="mlp2x_gelu", metadata={"help": "Projector for a new adapter: 'mlpNx_gelu'."})
     encoder_pooling: Optional[str] = field(
         default=None, metadata={"help": "Pooling override: mean, cls, last_token, max (default: the model's own)."}
@@ -94,9 +87,6 @@ class ScriptArguments:
             "tokens, one slot per chunk (official xRAG: 180); 0 or less: one vector per passage. A continued adapter "
             "keeps its own."
         },
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing the adapter into a folder that already holds one."}
     )
 
     def __post_init__(self):
@@ -136,10 +126,7 @@ def build_model(script_args: ScriptArguments, encoder: peft_ctx.Encoder, loading
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = TrlParser((ScriptArguments, ModelArguments, ContextSFTConfig))
-    script_args, loading, training_args = parser.parse_args_and_config(args=argv)
-    refuse_existing_adapter(training_args.output_dir, script_args.overwrite_output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(script_args.model_name_or_path))
+    script_args, loading, training_args, tokenizer = parse_script(ScriptArguments, argv)
     if script_args.stage == "paraphrase" and training_args.a_kl > 0:
         raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
     # The frozen retriever runs on this process's training device, in the base model's dtype.
@@ -170,23 +157,11 @@ def main(argv: Optional[list[str]] = None) -> str:
     )
     encoder.model.to("cpu")  # its work is done; the GPU memory goes to training
     collator = recipe.collator(
-        config,
-        tokenizer,
-        script_args.stage,
-        distill=training_args.a_kl > 0,
-        max_length=training_args.max_length,
-        seed=training_args.seed,
-        vector_index=index,
+        config, tokenizer, script_args.stage, vector_index=index, **collator_settings(training_args)
     )
+    retriever = script_args.encoder_name_or_path  # named on the card
     return train_and_save(
-        model,
-        training_args,
-        dataset,
-        collator,
-        tokenizer,
-        script_args=script_args,
-        method_title="xRAG",
-        retriever=script_args.encoder_name_or_path,
+        model, training_args, dataset, collator, tokenizer, script_args=script_args, retriever=retriever
     )
 
 

@@ -71,7 +71,7 @@ demo: install
 	$(PY) -m peft_ctx.harness.demo
 
 reproduce: install
-	$(PY) -m peft_ctx.harness.demo --profile reproduce --resume
+	$(PY) -m peft_ctx.harness.demo --profile reproduce --resume --readme README.md
 
 bench: install
 	$(PY) -m benchmarks.run

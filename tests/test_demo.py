@@ -270,10 +270,18 @@ def test_the_demo_takes_any_model_encoder_data_and_corpus_and_retrieves_missing_
     )
     monkeypatch.setattr(demo, "profiles", lambda: {"demo": tiny_profile(controls=False)})
     out = tmp_path / "out"
+    from peft_ctx.harness import readme
+
+    (tmp_path / "README.md").write_text(f"# Tiny\n\n{readme.START}\n{readme.END}\n\n## After\n")
     payload = demo.main(
         ["--methods", "xrag", "--output_dir", str(out), "--base_model", str(base_dir), "--encoder"]
         + [encoder.name_or_path, "--data", str(data), "--corpus", str(corpus), "--threads", "1"]
+        + ["--results", str(tmp_path / "results.json"), "--readme", str(tmp_path / "README.md")]
     )
+    table = (tmp_path / "README.md").read_text()  # the run's table, written by the harness into the block
+    assert f"From `results.json` (`--profile {payload['profile']}`): 4 held-out test questions" in table
+    assert table.endswith("<!-- /results -->\n\n## After\n")
+    assert readme.results_section(payload, "results.json") in table
     assert payload["sources"]["data"] == str(data) and payload["task"].startswith(str(data))
     assert [r["method"] for r in payload["rows"]] == ["no_retrieval", "rag", "xrag"]
     assert all(r["n_test"] == 4 for r in payload["rows"])

@@ -3,9 +3,11 @@ points at something real."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
+import pytest
 import torch
 
 from tests.helpers import tiny_model
@@ -87,3 +89,22 @@ def test_every_code_block_link_and_command_in_the_readme_and_docs_points_at_some
             assert os.path.exists(resolved), (path, target)
             if anchor and resolved.endswith(".md"):
                 assert anchor in _anchors(resolved), (path, target)
+
+
+def test_the_readme_results_table_is_what_the_harness_writes_from_the_committed_results(tmp_path):
+    from peft_ctx.harness import readme
+
+    results = os.path.join(os.path.dirname(README), "benchmarks", "results", "demo.json")
+    text = open(README).read()
+    section = readme.results_section(json.load(open(results)), "benchmarks/results/demo.json")
+    assert section in text and "| COCOM xi=16 | 40.0% |" in section
+    copy = tmp_path / "README.md"
+    copy.write_text(text)
+    assert not readme.update_readme(str(copy), results, "benchmarks/results/demo.json")  # nothing edited by hand
+    # A hand edit inside the block is written over; text around it is kept.
+    copy.write_text(text.replace("| 36.0% | 33.0% |", "| 99.0% | 33.0% |").replace("## Install", "## Installing"))
+    assert readme.update_readme(str(copy), results, "benchmarks/results/demo.json")
+    assert copy.read_text() == text.replace("## Install", "## Installing")
+    copy.write_text("# A README without the block\n")
+    with pytest.raises(ValueError, match="has no results block"):
+        readme.update_readme(str(copy), results)

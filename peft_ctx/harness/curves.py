@@ -163,3 +163,29 @@ def plot(curves: dict[str, list[dict]], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def entry_curve(model, method, entry, ctx, work_dir: str) -> Optional[LearningCurve]:
+    """The demo's curve of one entry (``ctx``: the demo's ``DemoContext``): a LearningCurve on the validation questions
+    and passages (None when the profile asks for no curve or the data has no validation split), measured once
+    untrained."""
+    if not (ctx.profile.curve_points and ctx.validation_rows):
+        if ctx.profile.curve_points:
+            print("no learning curve: the data has no validation split", flush=True)
+        return None
+    measure = probe(
+        ctx.tokenizer,
+        lambda m: harness.AdapterRunner(
+            name=entry.name,
+            label=entry.label,
+            adapter_name=m.active_adapter,
+            encoder=ctx.encoder if method.uses_encoder else None,
+            options=dict(entry.options),
+            serve=False,
+        ),
+        ctx.validation_rows,
+        ctx.profile.curve_passages,
+    )
+    curve = LearningCurve(measure, ctx.profile.curve_points, os.path.join(work_dir, "learning_curve.json"), model)
+    curve.measure("untrained", 0)
+    return curve

@@ -43,6 +43,7 @@ from . import assets, curves
 from . import eval as harness
 from .data import load_corpus, load_qa, pretraining_passages
 from .profiles import Profile, auto_threads, override, profiles
+from .readme import update_readme
 from .rows import Entry, Resources, demo_entries
 
 DEMO_MARKER = ".peft_ctx_demo"
@@ -228,7 +229,7 @@ def run(
             print(f"trainable parameters: {trainable:,}", flush=True)
             work_dir = os.path.join(output_dir, "work", entry.name)
             stages = profile.stages.get(entry.name, {})
-            curve = _learning_curve(model, method, entry, ctx, work_dir)
+            curve = curves.entry_curve(model, method, entry, ctx, work_dir)
             callbacks = [curve] if curve else []
             reports = train_method(
                 method, model, ctx.tokenizer, data, stages, work_dir, seed=profile.seed, callbacks=callbacks
@@ -378,33 +379,6 @@ def run(
     return result_payload
 
 
-def _learning_curve(model, method, entry: Entry, ctx: DemoContext, work_dir: str):
-    """The entry's LearningCurve on the validation questions and passages (None when the profile asks for no curve or
-    the data has no validation split), measured once untrained."""
-    if not (ctx.profile.curve_points and ctx.validation_rows):
-        if ctx.profile.curve_points:
-            print("no learning curve: the data has no validation split", flush=True)
-        return None
-    measure = curves.probe(
-        ctx.tokenizer,
-        lambda m: harness.AdapterRunner(
-            name=entry.name,
-            label=entry.label,
-            adapter_name=m.active_adapter,
-            encoder=ctx.encoder if method.uses_encoder else None,
-            options=dict(entry.options),
-            serve=False,
-        ),
-        ctx.validation_rows,
-        ctx.profile.curve_passages,
-    )
-    curve = curves.LearningCurve(
-        measure, ctx.profile.curve_points, os.path.join(work_dir, "learning_curve.json"), model
-    )
-    curve.measure("untrained", 0)
-    return curve
-
-
 def _write_curves(curves_by_entry: dict, ctx: DemoContext, sources: Sources, results_path: Optional[str]) -> None:
     """learning_curves.json / .png in the output folder (and beside ``results_path``), rewritten after every entry."""
     payload = {
@@ -439,6 +413,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "--results",
         default=None,
         help="also write the results JSON here (reproduce default: benchmarks/results/demo.json)",
+    )
+    parser.add_argument(
+        "--readme", default=None, help="at the end, rewrite this README's results block from --results"
     )
     parser.add_argument("--overwrite", action="store_true", help="reuse an --output_dir the demo did not create")
     parser.add_argument(
@@ -488,9 +465,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results = os.path.join("benchmarks", "results", "demo.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     output_dir = args.output_dir or os.path.join("outputs", profile.name)
-    return run(
+    if args.readme and not results:
+        raise SystemExit("--readme writes the table from the results JSON: give --results too.")
+    outcome = run(
         profile, output_dir, methods, results, args.overwrite, overrides=args.set, resume=args.resume, sources=sources
     )
+    if args.readme and update_readme(args.readme, results):
+        print(f"rewrote the results block of {args.readme}")
+    return outcome
 
 
 if __name__ == "__main__":

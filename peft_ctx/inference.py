@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -366,6 +366,24 @@ def _generate_settings(tokenizer, max_new_tokens: Optional[int], given: dict[str
 
 
 @torch.no_grad()
+def decode_batches(
+    model, tokenizer, batches: Iterable[dict[str, torch.Tensor]], gen_kwargs: dict[str, Any], max_new_tokens: int,
+    engine=None,
+) -> list[str]:  # fmt: skip
+    """The one batching loop of ``generate``, ``generate_baseline`` and the evaluation harness: each left-padded
+    batch of model inputs decoded by ``model.generate(**gen_kwargs)``, or its prompts by ``engine``; the answers in
+    order, as stripped text."""
+    answers: list[str] = []
+    for inputs in batches:
+        if engine is not None:
+            answers.extend(engine_answers(engine, model, tokenizer, batch_prompts(model, inputs), max_new_tokens))
+            continue
+        output = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
+        answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
+    return answers
+
+
+@torch.no_grad()
 def generate_baseline(
     model,
     tokenizer,
@@ -394,20 +412,17 @@ def generate_baseline(
     if engine is not None:
         engine.check_settings(given)
         engine.check_base(model)
-    answers: list[str] = []
-    with model.disable_adapter():
+
+    def batches():
         for start in range(0, len(questions), batch_size):
             stop = start + batch_size
             examples = text_examples(
                 config, tokenizer, questions[start:stop], None if contexts is None else contexts[start:stop]
             )
-            inputs = collate(config, examples, tokenizer, max_length=context_length(model), device=model_device(model))
-            if engine is not None:
-                answers.extend(engine_answers(engine, model, tokenizer, batch_prompts(model, inputs), max_new_tokens))
-                continue
-            output = model.generate(**inputs, **gen_kwargs)
-            answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
-    return answers
+            yield collate(config, examples, tokenizer, max_length=context_length(model), device=model_device(model))
+
+    with model.disable_adapter():
+        return decode_batches(model, tokenizer, batches(), gen_kwargs, max_new_tokens, engine)
 
 
 @torch.no_grad()
@@ -447,30 +462,15 @@ def generate(
     if engine is not None:
         engine.check_settings(given)
         engine.check_model(model)
+    if engine is not None and model.base_model.context_layer().disable_adapters:
+        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
     if show_progress is None:
         show_progress = len(questions) > 4 * batch_size
-    answers: list[str] = []
-    for start in tqdm(range(0, len(questions), batch_size), desc="Generating", disable=not show_progress):
-        stop = start + batch_size
-        if engine is not None:
-            prompts = serving_prompts(
-                model,
-                tokenizer,
-                questions[start:stop],
-                None if contexts is None else contexts[start:stop],
-                encoder=encoder,
-                **options,
-            )
-            answers.extend(engine_answers(engine, model, tokenizer, prompts, max_new_tokens))
-            continue
-        inputs = prepare_inputs(
-            model,
-            tokenizer,
-            questions[start:stop],
-            None if contexts is None else contexts[start:stop],
-            encoder=encoder,
-            **options,
-        )
-        output = model.generate(**inputs, **gen_kwargs)  # [batch, prompt + new]
-        answers.extend(decode_new(tokenizer, output, inputs["input_ids"].shape[1]))
-    return answers
+
+    def batches():
+        for start in tqdm(range(0, len(questions), batch_size), desc="Generating", disable=not show_progress):
+            stop = start + batch_size
+            batch_contexts = None if contexts is None else contexts[start:stop]
+            yield prepare_inputs(model, tokenizer, questions[start:stop], batch_contexts, encoder=encoder, **options)
+
+    return decode_batches(model, tokenizer, batches(), gen_kwargs, max_new_tokens, engine)

@@ -16,7 +16,7 @@ from ..inference import (
     batch_prompts,
     collate,
     context_length,
-    decode_new,
+    decode_batches,
     engine_answers,
     model_device,
 )
@@ -73,18 +73,15 @@ def generate_answers(
     engine=None,
 ) -> list[str]:
     """Greedy answers, batched with left padding (``engine``: the same prompts decoded by that engine)."""
-    answers: list[str] = []
     gen = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
-    with runner.activate(model):
+
+    def batches():
         for start in tqdm(range(0, len(rows), batch_size), desc=f"Generating: {runner.label}", disable=not progress):
             examples = runner.examples(model, tokenizer, rows[start : start + batch_size])
-            batch = _batch(runner, model, tokenizer, examples, padding_side="left")
-            if engine is not None:
-                answers.extend(engine_answers(engine, model, tokenizer, batch_prompts(model, batch), max_new_tokens))
-                continue
-            output = model.generate(**batch, **gen)
-            answers.extend(decode_new(tokenizer, output, batch["input_ids"].shape[1]))
-    return answers
+            yield _batch(runner, model, tokenizer, examples, padding_side="left")
+
+    with runner.activate(model):
+        return decode_batches(model, tokenizer, batches(), gen, max_new_tokens, engine)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""SPRING on tiny random models of every supported architecture, with SmolLM2's real tokenizer."""
+"""SPRING on tiny random models of every supported architecture, with SmolLM2's real tokenizer (what every method's
+adapter keeps, save / load, batching, the KV cache ...: tests/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from peft import PeftConfig, PeftModel, get_peft_model
 import peft_ctx
 from peft_ctx.harness import assets
 from peft_ctx.inference import generate_baseline
-from peft_ctx.layer import ContextEmbedding
 from peft_ctx.prompting import IGNORE_INDEX
 from peft_ctx.spring import SpringMethod
 from peft_ctx.spring.convert import convert_official_spring
@@ -28,7 +28,6 @@ from tests.helpers import (
     clone,
     cpu_sft_config,
     load_train_script,
-    positions,
     sft_trainer,
     snapshot,
     tiny_model,
@@ -55,17 +54,12 @@ def tokens_of(model):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_the_adapter_is_one_n_by_d_matrix_and_nothing_else(arch, tokenizer):
-    model, _ = spring_model(arch, tokenizer)
+def test_the_adapter_is_n_tokens_and_the_first_k_sit_between_the_passages_and_the_question(arch, tokenizer):
+    model, reference = spring_model(arch, tokenizer)
     hidden = model.get_base_model().get_input_embeddings().weight.shape[1]
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    assert list(trainable.values()) == [(N, hidden)]
+    assert list(trainable.values()) == [(N, hidden)]  # one N x d matrix and nothing else
     assert list(trainable)[0].endswith(".ctx_modules.default.virtual_tokens")
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_the_first_k_tokens_sit_between_the_passages_and_the_question(arch, tokenizer):
-    model, reference = spring_model(arch, tokenizer)
     weight = tokens_of(model).detach()
     for k in (1, 3, N):
         inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=k)
@@ -119,76 +113,16 @@ def test_no_retrieval_generation_is_the_frozen_model_and_k_zero_is_text_rag(toke
         ours = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         theirs = reference.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_save_and_load_round_trip_gives_identical_logits(arch, tokenizer, tmp_path):
-    model, reference = spring_model(arch, tokenizer)
-    with torch.no_grad():
-        tokens_of(model).normal_(generator=torch.Generator().manual_seed(1))  # not a copy of base rows
-    inputs = {k: peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=k) for k in (2, N)}
-    with torch.no_grad():
-        expected = {k: model(**v).logits for k, v in inputs.items()}
-    model.save_pretrained(tmp_path)
-    config = PeftConfig.from_pretrained(tmp_path)
-    assert isinstance(config, peft_ctx.SpringConfig) and config.num_virtual_tokens == N
-    loaded = PeftModel.from_pretrained(clone(reference), tmp_path)
-    with torch.no_grad():
-        for k, v in inputs.items():
-            assert torch.equal(loaded(**v).logits, expected[k])
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_batched_generation_with_left_padding_matches_one_by_one(arch, tokenizer):
-    model, _ = spring_model(arch, tokenizer, seed=1)
-    with torch.no_grad():
-        tokens_of(model).mul_(20)  # large enough to steer a tiny random model
-    k = 4
-    batch = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=k)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-        batch_logits = model(**batch, position_ids=positions(batch)).logits[:, -1]
-        for i, (q, p) in enumerate(zip(QUESTIONS, PASSAGES)):
-            one = peft_ctx.prepare_inputs(model, tokenizer, [q], [p], num_virtual_tokens=k)
-            single = model.generate(**one, max_new_tokens=4, do_sample=False)
-            assert torch.equal(single[0, one["input_ids"].shape[1] :], out[i, batch["input_ids"].shape[1] :])
-            torch.testing.assert_close(model(**one).logits[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
-
-
-def test_kv_cache_generation_equals_generation_without_cache(tokenizer):
-    model, _ = spring_model("mistral", tokenizer, seed=2)
-    inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=3)
-    with torch.no_grad():
-        cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)
-        uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
-
-
-def test_a_spring_and_an_xrag_adapter_share_one_base_and_switch(tokenizer, tmp_path):
-    spring, reference = spring_model("llama", tokenizer)
-    xrag = get_peft_model(clone(reference), peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
-    spring.save_pretrained(tmp_path / "spring")
-    xrag.save_pretrained(tmp_path / "xrag")
+    # Next to an xRAG adapter on the same base (switching: tests/test_contract.py), SPRING active is still the frozen
+    # model without passages, and refuses retrieval vectors.
+    model.add_adapter("xrag", peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
+    model.set_adapter("xrag")
+    model.set_adapter("default")
     vectors = [torch.randn(len(p) or 1, RETRIEVER_DIM, generator=torch.Generator().manual_seed(0)) for p in PASSAGES]
-    spring_inputs = peft_ctx.prepare_inputs(spring, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=3)
-    xrag_inputs = peft_ctx.prepare_inputs(xrag, tokenizer, QUESTIONS, vectors)
+    with pytest.raises(ValueError, match="SPRING reads passages as text"):
+        peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
     with torch.no_grad():
-        expected_spring, expected_xrag = spring(**spring_inputs).logits, xrag(**xrag_inputs).logits
-
-    model = PeftModel.from_pretrained(clone(reference), tmp_path / "spring", adapter_name="spring")
-    model.load_adapter(tmp_path / "xrag", adapter_name="xrag")
-    with torch.no_grad():
-        assert torch.equal(model(**spring_inputs).logits, expected_spring)
-        model.set_adapter("xrag")
-        inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
-        assert torch.equal(model(**inputs).logits, expected_xrag)
-        model.set_adapter("spring")
-        with pytest.raises(ValueError, match="SPRING reads passages as text"):
-            peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, vectors)
-        inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=3)
-        assert torch.equal(model(**inputs).logits, expected_spring)
-        plain = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS)
-        assert torch.equal(model(**plain).logits, reference(**plain).logits)
+        assert torch.equal(model(**inputs).logits, reference(**inputs).logits)
 
 
 # ---- initialisation -------------------------------------------------------------------------------------------
@@ -207,12 +141,17 @@ def test_tokens_start_from_the_embeddings_of_init_text_and_reload_without_the_to
     repeated = torch.tensor((ids * N)[:N])
     with torch.no_grad():
         assert torch.equal(tokens_of(model), reference.get_input_embeddings()(repeated))
+        tokens_of(model).normal_(generator=torch.Generator().manual_seed(1))  # trained: not the init_text rows now
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     saved["tokenizer_name_or_path"] = str(tmp_path / "no-such-tokenizer")
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     loaded = PeftModel.from_pretrained(clone(reference), tmp_path, is_trainable=True)
-    assert torch.equal(tokens_of(loaded), tokens_of(model))
+    assert torch.equal(tokens_of(loaded), tokens_of(model)) and loaded.peft_config["default"].num_virtual_tokens == N
+    with torch.no_grad():
+        for k in (2, N):  # any k reads the first k of the same tokens (save / load of every method: test_contract.py)
+            inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, PASSAGES, num_virtual_tokens=k)
+            assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_default_initialisation_copies_vocabulary_embeddings(tokenizer):
@@ -463,15 +402,6 @@ def test_bad_config_values_are_named_in_the_error(kwargs, message):
         peft_ctx.SpringConfig(**kwargs)
 
 
-def test_unload_returns_the_untouched_base_model(tokenizer):
-    model, reference = spring_model("gpt2", tokenizer)
-    base = model.unload()
-    assert not isinstance(base.get_input_embeddings(), ContextEmbedding)
-    ids = tokenizer(["a question"], return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(base(ids).logits, reference(ids).logits)
-
-
 def test_the_docs_spring_example_runs_as_written(tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = open(os.path.join(REPO, "docs", "spring.md")).read()
@@ -497,13 +427,13 @@ def test_the_docs_spring_example_runs_as_written(tokenizer, tmp_path, monkeypatc
 def test_train_script_loads_the_base_in_bf16_with_the_adapter_in_fp32(tokenizer, tmp_path, monkeypatch):
     script, base_dir, data = script_setup(tokenizer, tmp_path, monkeypatch)
     built = []
-    build_adapter_model = script.build_adapter_model
+    build_adapter_model = script.scripts.build_adapter_model
 
     def recorded(*args, **kwargs):  # the script's own build_model, its base model and adapter kept for the checks
         built.append(build_adapter_model(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(script, "build_adapter_model", recorded)
+    monkeypatch.setattr(script.scripts, "build_adapter_model", recorded)
     argv = [
         "--config", "train/configs/spring.yaml", "--model_name_or_path", str(base_dir), "--dataset_name", str(data),
         "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",

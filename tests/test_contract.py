@@ -26,8 +26,9 @@ layers); several adapters, bf16 and the hidden size on llama. One adapter per ro
 (``case``) and shared read-only; a test that changes a model changes a copy. Logits are compared at the prompt's last
 ``KEEP`` positions.
 
-Tolerances: save / load, switching adapters, disabling and unloading run the same weights through the same path and
-are compared exactly (``torch.equal``). A batch against one by one and a cached decoding step against a full forward
+Tolerances: save / load and switching adapters run the same weights through the same path and are compared exactly
+(``torch.equal``); disabling and unloading are compared with the separate base model, another object, within
+``ACROSS_OBJECTS``. A batch against one by one and a cached decoding step against a full forward
 run other kernels (other shapes, other padding), so their logits are compared with ``CROSS_PATH``.
 """
 
@@ -74,6 +75,9 @@ KEEP = 8
 # decoding step's at most 6.6e-5 from the full forward's on llama and gpt2 (3.6e-4 on mixtral, COCOM with a separate
 # compressor LoRA, where one step amplifies the rounding).
 CROSS_PATH = dict(rtol=1e-4, atol=1e-3)
+# The same weights in two objects (the adapter's model and the separate base): equal bit for bit on the AMX Xeon,
+# not under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (within this tolerance there, this session).
+ACROSS_OBJECTS = dict(rtol=1e-5, atol=1e-5)
 
 # Every row on every architecture; llama and gpt2 first, so that the shorter lists are prefixes of this one: pytest
 # groups the tests by the index of the module-scoped ``case`` parameter and builds each adapter once.
@@ -101,6 +105,13 @@ class Case:
         """The base model's on the same token ids.  # [batch, KEEP, vocab]"""
         with torch.no_grad():
             return self.base(**plain(self.inputs)).logits
+
+
+def assert_same_as_base(got: torch.Tensor, base: torch.Tensor) -> None:
+    """The adapter's model (disabled, unloaded or emptied) against the separate base model: the same weights in
+    another object, whose matrix products may round otherwise (seen on AVX2 kernels: ATEN_CPU_CAPABILITY=avx2), so
+    within ``ACROSS_OBJECTS``; any real leak of the adapter moves logits by far more."""
+    torch.testing.assert_close(got, base, **ACROSS_OBJECTS)
 
 
 def plain(inputs: dict) -> dict:
@@ -204,9 +215,9 @@ def test_the_disabled_adapter_gives_exactly_the_base_model_logits(case):
     model, inputs = case.model, case.inputs
     assert not torch.equal(case.logits, case.base_logits)  # enabled, the adapter changes the logits
     with model.disable_adapter():
-        assert torch.equal(forward(model, inputs), case.base_logits)  # the context inputs are ignored
+        assert_same_as_base(forward(model, inputs), case.base_logits)  # the context inputs are ignored
         with torch.no_grad():
-            assert torch.equal(model(**plain(inputs)).logits, case.base_logits)  # and LoRA is off too
+            assert_same_as_base(model(**plain(inputs)).logits, case.base_logits)  # and LoRA is off too
     assert torch.equal(forward(model, inputs), case.logits)  # enabled again on leaving
 
 
@@ -358,11 +369,11 @@ def test_unload_and_deleting_the_adapter_give_back_the_base_model(case):
     assert not isinstance(unloaded.get_input_embeddings(), ContextEmbedding)
     assert {name for name, _ in unloaded.named_parameters()} == {name for name, _ in case.base.named_parameters()}
     with torch.no_grad():
-        assert torch.equal(unloaded(**plain(case.inputs)).logits, case.base_logits)
+        assert_same_as_base(unloaded(**plain(case.inputs)).logits, case.base_logits)
 
     model = clone(case.model)
     model.delete_adapter("default")
     ours, _ = adapter_tensors(model, case.base)
     assert not ours
     with torch.no_grad():  # PEFT's own forward needs an adapter: the wrapped transformers model
-        assert torch.equal(model.base_model.model(**plain(case.inputs)).logits, case.base_logits)
+        assert_same_as_base(model.base_model.model(**plain(case.inputs)).logits, case.base_logits)

@@ -1,9 +1,9 @@
-"""The rows a method contributes to the harness: the demo's table, the speed benchmark's and the tiny test
-configurations that the tests, the CUDA check and the planner's activation fit build.
+"""The rows a method contributes to the harness: the demo's table, the speed benchmark's, the tiny test
+configurations (the tests, the CUDA check) and the paper-scale training setting (the planner).
 
 A method declares them in a module of its own folder (``peft_ctx/<method>/rows.py``) and names that module in
 ``ContextMethod.rows_module``; only the harness imports it, so the library never loads harness code. The module
-defines ``ROWS = MethodRows(demo=(...), benchmark=(...), tiny=(...))``.
+defines ``ROWS = MethodRows(demo=(...), benchmark=(...), tiny=(...), paper=(...))``.
 
 Example::
 

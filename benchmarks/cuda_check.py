@@ -125,13 +125,6 @@ def adapter_config(method: str, encoder_dir: str):
     return tiny_configs(encoder_dir)[method]()
 
 
-def uses_encoder(config) -> bool:
-    """Whether the adapter reads retriever vectors (xRAG), so that prompts need the encoder."""
-    import peft_ctx
-
-    return peft_ctx.get_method(config.method).uses_encoder
-
-
 def tiny_base(tokenizer, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -192,6 +185,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
     from peft import get_peft_model
 
     import peft_ctx
+    from peft_ctx.harness.rows import reads_retriever
 
     config = adapter_config(method, encoder_dir)
     reference = get_peft_model(tiny_base(tokenizer, torch.float32), config)
@@ -201,7 +195,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
     trained = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
-    cpu_encoder = peft_ctx.Encoder(encoder_dir) if uses_encoder(config) else None
+    cpu_encoder = peft_ctx.Encoder(encoder_dir) if reads_retriever(config) else None
     ref_loss, ref_grads = gradients(reference, tokenizer, cpu_encoder, None)
 
     model = get_peft_model(tiny_base(tokenizer, dtype).to(device), adapter_config(method, encoder_dir))
@@ -211,7 +205,7 @@ def check_method(method: str, tokenizer, encoder_dir: str, device: torch.device,
                 param.copy_(trained[name])
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    encoder = peft_ctx.Encoder(encoder_dir, device=str(device)) if uses_encoder(config) else None
+    encoder = peft_ctx.Encoder(encoder_dir, device=str(device)) if reads_retriever(config) else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

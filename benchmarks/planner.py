@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaC
 
 import peft_ctx
 from peft_ctx.harness import assets
-from peft_ctx.harness.rows import Entry, Resources, paper_entries
+from peft_ctx.harness.rows import Entry, Resources, encoder_for, paper_entries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Mistral-7B-Instruct-v0.2's config (its config.json); SFR-Embedding-Mistral has the same decoder (no LM head).
@@ -129,9 +129,8 @@ def workload_tokens(row: Entry, tokenizer, encoder, encoder_dir) -> int:
 
 
 def _inputs(model, tokenizer, encoder, passages, question: str, answer: str) -> dict:
-    method = peft_ctx.get_method(model.active_peft_config.method)
     return peft_ctx.prepare_inputs(
-        model, tokenizer, [question], passages, answers=[answer], encoder=encoder if method.uses_encoder else None
+        model, tokenizer, [question], passages, answers=[answer], encoder=encoder_for(model, encoder)
     )
 
 

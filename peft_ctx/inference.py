@@ -243,6 +243,12 @@ class ServingPrompt:
 
 
 @torch.no_grad()
+def _require_enabled(model) -> None:
+    # An engine is sent the adapter's embeddings; disabled, the prompts would silently be the base model's.
+    if model.base_model.context_layer().disable_adapters:
+        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
+
+
 def serving_prompts(
     model,
     tokenizer,
@@ -254,9 +260,7 @@ def serving_prompts(
 ) -> list[ServingPrompt]:
     """The prompts of ``peft_ctx.generate`` as an engine receives them: per question its token ids, slot mask and
     input-embedding sequence (see ``prompt_embeds``)."""
-    layer = model.base_model.context_layer()
-    if layer.disable_adapters:
-        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
+    _require_enabled(model)
     inputs = prepare_inputs(model, tokenizer, questions, contexts, encoder=encoder, padding_side="left", **options)
     return batch_prompts(model, inputs)
 
@@ -462,8 +466,7 @@ def generate(
     if engine is not None:
         engine.check_settings(given)
         engine.check_model(model)
-    if engine is not None and model.base_model.context_layer().disable_adapters:
-        raise ValueError("The adapter is disabled (inside disable_adapter()); its embeddings cannot be built there.")
+        _require_enabled(model)
     if show_progress is None:
         show_progress = len(questions) > 4 * batch_size
 

@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from peft_ctx.harness.rows import tiny_configs
+from peft_ctx.harness.rows import encoder_for, tiny_configs  # noqa: F401 (encoder_for: the tests')
 from peft_ctx.harness.tiny import RETRIEVER_DIM  # noqa: F401 (the tests' retriever width, the tiny encoder's)
 
 ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gpt2")
@@ -162,13 +162,6 @@ def tiny_adapter(row: str, arch: str, tokenizer, encoder_dir: str, seed: int = 0
 
     base = tiny_model(arch, tokenizer, seed=seed, initializer_range=0.2)
     return perturb(get_peft_model(base, tiny_adapter_config(row, encoder_dir)).eval(), seed=seed + 1)
-
-
-def encoder_for(model, encoder):
-    """``encoder`` when the model's active adapter reads retriever vectors (xRAG), else None."""
-    import peft_ctx
-
-    return encoder if peft_ctx.get_method(model.active_peft_config.method).uses_encoder else None
 
 
 def clone(model):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..methods import ContextMethod, registered_methods
+from ..methods import ContextMethod, get_method, registered_methods
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ def method_rows(method: ContextMethod) -> MethodRows:
                 f"not have; its stages are {list(method.stages)} (ContextMethod.stages)."
             )
     return rows
+
+
+def reads_retriever(config) -> bool:
+    """Whether an adapter of ``config`` reads retriever vectors (xRAG), so that its prompts need the encoder."""
+    return get_method(config.method).uses_encoder
+
+
+def encoder_for(model, encoder):
+    """``encoder`` when ``model``'s active adapter reads retriever vectors (xRAG), else None: what a row's prompts
+    pass as ``encoder=``."""
+    return encoder if reads_retriever(model.active_peft_config) else None
 
 
 def _entries(kind: str) -> list[tuple[ContextMethod, Entry]]:

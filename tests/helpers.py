@@ -142,7 +142,7 @@ def gradients_apart(
 def tiny_adapter_config(row: str, encoder_dir: str):
     """The config of tiny row ``row`` (one of ``TINY_ROWS``, or a method registered since); ``encoder_dir``: the tiny
     encoder (COCOM-light's compressor)."""
-    return tiny_configs(encoder_dir, RETRIEVER_DIM)[row]()
+    return tiny_configs(encoder_dir)[row]()
 
 
 def perturb(model, seed: int = 1):

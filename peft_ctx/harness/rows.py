@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..methods import ContextMethod, get_method, registered_methods
+from .tiny import RETRIEVER_DIM
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,10 @@ def paper_entries() -> list[tuple[ContextMethod, Entry]]:
     return _entries("paper")
 
 
-def tiny_configs(encoder_dir: Optional[str] = None, retriever_hidden_size: int = 32) -> dict[str, Callable[[], Any]]:
+def tiny_configs(
+    encoder_dir: Optional[str] = None, retriever_hidden_size: int = RETRIEVER_DIM
+) -> dict[str, Callable[[], Any]]:
     """``{row name: () -> config}`` of every tiny row: the variants the tests and the CUDA check run on tiny models
-    (``encoder_dir``: the tiny encoder, ``peft_ctx.harness.tiny.tiny_encoder_dir``, 32 wide)."""
+    (``encoder_dir``: the tiny encoder, ``peft_ctx.harness.tiny.tiny_encoder_dir``, ``RETRIEVER_DIM`` wide)."""
     resources = Resources(encoder_name_or_path=encoder_dir, retriever_hidden_size=retriever_hidden_size)
     return {entry.name: functools.partial(entry.make_config, resources) for _, entry in tiny_entries()}

@@ -50,7 +50,7 @@ def _export(bench, method, out: str) -> bool:
 def llama_cpp_engines(bench) -> dict:
     """Each method's export converted to GGUF (``bench.gguf_type``), loaded by a ``LlamaCppEngine`` sized for the
     largest batch."""
-    from peft_ctx.harness.serving import to_gguf
+    from peft_ctx.serving import to_gguf
 
     work = tempfile.mkdtemp(prefix="peft_ctx_bench_engines_")
     engines = {}
@@ -71,7 +71,7 @@ def llama_cpp_engines(bench) -> dict:
 def vllm_engines(bench) -> dict:
     """Each method's export served by vLLM (``bench.vllm_dtype``): the methods whose export is the unchanged base
     model (the baselines, xRAG, SPRING) share one server; each COCOM has its own (decoder LoRA merged)."""
-    from peft_ctx.harness.vllm_env import vllm_python
+    from peft_ctx.serving import vllm_python
 
     python = vllm_python()
     if python is None:

@@ -26,9 +26,9 @@ import peft_ctx
 from peft_ctx.harness import assets
 from peft_ctx.harness.fast import greedy_generate, weight_bytes
 from peft_ctx.harness.llama_cpp_build import read_stamp
-from peft_ctx.harness.serving import to_gguf
 from peft_ctx.inference import ServingPrompt, template_examples
 from peft_ctx.prompting import RAG_TEMPLATE, pad_examples, pad_token_id
+from peft_ctx.serving import to_gguf
 
 from .common import DEFAULT_MODEL, load_model, machine, median, set_threads, write_report
 from .workload import build_workload

@@ -172,7 +172,7 @@ class Bench:
         self.engines: dict[str, object] = {}  # llama.cpp, per method
         self.vllm: dict[str, object] = {}  # vLLM, per method
         self.engine_names = ENGINE_SETS.get(settings.engine, [settings.engine])
-        self.vllm_dtype = peft_ctx.engines.default_dtype() if settings.vllm_dtype == "auto" else settings.vllm_dtype
+        self.vllm_dtype = peft_ctx.serving.default_dtype() if settings.vllm_dtype == "auto" else settings.vllm_dtype
         self.gguf_type, self.gguf_source = (
             engine_rows.recommended_gguf_type()
             if settings.gguf_type == "auto"

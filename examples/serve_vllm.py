@@ -35,7 +35,7 @@ import peft_ctx
 from peft_ctx.harness.assets import resolve
 from peft_ctx.harness.data import load_qa
 from peft_ctx.harness.metrics import generation_scores
-from peft_ctx.harness.vllm_env import vllm_python
+from peft_ctx.serving import vllm_python
 
 
 def load_adapter(adapter: str, dtype=torch.float32):

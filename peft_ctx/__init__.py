@@ -20,12 +20,11 @@ from .config import ContextConfig
 from .converting import convert
 from .distributed import gathered_adapter_state_dict
 from .encoders import Encoder
-from .engines import LlamaCppEngine, VllmEngine
 from .inference import generate, generate_baseline, prepare_inputs
 from .layer import ContextEmbedding
 from .methods import ContextMethod, get_method, register_method, registered_methods
 from .model import ContextModel
-from .serving import check_export, export_for_serving, prompt_embeds
+from .serving import LlamaCppEngine, VllmEngine, check_export, export_for_serving, prompt_embeds
 from .vectors import load_vectors, save_vectors
 from .version import __version__
 

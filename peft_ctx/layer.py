@@ -14,13 +14,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .methods import get_method
+from .methods import MERGE_MESSAGE, get_method
 
-MERGE_MESSAGE = (
-    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time, "
-    "which no weight delta can do. Only the LoRA layers an adapter adds to the LLM (COCOM's decoder LoRA) merge, "
-    "with model.merge_adapter() for faster decoding; model.unload() gives the unchanged base model back."
-)
 # An adapter's companion weight sets (see ContextMethod.companion_roles) sit in PEFT layers as "<adapter>__<role>";
 # in the saved file they become "<role>", so an adapter loads under any name.
 COMPANION_SEP = "__"

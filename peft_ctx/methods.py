@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 _METHODS: dict[str, ContextMethod] = {}
 
+MERGE_MESSAGE = (
+    "peft_ctx adapters cannot be merged into the base weights: they replace context-slot embeddings at run time, "
+    "which no weight delta can do. Only the LoRA layers an adapter adds to the LLM (COCOM's decoder LoRA) merge, "
+    "with model.merge_adapter() for faster decoding; model.unload() gives the unchanged base model back."
+)
+
 
 @dataclass
 class PassageIndex:
@@ -128,6 +134,19 @@ class ContextMethod:
     ) -> torch.Tensor:
         """Embeddings for every context slot in row-major order of ``context_mask``.  # [n_slots, hidden]"""
         raise NotImplementedError
+
+    # ---- merging: the weight deltas an adapter adds to the LLM (COCOM's decoder LoRA) -----------------------------
+    def merge(self, model: nn.Module, adapter_name: str, safe_merge: bool = False) -> None:
+        """Fold ``adapter_name``'s weight delta into the base weights of ``model`` (``merge_adapter``); a method whose
+        adapter only fills context slots has none and refuses."""
+        raise ValueError(f"Adapter {adapter_name!r} ({self.name}) adds no LoRA layer to the LLM. {MERGE_MESSAGE}")
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Take every delta of this method's adapters back out of the base weights (``unmerge_adapter``)."""
+
+    def merged_adapters(self, model: nn.Module) -> set[str]:
+        """This method's adapters whose deltas sit in the base weights now."""
+        return set()
 
     # ---- prompt side -------------------------------------------------------------------------------------------
     def prompt_fields(

@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import torch
 from accelerate import init_empty_weights
-from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
@@ -22,8 +21,8 @@ from torch import nn
 
 from ._registration import PREFIX
 from .distributed import full_shape
-from .layer import COMPANION_SEP, MERGE_MESSAGE, ContextEmbedding, companion_name
-from .methods import all_input_names, get_method
+from .layer import COMPANION_SEP, ContextEmbedding, companion_name
+from .methods import MERGE_MESSAGE, ContextMethod, all_input_names, get_method
 
 
 class ContextModel(BaseTuner):
@@ -211,29 +210,32 @@ class ContextModel(BaseTuner):
             raise ValueError("The peft_ctx layer is missing from the model's input embedding (was it unloaded?).")
         return layer
 
-    # ---- merging: only the LoRA layers a method injects have a weight delta --------------------------------------
+    # ---- merging: only the weight deltas a method adds to the LLM (COCOM's decoder LoRA), through its hooks -------
     def _check_merge_allowed(self):
         # merge_and_unload would drop the context layer along with the LoRA layers: the slots would read token text.
         raise ValueError(MERGE_MESSAGE)
 
-    def _lora_layers(self, adapter_name: Optional[str] = None) -> list[nn.Module]:
-
-        return [
-            module
-            for module in self.model.modules()
-            if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.lora_A)
-        ]
+    def _methods(self) -> list[ContextMethod]:
+        """The methods of this model's adapters, each once."""
+        return list({config.method: get_method(config.method) for config in self.peft_config.values()}.values())
 
     def merged_lora_adapters(self) -> list[str]:
         """Adapters whose LoRA weights are merged into the base weights now (by ``merge_adapter``)."""
-        return sorted({name for layer in self._lora_layers() for name in layer.merged_adapters})
+        return sorted({name for method in self._methods() for name in method.merged_adapters(self.model)})
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Fold the active adapter's decoder LoRA (COCOM) into the base weights: decoding then runs at the base
-        model's speed, with the context slots still filled at run time. Undo with ``unmerge_adapter()``.
+        """Fold the active adapter's weight delta (COCOM's decoder LoRA) into the base weights: decoding then runs at
+        the base model's speed, with the context slots still filled at run time. Undo with ``unmerge_adapter()``.
+        Adapters that only fill context slots (xRAG, SPRING) have no delta and refuse.
 
         A separate compressor LoRA stays unmerged, so compressing passages needs ``unmerge_adapter()`` first (or an
         index compressed beforehand); training needs it too, since merged LoRA weights get no gradient.
+
+        Example::
+
+            model.merge_adapter()
+            answers = peft_ctx.generate(model, tokenizer, questions, index.select(ids))  # a CompressedIndex
+            model.unmerge_adapter()
         """
         active = self.context_layer().active_method_adapter()
         if adapter_names is None:
@@ -247,19 +249,12 @@ class ContextModel(BaseTuner):
                     f"Adapter {name!r} is not the active one ({active!r}); merge only the active adapter, or "
                     f"model.set_adapter({name!r}) first."
                 )
-            layers = self._lora_layers(name)
-            if not layers:
-                method = self.peft_config[name].method
-                raise ValueError(f"Adapter {name!r} ({method}) adds no LoRA layer to the LLM. {MERGE_MESSAGE}")
-            for layer in layers:
-                if name not in layer.merged_adapters:
-                    layer.merge(safe_merge=safe_merge, adapter_names=[name])
+            get_method(self.peft_config[name].method).merge(self.model, name, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        """Take every merged LoRA back out of the base weights (the inverse of ``merge_adapter``)."""
-        for layer in self._lora_layers():
-            if layer.merged:
-                layer.unmerge()
+        """Take every merged delta back out of the base weights (the inverse of ``merge_adapter``)."""
+        for method in self._methods():
+            method.unmerge(self.model)
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
         if not merge:

@@ -44,7 +44,10 @@ class TrainScriptArguments:
 
 
 def load_rows(name: str, split: str = "train", max_examples: Optional[int] = None) -> Dataset:
-    """A JSON / JSONL file, a folder written by ``datasets``, or a Hub dataset id; at most ``max_examples`` rows."""
+    """A JSON / JSONL file, a folder written by ``datasets``, or a Hub dataset id (or its local copy, listed in
+    ``peft_ctx.local_copies``: ``wiki``, the offline Wikipedia paragraphs, after ``make install``); at most
+    ``max_examples`` rows."""
+    name = local_copies.resolve(name)
     if os.path.isfile(name):
         rows = load_dataset("json", data_files=name, split="train")
     elif os.path.isdir(name):

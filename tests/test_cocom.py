@@ -210,7 +210,7 @@ def test_merged_decoder_lora_gives_the_same_logits_and_unmerging_restores_the_ba
     index = peft_ctx.compress(model, tokenizer, [p for ps in PASSAGES for p in ps], batch_size=4)
     contexts = index.select([[0, 1], [2], [3, 4, 5]])
     inputs = peft_ctx.prepare_inputs(model, tokenizer, QUESTIONS, contexts)
-    lora_layers = model.base_model._lora_layers()
+    lora_layers = peft_ctx.cocom.merging.lora_layers(model)
     before = [layer.get_base_layer().weight.clone() for layer in lora_layers]
     with torch.no_grad():
         expected = model(**inputs).logits

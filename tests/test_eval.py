@@ -16,10 +16,11 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_ctx
+from peft_ctx import local_copies
 from peft_ctx.cocom import CompressedPassage
 from peft_ctx.harness import assets, data, metrics
 from peft_ctx.harness import eval as harness
-from tests.helpers import RETRIEVER_DIM, tiny_model
+from tests.helpers import RETRIEVER_DIM, load_train_script, tiny_model
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
 
@@ -170,6 +171,19 @@ def test_bigbench_inputs_become_question_passage_and_candidates(tmp_path, monkey
 def test_the_wiki_corpus_reads_the_packaged_summaries():
     corpus = data.load_corpus("wiki", max_chars=400)
     assert len(corpus) > 1000 and all(0 < len(text) <= 400 for text in corpus)
+
+
+def test_the_training_scripts_read_the_wiki_corpus_as_its_listed_local_copy(tmp_path, monkeypatch):
+    """`make install` lists the paragraphs as the dataset ``wiki`` (train/configs/cocom_pretrain.yaml's), so the
+    scripts load it like any dataset, without the harness."""
+    monkeypatch.setenv("PEFT_CTX_CACHE", str(tmp_path))
+    monkeypatch.setenv("PEFT_CTX_LOCAL_COPIES", str(tmp_path / "local_copies.json"))
+    local_copies.register("wiki", assets.wiki_dataset_dir())
+    script = load_train_script("cocom", monkeypatch)
+    assert script.load_passages("wiki", "train", 7)["text"] == data.load_corpus("wiki")[:7]
+    from peft_ctx import scripts
+
+    assert scripts.load_rows("wiki")["text"] == data.load_corpus("wiki")
 
 
 # ---- assets ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The arrows the design allows between peft_ctx's rooms, read from every import statement of the package (those
 inside functions too): the library never reaches the harness, the benchmarks or the tests; training never reaches
 the hub (pushing is the scripts' job); a method folder reaches neither serving, the engines, the hub nor the harness,
-except its ``rows.py``, the harness's plug-in that only the harness imports (``ContextMethod.rows_module``)."""
+except its ``rows.py``, the harness's plug-in that only the harness imports (``ContextMethod.rows_module``). The
+``train/`` scripts are the library's users: they reach neither the harness nor the benchmarks."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def forbidden(module: str, names: set[str]) -> list[str]:
             len(parts) > 1
             and parts[1] in METHOD_FOLDERS
             and not rows_plugin
-            and name.startswith(("peft_ctx.serving", "peft_ctx.engines", "peft_ctx.hub"))
+            and name.startswith(("peft_ctx.serving", "peft_ctx.hub"))
         ):
             bad.append(name)
     return bad
@@ -67,6 +68,18 @@ def test_no_module_of_the_package_crosses_a_forbidden_arrow():
         bad = forbidden(module, imported(path.read_text(), module, is_package))
         if bad:
             crossings[module] = bad
+    assert not crossings, crossings
+
+
+def test_the_training_scripts_use_the_library_only():
+    scripts = sorted((PACKAGE.parent / "train").glob("*.py"))
+    assert scripts
+    crossings = {}
+    for path in scripts:
+        names = imported(path.read_text(), f"train.{path.stem}")
+        bad = sorted(n for n in names if n.startswith(("peft_ctx.harness", "benchmarks", "tests")))
+        if bad:
+            crossings[path.name] = bad
     assert not crossings, crossings
 
 

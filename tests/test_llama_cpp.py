@@ -14,7 +14,7 @@ import pytest
 from peft import get_peft_model
 
 import peft_ctx
-from peft_ctx.harness.serving import to_gguf
+from peft_ctx.serving import to_gguf
 from tests.helpers import assert_engine_agrees, assert_engine_refuses, cpkc_rows, every_method, tiny_model
 
 if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") == "1":

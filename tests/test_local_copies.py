@@ -82,9 +82,10 @@ def test_the_library_loads_without_the_harness_plots_or_gguf_and_never_runs_pip(
     core = [p for p in (REPO / "peft_ctx").rglob("*.py") if "harness" not in p.parts]
     runs_pip = re.compile(r"[\"']pip[\"']|pip install[\"']|os\.system|[\"']-m[\"'], [\"']pip")
     assert core and not [str(p) for p in core if runs_pip.search(p.read_text())]
-    # The one process the core starts is vLLM's server (VllmEngine); installing anything is the harness's job.
+    # The processes the core starts: vLLM's server (VllmEngine) and llama.cpp's GGUF converter (to_gguf); installing
+    # anything is the harness's job.
     spawns = {p.relative_to(REPO).as_posix() for p in core if re.search(r"subprocess|os\.system", p.read_text())}
-    assert spawns == {"peft_ctx/engines/vllm_server.py"}
+    assert spawns == {"peft_ctx/serving/vllm_server.py", "peft_ctx/serving/gguf.py"}
 
 
 def test_import_peft_ctx_loads_no_trainer_and_no_hub_client_until_they_are_used():
@@ -93,7 +94,7 @@ def test_import_peft_ctx_loads_no_trainer_and_no_hub_client_until_they_are_used(
         "print(sorted(m for m in ('trl', 'peft_ctx.training', 'peft_ctx.hub') if m in sys.modules))\n"
         "from peft_ctx import load, push_to_hub\n"
         "import peft_ctx.cocom\n"
-        "peft_ctx.cocom.CocomPretrainingCollator\n"
+        "peft_ctx.cocom.CocomPretrainingCollator, peft_ctx.xrag.XRAGParaphraseCollator\n"
         "print(sorted(m for m in ('trl', 'peft_ctx.training', 'peft_ctx.hub') if m in sys.modules), callable(load))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")

@@ -138,7 +138,7 @@ def test_a_converted_checkpoint_serves_its_prompt_embeddings_and_through_llama_c
 
     if os.environ.get("PEFT_CTX_REQUIRE_ENGINES") != "1":
         pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
-    from peft_ctx.harness.serving import to_gguf
+    from peft_ctx.serving import to_gguf
 
     peft_ctx.export_for_serving(model, str(tmp_path / "export"), tokenizer=fixture_tokenizer)
     # f32 weights: the engine then differs from torch by summation order only (~1e-6, on any CPU), far below the

@@ -102,7 +102,7 @@ def test_cocom_export_has_the_decoder_lora_merged(method, built, tokenizer, enco
 
 
 def _base_state(model):
-    return peft_ctx.serving._served_state_dict(model.get_base_model())
+    return peft_ctx.serving.export._served_state_dict(model.get_base_model())
 
 
 def test_xrag_and_spring_exports_are_the_unchanged_base(built, tokenizer):

@@ -23,7 +23,7 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
-from peft_ctx.harness.vllm_env import vllm_python
+from peft_ctx.serving import vllm_python
 from tests import fake_vllm
 from tests.helpers import assert_engine_agrees, assert_engine_refuses, cpkc_rows, every_method, tiny_model
 
@@ -142,8 +142,8 @@ def test_the_engine_refuses_prompts_it_cannot_serve(fake, spring_export, tokeniz
 
 
 def test_one_command_serves_an_export(fake, spring_export, tokenizer, monkeypatch):
-    """python -m peft_ctx.harness.serving vllm EXPORT: the server in the foreground, which a plain client reads."""
-    from peft_ctx.engines.vllm_server import _free_port
+    """python -m peft_ctx.serving vllm EXPORT: the server in the foreground, which a plain client reads."""
+    from peft_ctx.serving.vllm_server import _free_port
 
     model, out = spring_export
     monkeypatch.setenv("PEFT_CTX_VLLM_PYTHON", sys.executable)
@@ -151,7 +151,7 @@ def test_one_command_serves_an_export(fake, spring_export, tokenizer, monkeypatc
     command = [
         sys.executable,
         "-m",
-        "peft_ctx.harness.serving",
+        "peft_ctx.serving",
         "vllm",
         out,
         "--port",
@@ -180,7 +180,7 @@ def test_one_command_serves_an_export(fake, spring_export, tokenizer, monkeypatc
 def test_a_failure_names_the_first_error_of_the_servers_log(tmp_path):
     """vLLM's worker logs the root cause, then every process above it its own failure; the message leads with the
     cause (the log's end follows), not with a warning's quoted error or the final EngineDeadError."""
-    from peft_ctx.engines.vllm_server import _tail
+    from peft_ctx.serving.vllm_server import _tail
 
     log = tmp_path / "server.log"
     log.write_text(
@@ -193,7 +193,7 @@ def test_a_failure_names_the_first_error_of_the_servers_log(tmp_path):
 
 
 def test_default_dtype_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
-    from peft_ctx.engines import vllm_server
+    from peft_ctx.serving import vllm_server
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(vllm_server, "cpu_flags", lambda: {"avx2", "fma"})

@@ -17,6 +17,7 @@ import peft_ctx
 from peft_ctx.convert import main as convert_main
 from peft_ctx.training import ContextDataCollator, ContextSFTConfig
 from peft_ctx.xrag.convert import convert_official_xrag
+from peft_ctx.xrag.recipe import XRAGParaphraseCollator
 from tests.helpers import RETRIEVER_DIM, changed, clone, cpu_sft_config, sft_trainer, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,9 +81,7 @@ def test_paraphrase_pretraining_puts_loss_on_the_document_tokens_only(tokenizer)
     base = tiny_model("llama", tokenizer)
     model = get_peft_model(base, peft_ctx.XRAGConfig(retriever_hidden_size=RETRIEVER_DIM))
     rows = [{"text": "The lighthouse was built in 1874.", "retrieval_embeds": torch.randn(1, RETRIEVER_DIM).tolist()}]
-    collator = ContextDataCollator(
-        model.active_peft_config, tokenizer, task="paraphrase", context_column="retrieval_embeds", text_column="text"
-    )
+    collator = XRAGParaphraseCollator(model.active_peft_config, tokenizer)
     batch = collator(rows)
     answer = batch["labels"][0][batch["labels"][0] != -100]
     assert tokenizer.decode(answer) == "The lighthouse was built in 1874.<|im_end|>"

@@ -21,7 +21,8 @@ command line too (--max_steps 50); all of ``peft_ctx.training.ContextSFTConfig``
 kl_temperature, teacher_top_k) is available; a_kl > 0 in stage 2 distils from the frozen LLM reading the passages as
 text. The stages and their batches are ``peft_ctx.cocom.recipe``'s, which the demo runs too.
 
-Data: stage 1 takes "wiki" (10,033 Wikipedia lead paragraphs, offline), a text file (one passage a line), a JSON /
+Data: stage 1 takes "wiki" (10,033 Wikipedia lead paragraphs, offline: ``make install`` lists them in
+``peft_ctx.local_copies``), a text file (one passage a line), a JSON /
 JSONL file or a ``datasets`` folder with a ``text`` column; stage 2 a JSON / JSONL file or ``datasets`` folder with
 ``question``, ``answer`` and ``contexts`` (the retrieved passages, best first).
 """
@@ -38,7 +39,6 @@ from transformers import set_seed
 import peft_ctx
 from peft_ctx import scripts
 from peft_ctx.cocom import CocomConfig, recipe
-from peft_ctx.harness.data import load_corpus
 
 STAGES = recipe.STAGES
 
@@ -99,12 +99,13 @@ class ScriptArguments(scripts.TrainScriptArguments):
 
 
 def load_passages(name: str, split: str, max_examples: Optional[int]) -> Dataset:
-    """Stage-1 rows: the offline Wikipedia paragraphs, a text file of passages, or rows with a ``text`` column."""
-    if name == "wiki" or (os.path.isfile(name) and not name.endswith((".json", ".jsonl"))):
-        texts = load_corpus(name)
-    else:
-        return scripts.load_rows(name, split, max_examples)
-    return Dataset.from_dict({"text": texts[:max_examples] if max_examples is not None else texts})
+    """Stage-1 rows: a text file of passages (one a line), or rows with a ``text`` column (``scripts.load_rows``: a
+    JSON / JSONL file, a datasets folder, a Hub dataset, or ``wiki``, the offline Wikipedia paragraphs)."""
+    if os.path.isfile(name) and not name.endswith((".json", ".jsonl")):
+        with open(name) as f:
+            texts = [line.strip() for line in f if line.strip()]
+        return Dataset.from_dict({"text": texts[:max_examples] if max_examples is not None else texts})
+    return scripts.load_rows(name, split, max_examples)
 
 
 def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:

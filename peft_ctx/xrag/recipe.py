@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from datasets import Dataset
 
+from ..inference import with_resources
+from ..methods import get_method
+from ..prompting import Example, tokenize_parts
 from ..training import (
     ContextDataCollator,
     StageReport,
@@ -30,6 +34,64 @@ from ..vectors import VectorIndex, build_vector_index
 from .config import STAGES
 
 VECTORS = "retrieval_embeds"
+
+# Stage-1 paraphrase instructions (our wording; the paper's are paraphrase requests too, not requests for a verbatim
+# copy); "{context}" is where the document's slots go.
+PARAPHRASE_TEMPLATES = (
+    "Background: {context} means the same as",
+    "{context}\nSay the text above in other words.",
+    "Here is a document: {context}\nParaphrase it.",
+    "{context}\nWhat does this passage say? Answer in your own words.",
+    "Read this: {context}\nNow put it differently.",
+    "Document: {context}\nRephrase the document.",
+    "{context}\nExpress the information above in other words.",
+    "Text: {context}\nParaphrase the text.",
+    "The following passage {context} can be rephrased as:",
+    "{context}\nRestate the passage above in your own words.",
+    "Passage: {context}\nReword the passage.",
+    "In other words, {context} says that",
+    "{context}\nExplain what this says, in different words.",
+)
+
+
+@dataclass
+class XRAGParaphraseCollator(ContextDataCollator):
+    """Stage-1 rows -> batches for ``ContextSFTTrainer``: the document's retriever vector in ``context_column`` fills
+    the slot of a paraphrase instruction (one of ``PARAPHRASE_TEMPLATES``, drawn per row from the seed and the
+    batch's texts), and the answer is the document's text in ``text_column`` (NLL on the text only).
+
+    Example::
+
+        dataset, index = encode_documents([{"text": t} for t in texts], encoder, "paraphrase")
+        collator = XRAGParaphraseCollator(model.active_peft_config, tokenizer, vector_index=index)
+        batch = collator(dataset.select(range(8)).to_list())
+    """
+
+    tasks: ClassVar[tuple[str, ...]] = ("paraphrase",)
+    task: str = "paraphrase"
+    context_column: str = VECTORS
+    text_column: str = "text"
+
+    def examples(self, rows: list[dict]) -> list[Example]:
+        return [self.example(row) for row in rows]
+
+    def example(self, row: dict) -> Example:
+        """One row's tokenised example: the instruction around the document's slot, the document's text as answer."""
+        method = get_method(self.config.method)
+        options = with_resources(self.config, self._options(), tokenizer=self.tokenizer, model=self.model)
+        docs = method.prepare_docs(self.config, [self._docs(row)], options)[0]
+        fields, payload = method.prompt_fields(self.config, docs, options)
+        before, after = self._rng.choice(PARAPHRASE_TEMPLATES).split("{context}")
+        parts = [before, *fields["context"], after]
+        example = tokenize_parts(
+            self.tokenizer,
+            [p for p in parts if not (isinstance(p, str) and not p)],
+            system_prompt=self.config.system_prompt,
+            use_chat_template=self.config.use_chat_template,
+            answer=row[self.text_column],
+        )
+        example.context = payload
+        return example
 
 
 def text_column(stage: str) -> str:
@@ -84,14 +146,10 @@ def collator(config, tokenizer, stage: str, *, distill: bool = False, **kwargs: 
     """The batches of one stage: vectors in, the document text (stage 1) or the answer (stage 2) out."""
     if stage == "paraphrase" and distill:
         raise ValueError("a_kl > 0 is for stage 2 (instruct); stage 1 trains on the document text with NLL only.")
+    if stage == "paraphrase":
+        return XRAGParaphraseCollator(config, tokenizer, **kwargs)
     return ContextDataCollator(
-        config,
-        tokenizer,
-        task="qa" if stage == "instruct" else "paraphrase",
-        context_column=VECTORS,
-        text_column=text_column(stage),
-        distill=distill,
-        **kwargs,
+        config, tokenizer, context_column=VECTORS, text_column=text_column(stage), distill=distill, **kwargs
     )
 
 

@@ -35,14 +35,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 
 from ..inference import ServingPrompt
-from .common import EngineTimings, GreedyEngine, cpu_flags, read_serving_info
+from .engine import EngineTimings, GreedyEngine, check_positive, cpu_flags, read_serving_info
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -54,6 +54,31 @@ def default_dtype() -> str:
     if torch.cuda.is_available():
         return "bfloat16"
     return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+# What `make vllm` (peft_ctx.harness.vllm_env) writes into the venv it built: its versions, and that it is complete.
+VENV_STAMP = ".peft-ctx-vllm.json"
+
+
+def vllm_venv() -> str:
+    """Where ``make vllm`` builds vLLM's venv: ``$PEFT_CTX_VLLM_VENV``, else beside this one (``.venv`` ->
+    ``.venv-vllm``)."""
+    return os.path.abspath(os.environ.get("PEFT_CTX_VLLM_VENV") or sys.prefix.rstrip("/") + "-vllm")
+
+
+def vllm_python(venv: Optional[str] = None) -> Optional[str]:
+    """The interpreter to run vLLM's server with: ``$PEFT_CTX_VLLM_PYTHON``, else that of the venv ``make vllm``
+    built (None if there is none).
+
+    Example::
+
+        engine = peft_ctx.VllmEngine("served", python=peft_ctx.serving.vllm_python())
+    """
+    if os.environ.get("PEFT_CTX_VLLM_PYTHON"):
+        return os.environ["PEFT_CTX_VLLM_PYTHON"]
+    venv = venv or vllm_venv()
+    python = os.path.join(venv, "bin", "python")
+    return python if os.path.isfile(os.path.join(venv, VENV_STAMP)) and os.access(python, os.X_OK) else None
 
 
 def _free_port() -> int:
@@ -184,9 +209,7 @@ class VllmEngine(GreedyEngine):
             config = json.load(f)
         config = config.get("text_config", config)
         max_model_len = max_model_len or min(2048, config.get("max_position_embeddings") or 2048)
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; use a positive integer.")
+        check_positive(max_num_seqs=max_num_seqs, max_model_len=max_model_len)
         self.dtype = dtype or default_dtype()
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(_DTYPE_BYTES)} (or None: default_dtype()).")
@@ -373,19 +396,10 @@ class VllmEngine(GreedyEngine):
             raise RuntimeError(f"vLLM's server refused a request ({error.code}): {detail}{self._log_tail()}") from None
         return tokens, time.perf_counter() - began if first is None else first
 
-    def generate_prompts(
-        self,
-        prompts: Sequence[ServingPrompt],
-        max_new_tokens: int,
-        eos_token_ids: Iterable[int] = (),
-        min_new_tokens: int = 0,
+    def _greedy(
+        self, prompts: Sequence[ServingPrompt], max_new_tokens: int, stop: set[int], min_new_tokens: int
     ) -> list[list[int]]:
-        """Greedy decoding of each prompt: at most ``max_new_tokens``, stopping at an end token once
-        ``min_new_tokens`` are out (end tokens are not returned); the new token ids of each prompt."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
-        stop = sorted(set(eos_token_ids))
-        bodies = [self._request(p, max_new_tokens, stop, min_new_tokens) for p in prompts]
+        bodies = [self._request(p, max_new_tokens, sorted(stop), min_new_tokens) for p in prompts]
         if not bodies:
             return []
         began = time.perf_counter()

@@ -30,10 +30,10 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .fingerprint import adapter_digest, adapter_fingerprint
-from .inference import ServingPrompt, active_config, serving_prompts
-from .methods import get_method
-from .version import __version__
+from ..fingerprint import adapter_digest, adapter_fingerprint
+from ..inference import ServingPrompt, active_config, serving_prompts
+from ..methods import get_method
+from ..version import __version__
 
 __all__ = [
     "ServingPrompt",

@@ -2,7 +2,7 @@
 
 It serves the model that ``export_for_serving`` wrote, converted to GGUF; the ``peft_ctx_serving.json`` beside the
 GGUF says which adapter's embeddings it takes. llama.cpp comes from the ``llama-cpp-python`` package, built for this
-CPU by ``make install`` (the ``serving`` extra); ``python -m peft_ctx.harness.serving gguf EXPORT_DIR`` converts an
+CPU by ``make install`` (the ``serving`` extra); ``python -m peft_ctx.serving gguf EXPORT_DIR`` converts an
 export with the converter that ships with llama.cpp.
 
 Example::
@@ -16,14 +16,14 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..inference import ServingPrompt
-from .common import EngineTimings, GreedyEngine, read_serving_info
+from .engine import EngineTimings, GreedyEngine, check_positive, read_serving_info
 
 _INSTALL_HINT = (
     "llama.cpp's Python binding (llama-cpp-python) is not installed: `make install` builds it for this CPU, or "
@@ -59,7 +59,7 @@ class LlamaCppEngine(GreedyEngine):
     """
 
     name = "llama.cpp"
-    export_hint = "the GGUF of a peft_ctx.export_for_serving folder (python -m peft_ctx.harness.serving gguf DIR)"
+    export_hint = "the GGUF of a peft_ctx.export_for_serving folder (python -m peft_ctx.serving gguf DIR)"
     base_hint = "the base model's GGUF"
 
     def __init__(
@@ -75,11 +75,9 @@ class LlamaCppEngine(GreedyEngine):
     ) -> None:
         if not os.path.isfile(model_path):
             raise ValueError(
-                f"No GGUF file at {model_path!r}; convert an export with python -m peft_ctx.harness.serving gguf DIR."
+                f"No GGUF file at {model_path!r}; convert an export with python -m peft_ctx.serving gguf DIR."
             )
-        for name, value in (("n_ctx", n_ctx), ("n_seq_max", n_seq_max), ("n_batch", n_batch)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; use a positive integer.")
+        check_positive(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch)
         llama_cpp, logger = _llama_cpp()
         logger.set_verbose(verbose)
         self._lib = llama_cpp
@@ -204,18 +202,9 @@ class LlamaCppEngine(GreedyEngine):
         logits = self._lib.llama_get_logits_ith(self._ctx, index)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
-    def generate_prompts(
-        self,
-        prompts: Sequence[ServingPrompt],
-        max_new_tokens: int,
-        eos_token_ids: Iterable[int] = (),
-        min_new_tokens: int = 0,
+    def _greedy(
+        self, prompts: Sequence[ServingPrompt], max_new_tokens: int, stop: set[int], min_new_tokens: int
     ) -> list[list[int]]:
-        """Greedy decoding of each prompt: at most ``max_new_tokens``, stopping at an end token once
-        ``min_new_tokens`` are out (end tokens are not returned); the new token ids of each prompt."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
-        stop = set(eos_token_ids)
         outputs: list[list[int]] = []
         timings = EngineTimings()
         for start in range(0, len(prompts), self.n_seq_max):

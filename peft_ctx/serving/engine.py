@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from ..serving import SERVING_FILE, check_export
+from .export import SERVING_FILE, check_export
+
+if TYPE_CHECKING:
+    from ..inference import ServingPrompt
 
 
 def cpu_flags() -> set[str]:
@@ -20,6 +24,13 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def check_positive(**values) -> None:
+    """Refuse an engine size that is not a positive integer, naming the setting."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; use a positive integer.")
 
 
 def read_serving_info(serving_info: Optional[dict | str], folder: str) -> Optional[dict]:
@@ -56,6 +67,31 @@ class GreedyEngine:
     n_vocab: Optional[int]
     export_hint = "the folder peft_ctx.export_for_serving wrote"
     base_hint = "the base model (peft_ctx.serving.export_base)"
+
+    def generate_prompts(
+        self,
+        prompts: Sequence[ServingPrompt],
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int] = (),
+        min_new_tokens: int = 0,
+    ) -> list[list[int]]:
+        """Greedy decoding of each prompt: at most ``max_new_tokens``, stopping at an end token once
+        ``min_new_tokens`` are out (end tokens are not returned); the new token ids of each prompt.
+
+        Example::
+
+            prompts = peft_ctx.serving.serving_prompts(model, tokenizer, ["Who wrote it?"], [["Ada Obi wrote it."]])
+            new_ids = engine.generate_prompts(prompts, 30, eos_token_ids=[tokenizer.eos_token_id])
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; generate at least one token.")
+        return self._greedy(prompts, max_new_tokens, set(eos_token_ids), min_new_tokens)
+
+    def _greedy(
+        self, prompts: Sequence[ServingPrompt], max_new_tokens: int, stop: set[int], min_new_tokens: int
+    ) -> list[list[int]]:
+        """The engine's own greedy decoding, with the arguments checked (``stop``: the end tokens)."""
+        raise NotImplementedError
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """This engine decodes greedily: refuse sampling or beam settings rather than ignore them."""

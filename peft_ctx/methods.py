@@ -103,7 +103,8 @@ class ContextMethod:
     ) -> None:
         """Add the adapter's layers beyond its context module (e.g. LoRA on the LLM's linear layers); called once the
         context module exists. Such layers must be PEFT ``BaseTunerLayer``s, so that ``set_adapter``,
-        ``disable_adapter`` and ``unload`` reach them."""
+        ``disable_adapter`` and ``unload`` reach them; ``merge`` / ``unmerge`` / ``merged_adapters`` let
+        ``merge_adapter`` fold them into the base weights (COCOM's LoRA: ``cocom/merging.py``)."""
 
     def companion_roles(self, config: ContextConfig) -> tuple[str, ...]:
         """Roles of extra weight sets this adapter keeps in PEFT layers next to its own (a separate compressor LoRA:

@@ -9,6 +9,8 @@ a missing build fails instead of skipping.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from peft import get_peft_model
@@ -113,6 +115,18 @@ def test_q8_0_with_f16_embeddings_is_quantized_by_llama_cpp_and_serves(tokenizer
     assert (
         len(peft_ctx.generate(model, tokenizer, questions, [["Ada wrote it."]], engine=engine, max_new_tokens=3)) == 1
     )
+
+
+def test_one_command_converts_an_export_to_gguf(tokenizer, tmp_path):
+    """python -m peft_ctx.serving gguf EXPORT: llama.cpp's converter, the GGUF's path printed, beside the export's
+    peft_ctx_serving.json (which the engine then reads)."""
+    model = get_peft_model(tiny_model("llama", tokenizer), peft_ctx.SpringConfig(num_virtual_tokens=4))
+    out = tmp_path / "export"
+    peft_ctx.export_for_serving(model, str(out), tokenizer=tokenizer)
+    command = [sys.executable, "-m", "peft_ctx.serving", "gguf", str(out), "--outtype", "f32"]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert printed == str(out / "model-f32.gguf") and os.path.isfile(printed)
+    assert peft_ctx.LlamaCppEngine(printed).info["method"] == "spring"
 
 
 def test_the_engines_benchmark_pairs_its_ratios_and_recommends_faithful_weights(tokenizer, tmp_path):

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
+from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import rotate_half
+
+from .. import local_copies
+from .modules import EncoderCompressor, tokenizer_blob
 
 
 def pooling_groups(n_tokens: int, factor: int) -> list[int]:
@@ -138,7 +142,73 @@ class ArcEncoder(nn.Module):
         parts = []
         for chunk in pooled.split(counts):
             parts += [chunk, self.continuation.to(chunk.dtype)]
-        return self.bridge_out(self.bridge_in(torch.cat(parts)))
+        return self.bridge(torch.cat(parts))
+
+    def bridge(self, states: torch.Tensor) -> torch.Tensor:
+        """Encoder states to the decoder's width: two linear maps, no bias, no activation.  # [m, h] -> [m, out]"""
+        return self.bridge_out(self.bridge_in(states))
+
+
+class ArcCompressor(EncoderCompressor):
+    """COCOM-light with ARC-Encoder's compressor: a passage's context embeddings are its bridged pooled states; the
+    slot after each passage (``passage_end_token``) holds the bridged continuation state, and the <AE> marker asks
+    the decoder to reconstruct, as in COCOM's pretraining."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        pooling_factor: int,
+        bridge_hidden_size: int,
+        hidden_size: int,
+        ae_initial: torch.Tensor,
+        tokenizer_blob: Optional[bytes] = None,
+    ) -> None:
+        super().__init__()
+        self.arc = ArcEncoder(config, pooling_factor, bridge_hidden_size, hidden_size)
+        self._add_marker_and_tokenizer(ae_initial, tokenizer_blob)
+
+    def forward(
+        self, input_ids: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Context embeddings of right-padded passages, all passages' rows concatenated (``[sum k_i, hidden]``); with
+        no passages, the markers (read through forward so that ZeRO-3 gathers them): <AE>, then the continuation
+        state (``[2, hidden]``)."""
+        if input_ids is None:
+            continuation = self.arc.bridge(self.arc.continuation).to(self.ae_marker.dtype)
+            return torch.cat([self.ae_marker, continuation])
+        return self.arc.bridge(self.arc.pooled_states(input_ids, lengths))
+
+    def marker(self) -> torch.Tensor:
+        return self()  # [2, hidden]
+
+
+def arc_compressor(config, hidden_size: int, ae_initial: torch.Tensor) -> ArcCompressor:
+    """ARC's compressor for a COCOM config with ``compressor_type='arc'``: a new one from the Llama-style model
+    ``config.compressor`` (its layers and token embeddings; a new bridge and continuation state), or, for a saved
+    adapter, one built from ``compressor_config`` whose weights come from the adapter file."""
+    if getattr(config, "_fresh_compressor", config.compressor_config is None):
+        name = local_copies.resolve(config.compressor)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModel.from_pretrained(name, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"Cannot load ARC's encoder {config.compressor!r} (a Llama-style model): {exc}") from exc
+        if not isinstance(model, LlamaModel):
+            raise ValueError(
+                f"compressor_type='arc' reads with a Llama-style encoder; {config.compressor!r} is a "
+                f"{type(model).__name__}. Give a Llama-architecture model (ARC: Llama-3.2-3B's first 26 layers)."
+            )
+        settings = LlamaConfig.from_dict(model.config.to_dict())
+        module = ArcCompressor(
+            settings, config.compression_rate, config.bridge_hidden_size, hidden_size, ae_initial,
+            tokenizer_blob(config.compressor, tokenizer),
+        )  # fmt: skip
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("norm.")}  # ARC reads no final norm
+        module.arc.encoder.load_state_dict(state)
+        config.compressor_config = settings.to_dict()
+        return module
+    settings = LlamaConfig.from_dict(dict(config.compressor_config))
+    return ArcCompressor(settings, config.compression_rate, config.bridge_hidden_size, hidden_size, ae_initial)
 
 
 def reference_config(reference: Mapping) -> tuple[LlamaConfig, int, int, int]:

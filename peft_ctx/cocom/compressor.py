@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from ..distributed import gathered
 from ..layer import companion_name
 from ..prompting import continuation_ids
 from .config import COMPRESSOR_ROLE, CocomConfig
-from .modules import CocomLightCompressor, CocomTokens, pooled_runs
+from .modules import CocomLightCompressor, CocomTokens, EncoderCompressor, pooled_runs, tokenizer_blob
 
 
 def all_linear(model: nn.Module) -> list[str]:
@@ -73,7 +72,9 @@ def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, 
         _, module = adapter_module(options.get("model"), config)
         tokenizer, _ = module.tokenizer
         tokenizer.enable_truncation(max_length=config.max_passage_tokens)
-        rows = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=True)]
+        # ARC reads the bare passage; a BERT-style encoder its [CLS] passage [SEP].
+        special = config.compressor_type != "arc"
+        rows = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=special)]
     else:
         tokenizer = options.get("tokenizer")
         if tokenizer is None:
@@ -153,7 +154,11 @@ def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:
     return -(-lengths // config.compression_rate)
 
 
-def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> CocomLightCompressor:
+def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> EncoderCompressor:
+    if config.compressor_type == "arc":
+        from .arc import arc_compressor
+
+        return arc_compressor(config, hidden_size, ae_initial)
 
     blob = None
     if getattr(config, "_fresh_compressor", config.compressor_config is None):
@@ -165,15 +170,9 @@ def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Te
                 f"Cannot load the COCOM-light compressor {config.compressor!r} (a BERT-style encoder folder or Hub "
                 f"id with its tokenizer): {exc}"
             ) from exc
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
-                f"The compressor {config.compressor!r} has no fast tokenizer (tokenizer.json); COCOM-light stores the "
-                "fast tokenizer in the adapter. Save the encoder with a fast tokenizer first."
-            )
+        blob = tokenizer_blob(config.compressor, tokenizer)
         encoder_hidden = _check_encoder(config.compressor, encoder, tokenizer)
         config.compressor_config = encoder.config.to_dict()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        blob = json.dumps({"tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token_id": pad_id}).encode("utf-8")
     else:
         settings = dict(config.compressor_config)
         model_type = settings.get("model_type")

@@ -11,6 +11,7 @@ COMPRESSOR_ROLE = "compressor"
 RESIDUAL_SOURCES = ("memory", "tokens")
 PASSAGE_TRUNCATIONS = ("text", "sequence")
 COMPRESSOR_POSITIONS = ("start", "left_padded")
+COMPRESSOR_TYPES = ("encoder", "arc")
 # The training recipe's stages, in order (recipe.py runs them; kept here so that the method needs no trainer).
 STAGES = ("pretrain", "qa")
 
@@ -118,6 +119,20 @@ class CocomConfig(ContextConfig):
     passage_separator: str = field(
         default="\n", metadata={"help": "Text between the context embeddings of consecutive passages in the prompt."}
     )
+    compressor_type: str = field(
+        default="encoder",
+        metadata={
+            "help": "COCOM-light: how the compressor reads a passage. 'encoder': a BERT-style encoder whose "
+            "compression_rate consecutive states are concatenated and projected (COCOM-light). 'arc': ARC-Encoder's "
+            "(a Llama-style model read bidirectionally without its final norm, the last layer pooling by "
+            "mean-pooled queries over about compression_rate tokens, a two-layer linear bridge to the decoder, and "
+            "a learned continuation state after each passage: passage_end_token is set)."
+        },
+    )
+    bridge_hidden_size: int = field(
+        default=2048,
+        metadata={"help": "compressor_type='arc': the bridge's inner width (2048 in ARC's releases)."},
+    )
     compressor_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -191,6 +206,19 @@ class CocomConfig(ContextConfig):
             raise ValueError("separate_compressor_adapter=True needs LoRA adapters: set lora_r >= 1.")
         if not isinstance(self.passage_separator, str):
             raise ValueError(f"passage_separator={self.passage_separator!r}: give a string, e.g. '\\n'.")
+        if self.compressor_type not in COMPRESSOR_TYPES:
+            raise ValueError(
+                f"compressor_type={self.compressor_type!r}: use one of {', '.join(map(repr, COMPRESSOR_TYPES))}."
+            )
+        if self.compressor_type == "arc":
+            if self.compressor is None:
+                raise ValueError(
+                    "compressor_type='arc' compresses with ARC's Llama-style encoder: give it as compressor= (a "
+                    "folder or Hub id), or leave compressor_type='encoder'."
+                )
+            if not is_int(self.bridge_hidden_size) or self.bridge_hidden_size < 1:
+                raise ValueError(f"bridge_hidden_size={self.bridge_hidden_size!r}: give a positive int, e.g. 2048.")
+            self.passage_end_token = True  # ARC's continuation state after every passage
         if self.compressor_config is not None and (
             not isinstance(self.compressor_config, dict) or "model_type" not in self.compressor_config
         ):
@@ -228,7 +256,7 @@ class CocomConfig(ContextConfig):
             for name, value in (
                 ("memory_tokens_per_passage", fixed is not None),
                 ("compressor_positions", self.compressor_positions != "start"),
-                ("passage_end_token", self.passage_end_token),
+                ("passage_end_token", self.passage_end_token and self.compressor_type != "arc"),
             )
             if value
         ]

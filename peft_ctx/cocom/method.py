@@ -189,8 +189,7 @@ class CocomMethod(ContextMethod):
         """Context embeddings of right-padded passages, every passage's k rows in order.  # [sum k_i, hidden]"""
         module = tuner.context_layer().ctx_modules[adapter_name]
         if config.is_light:
-            device = module.projection.weight.device
-            return module(ids.to(device), lengths.to(device))
+            return module(ids.to(module.device), lengths.to(module.device))
         with self._compressor_lora(tuner.model, adapter_name, config):
             return compress_with_llm(tuner.model, module, config, ids, lengths)
 

@@ -93,27 +93,24 @@ def pooled_runs(tokens: torch.Tensor, lengths: torch.Tensor, rate: int) -> torch
     return sums / sizes.unsqueeze(1)
 
 
-class CocomLightCompressor(nn.Module):
-    """COCOM-light: a fine-tuned encoder; each ``rate`` consecutive hidden states are concatenated and projected by
-    Linear(h * rate -> d) into one context embedding.
+def tokenizer_blob(name: str, tokenizer) -> bytes:
+    """An encoder's fast tokenizer and pad id as the bytes an adapter carries (``EncoderCompressor.tokenizer``)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The compressor {name!r} has no fast tokenizer (tokenizer.json); COCOM-light stores the fast tokenizer "
+            "in the adapter. Save the encoder with a fast tokenizer first."
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return json.dumps({"tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token_id": pad_id}).encode("utf-8")
 
-    The encoder's tokenizer travels in the adapter file too (``tokenizer_blob``: its ``tokenizer.json`` and pad id as
-    UTF-8 bytes), so a saved adapter needs neither the original encoder folder nor the network.
-    """
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        encoder_hidden_size: int,
-        rate: int,
-        hidden_size: int,
-        ae_initial: torch.Tensor,
-        tokenizer_blob: Optional[bytes] = None,
-    ) -> None:
-        super().__init__()
-        self.rate = rate
-        self.encoder = encoder
-        self.projection = nn.Linear(encoder_hidden_size * rate, hidden_size)
+class EncoderCompressor(nn.Module):
+    """What the COCOM-light compressors share: the <AE> marker, and the encoder's tokenizer carried in the adapter
+    file (``tokenizer_blob``: its ``tokenizer.json`` and pad id as UTF-8 bytes), so that a saved adapter needs neither
+    the original encoder folder nor the network."""
+
+    def _add_marker_and_tokenizer(self, ae_initial: torch.Tensor, tokenizer_blob: Optional[bytes]) -> None:
+        # Registered after the subclass's own modules: the order of an adapter's tensors stays what it was.
         self.ae_marker = nn.Parameter(ae_initial.clone())  # [1, hidden]
         blob = torch.frombuffer(bytearray(tokenizer_blob), dtype=torch.uint8) if tokenizer_blob else torch.zeros(0)
         self.register_buffer("tokenizer_blob", blob.to(torch.uint8))
@@ -144,6 +141,30 @@ class CocomLightCompressor(nn.Module):
             tokenizer.no_padding()
             self._tokenizer = (tokenizer, int(data["pad_token_id"]))
         return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.ae_marker.device
+
+
+class CocomLightCompressor(EncoderCompressor):
+    """COCOM-light: a fine-tuned encoder; each ``rate`` consecutive hidden states are concatenated and projected by
+    Linear(h * rate -> d) into one context embedding."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        encoder_hidden_size: int,
+        rate: int,
+        hidden_size: int,
+        ae_initial: torch.Tensor,
+        tokenizer_blob: Optional[bytes] = None,
+    ) -> None:
+        super().__init__()
+        self.rate = rate
+        self.encoder = encoder
+        self.projection = nn.Linear(encoder_hidden_size * rate, hidden_size)
+        self._add_marker_and_tokenizer(ae_initial, tokenizer_blob)
 
     def forward(
         self, input_ids: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None

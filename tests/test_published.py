@@ -112,7 +112,10 @@ def test_clara_compresses_like_its_code_and_decodes_its_embeddings_exactly(conve
     stored["cocom_context_embeds"] = reference.reshape(-1, reference.shape[-1])
     with torch.no_grad():
         logits = model(**stored).logits[0]
-    torch.testing.assert_close(logits, record["logits"], rtol=1e-4, atol=1e-5)
+    # Bit-equal on the AMX Xeon the fixture was made on; through MKL's AVX2 gemm (an EPYC's path, `make test-avx2`)
+    # the same embeddings give logits up to 9.6e-5 apart (of ~6; the tiny decoder's weights of std 0.2 amplify
+    # rounding), so the fixture is compared within rtol 1e-4 plus that, doubled.
+    torch.testing.assert_close(logits, record["logits"], rtol=1e-4, atol=2e-4)
 
 
 def test_the_fixtures_would_catch_a_prompt_one_newline_short(converted, fixture_tokenizer):

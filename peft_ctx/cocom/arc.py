@@ -100,9 +100,14 @@ class ArcEncoder(nn.Module):
         for layer in model.layers[:-1]:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
         pooled = self._pooling_layer(model.layers[-1], hidden, valid, lengths, (cos, sin))  # [n, k_max, h]
-        counts = torch.tensor([len(pooling_groups(int(x), self.pooling_factor)) for x in lengths.tolist()])
-        keep = torch.arange(pooled.shape[1]).unsqueeze(0) < counts.unsqueeze(1)  # [n, k_max]
-        return pooled[keep.to(pooled.device)]
+        counts = self.pooled_counts(lengths).to(pooled.device)
+        keep = torch.arange(pooled.shape[1], device=pooled.device).unsqueeze(0) < counts.unsqueeze(1)  # [n, k_max]
+        return pooled[keep]
+
+    def pooled_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """k_i, the pooled states of each passage: ceil(n / pooling_factor), one for a passage shorter than the
+        factor (the number of ``pooling_groups``).  # [n]"""
+        return -(-lengths // self.pooling_factor)
 
     def _pooling_layer(self, layer, hidden, valid, lengths, key_rope) -> torch.Tensor:
         """The last layer with mean-pooled queries over unpooled keys / values.  # [n, k_max, h]"""
@@ -138,9 +143,8 @@ class ArcEncoder(nn.Module):
         """The decoder's slot embeddings: each passage's pooled states and the continuation state, bridged.
         # [sum (k_i + 1), output_size]"""
         pooled = self.pooled_states(input_ids, lengths)  # [sum k_i, h_enc]
-        counts = [len(pooling_groups(int(x), self.pooling_factor)) for x in lengths.tolist()]
         parts = []
-        for chunk in pooled.split(counts):
+        for chunk in pooled.split(self.pooled_counts(lengths).tolist()):
             parts += [chunk, self.continuation.to(chunk.dtype)]
         return self.bridge(torch.cat(parts))
 

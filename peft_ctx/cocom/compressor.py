@@ -156,7 +156,7 @@ def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:
 
 def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> EncoderCompressor:
     if config.compressor_type == "arc":
-        from .arc import arc_compressor
+        from .arc import arc_compressor  # transformers' Llama modelling loads only for ARC adapters
 
         return arc_compressor(config, hidden_size, ae_initial)
 

@@ -1,6 +1,7 @@
 """Convert a published context compressor into a peft_ctx adapter folder, with its model card.
 
     python -m peft_ctx.convert SOURCE OUTPUT_DIR [--family NAME] [--base_model ID] [--overwrite]
+        [--embedding_module PATH] [--encoder_tokenizer ID] [--decoder_index N]
 
 SOURCE is a published checkpoint's folder or file (or its Hub id, where the Hub can be reached); its family is
 recognised from its files or named with ``--family``. Only JSON configs and tensors are read; the checkpoint's code
@@ -32,9 +33,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--base_model", default=None, help="the decoder's Hub id / folder, recorded in the adapter")
     parser.add_argument("--revision", default=None, help="the source's revision, recorded in the card")
     parser.add_argument("--embedding_module", default=None, help="input-embedding module path in the base model")
+    parser.add_argument("--encoder_tokenizer", default=None, help="ARC: the encoder's tokenizer (Llama-3.2-3B's)")
+    parser.add_argument("--decoder_index", type=int, default=None, help="ARC multi-decoder: which decoder's bridge")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     args = parser.parse_args(argv)
-    overrides = {"embedding_module": args.embedding_module} if args.embedding_module else {}
+    given = ("embedding_module", "encoder_tokenizer", "decoder_index")
+    overrides = {name: getattr(args, name) for name in given if getattr(args, name) is not None}
     command = "python -m peft_ctx.convert " + " ".join(argv)
     config = convert(
         args.source,

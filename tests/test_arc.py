@@ -10,12 +10,14 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
-from transformers import AutoModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
 import peft_ctx
-from peft_ctx.cocom.arc import ArcEncoder, from_reference_state_dict, pooling_groups, reference_config
-from tests.helpers import tiny_model
+from peft_ctx.cocom.arc import ArcEncoder, pooling_groups
+from peft_ctx.cocom.arc_convert import from_reference_state_dict, reference_config
+from peft_ctx.convert import main as convert_cli
+from tests.helpers import captured_embeddings, load_train_script, tiny_model
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "published", "arc")
 
@@ -147,3 +149,208 @@ def test_arc_needs_its_encoder():
         peft_ctx.CocomConfig(compressor_type="arc")
     with pytest.raises(ValueError, match="compressor_type='bert'"):
         peft_ctx.CocomConfig(compressor="x", compressor_type="bert")
+
+
+def test_arc_reconstruction_reads_the_passage_states_then_the_reconstruction_token(tokenizer, trainable_base_dir):
+    """ARC's reconstruction prompt is [E_1..E_k, <Rec>]: in an auto-encoding example the <AE> marker takes the
+    continuation state's slot (as many slots as the passage has in a QA prompt, [E_1..E_k, <Cont>]); a continuation
+    example keeps [E_1..E_k, <Cont>]."""
+    model = arc_adapter(tokenizer, trainable_base_dir)
+    module = model.base_model.context_layer().ctx_modules["default"]
+    batches = peft_ctx.cocom.CocomPretrainingCollator(model.peft_config["default"], tokenizer, model=model)
+    qa = peft_ctx.prepare_inputs(model, tokenizer, ["Who built it?"], [[PASSAGES[0]]])
+    with torch.no_grad():
+        ae, continuation = module.marker()
+    for task, last in (("autoencode", ae), ("continuation", continuation)):
+        batch = batches.pad([batches.example(PASSAGES[0], task)])
+        with torch.no_grad():
+            slots = captured_embeddings(model, {k: v for k, v in batch.items() if k != "labels"})
+        slots = slots[batch["context_mask"]]  # [k + 1, hidden]
+        torch.testing.assert_close(slots[-1], last, rtol=0, atol=0)
+        assert not any(torch.equal(row, continuation) for row in slots[:-1])
+        if task == "autoencode":
+            assert len(slots) == int(qa["context_mask"].sum())
+
+
+def test_the_training_script_trains_an_arc_adapter_on_the_llms_own_layers(trainable_base_dir, tmp_path, monkeypatch):
+    """train/cocom.py with ARC's settings: the encoder starts from the LLM's own first layer (compressor_layers=1),
+    the LLM stays frozen (no LoRA): the saved adapter holds only the compressor, whose encoder the steps changed, and
+    loads onto the plain base."""
+    script = load_train_script("cocom", monkeypatch)
+    passages = tmp_path / "passages.txt"
+    passages.write_text("\n".join(PASSAGES * 4))
+    output = script.main([
+        "--model_name_or_path", str(trainable_base_dir), "--dataset_name", str(passages), "--stage", "pretrain",
+        "--compressor", str(trainable_base_dir), "--compressor_type", "arc", "--compressor_layers", "1",
+        "--bridge_hidden_size", "16", "--compression_rate", "4", "--max_passage_tokens", "16", "--lora_r", "0",
+        "--autoencode_ratio", "0.2", "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu",
+        "true", "--save_strategy", "no", "--disable_tqdm", "true", "--dtype", "fp32",
+    ])  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(trainable_base_dir)
+    loaded = PeftModel.from_pretrained(base, output)
+    config = loaded.peft_config["default"]
+    assert config.compressor_type == "arc" and config.compressor_layers == 1 and config.lora_r == 0
+    module = loaded.base_model.context_layer().ctx_modules["default"]
+    assert len(module.arc.encoder.layers) == 1
+    source = AutoModel.from_pretrained(trainable_base_dir)
+    assert not torch.equal(module.arc.encoder.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight)
+    saved = load_file(os.path.join(output, "adapter_model.safetensors"))
+    assert all(".ctx_modules." in key for key in saved)  # the LLM is untouched: no LoRA, nothing of its own
+
+
+# ---- a release converted by peft_ctx.convert against the reference's whole pipeline ---------------------------------
+# tests/fixtures/published/make_arc_decoder_fixture.py ran the reference's EmbedAugPipeline.generate (its encoder,
+# bridge, per-segment prompt and KV-cache decoding) on a tiny release for a tiny Llama-3.1-like decoder.
+RELEASE = os.path.join(os.path.dirname(__file__), "fixtures", "published", "arc_llama")
+
+
+@pytest.fixture(scope="module")
+def release():
+    with open(os.path.join(RELEASE, "expected.json")) as f:
+        record = json.load(f)
+    return record, load_file(os.path.join(RELEASE, "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def converted_release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("arc") / "adapter"
+    convert_cli([
+        RELEASE, str(folder), "--base_model", os.path.join(RELEASE, "decoder"),
+        "--encoder_tokenizer", os.path.join(RELEASE, "encoder_tokenizer"),
+    ])  # fmt: skip
+    decoder = AutoModelForCausalLM.from_pretrained(os.path.join(RELEASE, "decoder"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(decoder, folder).eval()
+    return model, AutoTokenizer.from_pretrained(os.path.join(RELEASE, "decoder")), folder
+
+
+def test_a_converted_release_gives_the_reference_pipelines_prompt_ids_logits_and_greedy_tokens(
+    converted_release, release
+):
+    """Each example alone: the prompt's ids (slots as -1) are the reference's per-segment ids, the slot embeddings its
+    bridged vectors, the logits at every position its decoder's (fp32; rtol 1e-4, atol 1e-4: the reference's
+    complex-number RoPE and xformers-free SDPA put its decoder 4e-6 from transformers' on plain ids) and the greedy
+    tokens its KV-cache decoding's."""
+    model, tokenizer, _ = converted_release
+    record, tensors = release
+    assert model.active_peft_config.compressor_type == "arc" and model.active_peft_config.lora_r == 0
+    for i, example in enumerate(record["examples"]):
+        inputs = peft_ctx.prepare_inputs(model, tokenizer, [example["question"]], [[example["passage"]]])
+        ids, mask = inputs["input_ids"][0].tolist(), inputs["context_mask"][0].tolist()
+        assert [-1 if slot else token for token, slot in zip(ids, mask)] == example["input_ids_with_slots"], i
+        slots = captured_embeddings(model, inputs)[inputs["context_mask"]]
+        torch.testing.assert_close(slots, tensors[f"slot_embeddings.{i}"], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]  # [positions, vocab]
+        torch.testing.assert_close(logits, tensors[f"logits.{i}"], rtol=1e-4, atol=1e-4)
+        new = model.generate(**inputs, max_new_tokens=record["new_tokens"], do_sample=False)
+        assert new[0, len(ids) :].tolist() == example["generated_ids"], i
+
+
+def test_a_converted_release_answers_a_left_padded_batch_as_one_by_one(converted_release, release):
+    model, tokenizer, _ = converted_release
+    record, _ = release
+    questions = [e["question"] for e in record["examples"]]
+    passages = [[e["passage"]] for e in record["examples"]]
+    inputs = peft_ctx.prepare_inputs(model, tokenizer, questions, passages)
+    new = model.generate(**inputs, max_new_tokens=record["new_tokens"], do_sample=False)
+    assert [row[inputs["input_ids"].shape[1] :].tolist() for row in new] == [
+        e["generated_ids"] for e in record["examples"]
+    ]
+
+
+def test_a_converted_release_carries_its_reconstruction_token_and_its_card(converted_release):
+    """<Rec> becomes the adapter's <AE> marker as the decoder reads it (through the bridge); the card names the
+    source, the licence and how the encoder's tokenizer came in."""
+    model, _, folder = converted_release
+    state = load_file(os.path.join(RELEASE, "model.safetensors"))
+    module = model.base_model.context_layer().ctx_modules["default"]
+    bridged = (
+        state["bridge_module.layer2.weight"]
+        @ state["bridge_module.layer1.weight"]
+        @ state["embedder.rec_tok.0.weight"].T
+    )  # [out, 1]
+    torch.testing.assert_close(module.ae_marker.detach(), bridged.T, rtol=1e-5, atol=1e-6)
+    card = (folder / "README.md").read_text()
+    assert "ARC-Encoder" in card and "cc-by-4.0" in card.lower() and "--encoder_tokenizer" in card
+
+
+def test_converting_an_arc_release_needs_its_encoder_tokenizer_and_decoder(tmp_path):
+    with pytest.raises(ValueError, match="--encoder_tokenizer"):
+        peft_ctx.convert(RELEASE, str(tmp_path / "a"), base_model_name_or_path="x", encoder_tokenizer=str(tmp_path))
+    with pytest.raises(ValueError, match="--base_model"):
+        peft_ctx.convert(RELEASE, str(tmp_path / "b"), encoder_tokenizer=os.path.join(RELEASE, "encoder_tokenizer"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def multi_release(folder) -> None:
+    """The tiny release as ARC8_Encoder_multi lays it out: one encoder, a bridge and continuation / reconstruction
+    tokens per decoder (index 0 the tiny release's own, index 1 new random ones)."""
+    state = load_file(os.path.join(RELEASE, "model.safetensors"))
+    generator = torch.Generator().manual_seed(3)
+    multi = {}
+    for key, value in state.items():
+        if key.startswith("bridge_module."):
+            name = key.removeprefix("bridge_module.")
+            multi[f"bridge_module.0.{name}"] = value
+            multi[f"bridge_module.1.{name}"] = torch.randn(value.shape, generator=generator) * value.std()
+        elif ".cont_tok.0." in key or ".rec_tok.0." in key:
+            multi[key] = value
+            multi[key.replace(".0.", ".1.")] = torch.randn(value.shape, generator=generator)
+        else:
+            multi[key] = value
+    os.makedirs(folder)
+    save_file(multi, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(RELEASE, "config.json")) as f:
+        settings = json.load(f)
+    settings["bridge_args"]["bridge_type"], settings["empty_init"] = "multi_module", 2
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(settings, f)
+
+
+def test_one_encoder_two_bridges_two_decoders(converted_release, release, tmp_path):
+    """ARC8_Encoder_multi's two bridges become two adapters (--decoder_index 0 / 1) holding the same encoder: on two
+    decoders (the tiny Llama and a tiny Mistral of the same width) each reads the bridge of its index, and the first
+    gives what the single-decoder release gives; both adapters also load side by side on one decoder through PEFT's
+    multi-adapter API, switched with set_adapter."""
+    _, tokenizer, single = converted_release
+    record, _ = release
+    multi_release(tmp_path / "multi")
+    decoders = {"llama": os.path.join(RELEASE, "decoder"), "mistral": str(tmp_path / "mistral")}
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, bos_token_id=398, eos_token_id=399,
+    ))  # fmt: skip
+    mistral.save_pretrained(decoders["mistral"])
+    adapters = {}
+    for index, name in enumerate(decoders):
+        adapters[name] = tmp_path / name / "adapter"
+        peft_ctx.convert(
+            str(tmp_path / "multi"), str(adapters[name]), base_model_name_or_path=decoders[name],
+            encoder_tokenizer=os.path.join(RELEASE, "encoder_tokenizer"), decoder_index=index,
+        )  # fmt: skip
+    saved = {name: load_file(os.path.join(folder, "adapter_model.safetensors")) for name, folder in adapters.items()}
+    encoder_keys = [key for key in saved["llama"] if ".arc.encoder." in key]
+    assert encoder_keys and all(torch.equal(saved["llama"][k], saved["mistral"][k]) for k in encoder_keys)
+    bridge = next(key for key in saved["llama"] if key.endswith("arc.bridge_in.weight"))
+    assert not torch.equal(saved["llama"][bridge], saved["mistral"][bridge])
+    assert torch.equal(saved["llama"][bridge], load_file(os.path.join(single, "adapter_model.safetensors"))[bridge])
+
+    questions, passages = [record["examples"][0]["question"]], [[record["examples"][0]["passage"]]]
+    outputs = {}
+    for name in decoders:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(decoders[name]), adapters[name])
+        inputs = peft_ctx.prepare_inputs(model, tokenizer, questions, passages)
+        outputs[name] = captured_embeddings(model.eval(), inputs)[inputs["context_mask"]]
+        if name == "llama":
+            new = model.generate(**inputs, max_new_tokens=record["new_tokens"], do_sample=False)
+            assert new[0, inputs["input_ids"].shape[1] :].tolist() == record["examples"][0]["generated_ids"]
+    both = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(decoders["llama"]), adapters["llama"], adapter_name="llama"
+    )
+    both.load_adapter(adapters["mistral"], adapter_name="mistral")
+    for name in decoders:
+        both.set_adapter(name)
+        inputs = peft_ctx.prepare_inputs(both, tokenizer, questions, passages)
+        assert torch.equal(captured_embeddings(both.eval(), inputs)[inputs["context_mask"]], outputs[name])
+    assert not torch.allclose(outputs["llama"], outputs["mistral"])

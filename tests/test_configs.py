@@ -30,6 +30,11 @@ PAPER = {
         "max_passage_tokens": 128, "autoencode_ratio": 0.5,
     },
     "cocom_qa_paper.yaml": {"learning_rate": 1e-4, "num_train_epochs": 1, "top_k": 5},
+    "cocom_arc_pretrain_paper.yaml": {
+        "learning_rate": 1e-5, "batch": 128, "max_steps": 80000, "warmup_steps": 1000, "weight_decay": 0.1,
+        "adam_beta2": 0.95, "compression_rate": 8, "compressor_layers": 26, "bridge_hidden_size": 2048,
+        "max_passage_tokens": 256, "lora_r": 0, "autoencode_ratio": 0.2, "compressor_type": "arc",
+    },
 }  # fmt: skip
 
 

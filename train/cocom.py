@@ -16,6 +16,9 @@ Stage 2, QA fine-tuning on the top-k passages of each question, starting from st
 
 COCOM-light compresses with a BERT-style encoder instead of the LLM (--compressor
 sentence-transformers/all-MiniLM-L6-v2, or any encoder folder / Hub id): train/configs/cocom_light_pretrain.yaml.
+ARC-Encoder's setting (a Llama-style encoder read bidirectionally, its last layer pooling, a bridge into the frozen
+LLM; reconstruction 20% of the time): train/configs/cocom_arc_pretrain.yaml, which starts the encoder from SmolLM2's
+own layers (cocom_arc_pretrain_paper.yaml: Llama-3.2-3B's first 26 layers for Llama-3.1-8B, as the paper).
 Any compression rate works (--compression_rate 4, 16, 128 ...). Any option of the YAML file can be given on the
 command line too (--max_steps 50); all of ``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl,
 kl_temperature, teacher_top_k) is available; a_kl > 0 in stage 2 distils from the frozen LLM reading the passages as
@@ -56,6 +59,18 @@ class ScriptArguments(scripts.TrainScriptArguments):
             "help": "New adapter: None = the LLM compresses (COCOM); an encoder Hub id or folder "
             "('sentence-transformers/all-MiniLM-L6-v2') = COCOM-light."
         },
+    )
+    compressor_type: str = field(
+        default="encoder",
+        metadata={
+            "help": "New COCOM-light adapter: 'encoder' (a BERT-style encoder, states concatenated and projected) or "
+            "'arc' (ARC-Encoder: a Llama-style --compressor read bidirectionally, its last layer pooling, a bridge "
+            "to the frozen LLM; use --lora_r 0)."
+        },
+    )
+    bridge_hidden_size: int = field(default=2048, metadata={"help": "New ARC adapter: the bridge's inner width."})
+    compressor_layers: Optional[int] = field(
+        default=None, metadata={"help": "New ARC adapter: keep the encoder's first N layers (ARC: 26 of 28)."}
     )
     max_passage_tokens: int = field(default=128, metadata={"help": "New adapter: passages are cut to this length."})
     lora_r: int = field(default=16, metadata={"help": "New adapter: LoRA rank on the LLM (0: LLM frozen)."})
@@ -133,6 +148,9 @@ def build_model(script_args: ScriptArguments, loading: Optional[scripts.ModelArg
             passage_special_tokens=script_args.passage_special_tokens and not script_args.compressor,
             residual_pooling=script_args.residual_pooling,
             residual_source=script_args.residual_source,
+            compressor_type=script_args.compressor_type,
+            bridge_hidden_size=script_args.bridge_hidden_size,
+            compressor_layers=script_args.compressor_layers,
             base_model_name_or_path=script_args.model_name_or_path,
         )
 
@@ -162,11 +180,11 @@ def main(argv: Optional[list[str]] = None) -> str:
         **scripts.collator_settings(training_args),
     )
     size = peft_ctx.adapter_size(model)
+    title = "ARC (COCOM)" if config.compressor_type == "arc" else "COCOM-light" if config.is_light else "COCOM"
     print(
-        f"COCOM{'-light' if config.is_light else ''} adapter: compression rate {config.compression_rate}, "
-        f"{size['parameters']:,} parameters, {size['bytes'] / 2**20:.2f} MiB"
+        f"{title} adapter: compression rate {config.compression_rate}, {size['parameters']:,} parameters, "
+        f"{size['bytes'] / 2**20:.2f} MiB"
     )
-    title = "COCOM-light" if config.is_light else "COCOM"
     output_dir = scripts.train_and_save(
         model, training_args, dataset, collator, tokenizer, script_args=script_args, method_title=title
     )

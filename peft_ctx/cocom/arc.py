@@ -7,9 +7,7 @@ positions). After each passage's k pooled states comes one learned continuation 
 (no bias, no activation) maps all of them to the decoder's width. The decoder stays frozen and reads them in place
 of the passage's tokens.
 
-The published checkpoints (kyutai/ARC8_Encoder_*) store the encoder in Meta's layout (interleaved RoPE pairs);
-``from_reference_state_dict`` renames it onto transformers' ``LlamaModel`` and permutes the query / key rows to
-transformers' half-split RoPE.
+The published checkpoints (kyutai/ARC8_Encoder_*) are converted by ``peft_ctx.cocom.arc_convert``.
 
 Example::
 
@@ -20,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -70,14 +67,23 @@ class ArcEncoder(nn.Module):
         pooling_factor: tokens per pooled state (8 for ARC8, 4 for ARC4).
         bridge_hidden_size: the bridge's inner width (2048 in the releases).
         output_size: the decoder's hidden size.
+        encoder: the encoder's layers as loaded (``config``'s ``LlamaModel``, e.g. partitioned by a ZeRO-3 init
+            while loading); None builds new ones.
     """
 
-    def __init__(self, config: LlamaConfig, pooling_factor: int, bridge_hidden_size: int, output_size: int) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        pooling_factor: int,
+        bridge_hidden_size: int,
+        output_size: int,
+        encoder: Optional[LlamaModel] = None,
+    ) -> None:
         super().__init__()
         if pooling_factor < 1:
             raise ValueError(f"pooling_factor={pooling_factor}; use a positive number of tokens per state.")
         self.pooling_factor = pooling_factor
-        self.encoder = LlamaModel(config)
+        self.encoder = LlamaModel(config) if encoder is None else encoder
         self.encoder.norm = nn.Identity()  # ARC's encoder has no final norm
         self.continuation = nn.Parameter(torch.ones(1, config.hidden_size))  # [1, h_enc], ARC's <Cont>
         self.bridge_in = nn.Linear(config.hidden_size, bridge_hidden_size, bias=False)
@@ -139,9 +145,14 @@ class ArcEncoder(nn.Module):
         hidden = pooled + attention.o_proj(out.transpose(1, 2).reshape(n, k_max, heads * head_dim))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The decoder's slot embeddings: each passage's pooled states and the continuation state, bridged.
-        # [sum (k_i + 1), output_size]"""
+    def forward(
+        self, input_ids: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The decoder's slot embeddings: each passage's pooled states and the continuation state, bridged
+        (``[sum (k_i + 1), output_size]``); with no passages, the bridged continuation state alone (``[1,
+        output_size]``, read through forward so that ZeRO-3 gathers it)."""
+        if input_ids is None:
+            return self.bridge(self.continuation)
         pooled = self.pooled_states(input_ids, lengths)  # [sum k_i, h_enc]
         parts = []
         for chunk in pooled.split(self.pooled_counts(lengths).tolist()):
@@ -155,8 +166,8 @@ class ArcEncoder(nn.Module):
 
 class ArcCompressor(EncoderCompressor):
     """COCOM-light with ARC-Encoder's compressor: a passage's context embeddings are its bridged pooled states; the
-    slot after each passage (``passage_end_token``) holds the bridged continuation state, and the <AE> marker asks
-    the decoder to reconstruct, as in COCOM's pretraining."""
+    slot after each passage (``passage_end_token``) holds the bridged continuation state, except in auto-encoding
+    prompts, where the <AE> marker (ARC's reconstruction token) takes its place."""
 
     def __init__(
         self,
@@ -166,9 +177,10 @@ class ArcCompressor(EncoderCompressor):
         hidden_size: int,
         ae_initial: torch.Tensor,
         tokenizer_blob: Optional[bytes] = None,
+        encoder: Optional[LlamaModel] = None,
     ) -> None:
         super().__init__()
-        self.arc = ArcEncoder(config, pooling_factor, bridge_hidden_size, hidden_size)
+        self.arc = ArcEncoder(config, pooling_factor, bridge_hidden_size, hidden_size, encoder)
         self._add_marker_and_tokenizer(ae_initial, tokenizer_blob)
 
     def forward(
@@ -178,8 +190,7 @@ class ArcCompressor(EncoderCompressor):
         no passages, the markers (read through forward so that ZeRO-3 gathers them): <AE>, then the continuation
         state (``[2, hidden]``)."""
         if input_ids is None:
-            continuation = self.arc.bridge(self.arc.continuation).to(self.ae_marker.dtype)
-            return torch.cat([self.ae_marker, continuation])
+            return torch.cat([self.ae_marker, self.arc().to(self.ae_marker.dtype)])
         return self.arc.bridge(self.arc.pooled_states(input_ids, lengths))
 
     def marker(self) -> torch.Tensor:
@@ -202,97 +213,21 @@ def arc_compressor(config, hidden_size: int, ae_initial: torch.Tensor) -> ArcCom
                 f"compressor_type='arc' reads with a Llama-style encoder; {config.compressor!r} is a "
                 f"{type(model).__name__}. Give a Llama-architecture model (ARC: Llama-3.2-3B's first 26 layers)."
             )
+        layers = config.compressor_layers
+        if layers is not None:
+            if layers > len(model.layers):
+                raise ValueError(
+                    f"compressor_layers={layers}, but {config.compressor!r} has {len(model.layers)} layers."
+                )
+            model.layers = model.layers[:layers]  # ARC drops the last layers of its Llama (26 of 28 kept)
+            model.config.num_hidden_layers = layers
         settings = LlamaConfig.from_dict(model.config.to_dict())
+        # The loaded module itself (not a copy of its weights): under a ZeRO-3 init it is already partitioned.
         module = ArcCompressor(
             settings, config.compression_rate, config.bridge_hidden_size, hidden_size, ae_initial,
-            tokenizer_blob(config.compressor, tokenizer),
+            tokenizer_blob(config.compressor, tokenizer), encoder=model,
         )  # fmt: skip
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("norm.")}  # ARC reads no final norm
-        module.arc.encoder.load_state_dict(state)
         config.compressor_config = settings.to_dict()
         return module
     settings = LlamaConfig.from_dict(dict(config.compressor_config))
     return ArcCompressor(settings, config.compression_rate, config.bridge_hidden_size, hidden_size, ae_initial)
-
-
-def reference_config(reference: Mapping) -> tuple[LlamaConfig, int, int, int]:
-    """(the encoder's ``LlamaConfig``, pooling factor, bridge inner width, decoder width) from a published
-    checkpoint's ``config.json`` (the reference's model / embedder / bridge arguments)."""
-    model, embedder, bridge = reference["model_args"], reference["embedder_args"], reference["bridge_args"]
-    rates = embedder.get("compress_rates") or []
-    if (
-        len(rates) != 1
-        or rates[0] >= -1
-        or (embedder.get("pooling_module") or {}).get("pool_type") != ("mean_pooled_queries")
-    ):
-        raise ValueError(
-            f"compress_rates={rates}, pooling_module={embedder.get('pooling_module')}: ARC's releases pool once, in "
-            "the last layer, by mean-pooled queries (compress_rates [-8] or [-4]); other settings are not supported."
-        )
-    if embedder.get("causal_embedder"):
-        raise ValueError("causal_embedder=True: ARC's releases read passages bidirectionally; not supported.")
-    config = LlamaConfig(
-        vocab_size=model["vocab_size"],
-        hidden_size=model["dim"],
-        intermediate_size=model["hidden_dim"],
-        num_hidden_layers=model["n_layers"] - embedder.get("n_truncated_layers", 0),
-        num_attention_heads=model["n_heads"],
-        num_key_value_heads=model["n_kv_heads"],
-        head_dim=model.get("head_dim") or model["dim"] // model["n_heads"],
-        rms_norm_eps=model["norm_eps"],
-        # ARC's RoPE: plain, at the checkpoint's theta (no Llama 3 scaling, which its code never applies).
-        rope_parameters={"rope_type": "default", "rope_theta": model.get("rope_theta") or 1e6},
-        tie_word_embeddings=False,
-    )
-    return config, -rates[0], bridge["hidden_dim"], bridge["out_dim"]
-
-
-def from_reference_state_dict(
-    state: Mapping[str, torch.Tensor], config: LlamaConfig, decoder_index: int = 0
-) -> dict[str, torch.Tensor]:
-    """A published ARC checkpoint's tensors (``embedder.*``, ``bridge_module.*``) under ``ArcEncoder``'s names, with
-    the query / key rows permuted from Meta's interleaved RoPE pairs to transformers' halves. A multi-decoder
-    checkpoint holds a bridge and a continuation token per decoder: ``decoder_index`` picks one."""
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    renames = {
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-        "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }  # fmt: skip
-    own = {
-        f"embedder.cont_tok.{decoder_index}.weight": "continuation",
-        f"bridge_module.{decoder_index}.layer1.weight": "bridge_in.weight",
-        f"bridge_module.{decoder_index}.layer2.weight": "bridge_out.weight",
-    }
-    if decoder_index == 0:  # one decoder: the bridge without an index
-        own.update(
-            {"bridge_module.layer1.weight": "bridge_in.weight", "bridge_module.layer2.weight": "bridge_out.weight"}
-        )
-
-    def halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-        rows, columns = weight.shape  # [n_heads * head_dim, in]: pairs (2i, 2i+1) -> halves (i, i + head_dim / 2)
-        return weight.view(n_heads, rows // n_heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
-
-    out = {}
-    for key, value in state.items():
-        if key == "embedder.tok_embeddings.weight":
-            out["encoder.embed_tokens.weight"] = value
-        elif key.startswith("embedder.layers."):
-            name = key.removeprefix("embedder.")
-            for old, new in renames.items():
-                name = name.replace(f".{old}.", f".{new}.")
-            if ".q_proj." in name:
-                value = halves(value, heads)
-            elif ".k_proj." in name:
-                value = halves(value, kv_heads)
-            out[f"encoder.{name}"] = value
-        elif key in own:
-            out[own[key]] = value
-    missing = {"continuation", "bridge_in.weight", "bridge_out.weight"} - set(out)
-    if missing:
-        raise ValueError(
-            f"The checkpoint holds no {sorted(missing)} for decoder_index={decoder_index}; its bridges: "
-            f"{sorted(k for k in state if k.startswith('bridge_module.'))}."
-        )
-    return out

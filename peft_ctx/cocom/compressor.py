@@ -72,9 +72,11 @@ def tokenize_passages(config: CocomConfig, texts: list[str], options: dict[str, 
         _, module = adapter_module(options.get("model"), config)
         tokenizer, _ = module.tokenizer
         tokenizer.enable_truncation(max_length=config.max_passage_tokens)
-        # ARC reads the bare passage; a BERT-style encoder its [CLS] passage [SEP].
-        special = config.compressor_type != "arc"
-        rows = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=special)]
+        # ARC reads the bare passage, stripped as its evaluation reads documents; a BERT-style encoder reads
+        # [CLS] passage [SEP].
+        arc = config.compressor_type == "arc"
+        texts = [text.strip() for text in texts] if arc else texts
+        rows = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=not arc)]
     else:
         tokenizer = options.get("tokenizer")
         if tokenizer is None:

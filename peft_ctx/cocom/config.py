@@ -133,6 +133,13 @@ class CocomConfig(ContextConfig):
         default=2048,
         metadata={"help": "compressor_type='arc': the bridge's inner width (2048 in ARC's releases)."},
     )
+    compressor_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "compressor_type='arc': keep the encoder model's first N layers (ARC: 26 of Llama-3.2-3B's 28); "
+            "None keeps them all."
+        },
+    )
     compressor_config: Optional[dict] = field(
         default=None,
         metadata={
@@ -218,7 +225,18 @@ class CocomConfig(ContextConfig):
                 )
             if not is_int(self.bridge_hidden_size) or self.bridge_hidden_size < 1:
                 raise ValueError(f"bridge_hidden_size={self.bridge_hidden_size!r}: give a positive int, e.g. 2048.")
+            if self.compressor_layers is not None and (
+                not is_int(self.compressor_layers) or self.compressor_layers < 1
+            ):
+                raise ValueError(
+                    f"compressor_layers={self.compressor_layers!r}: give a positive number of layers (ARC: 26), or "
+                    "None to keep all."
+                )
             self.passage_end_token = True  # ARC's continuation state after every passage
+        elif self.compressor_layers is not None:
+            raise ValueError(
+                f"compressor_layers={self.compressor_layers!r} cuts ARC's encoder; it needs compressor_type='arc'."
+            )
         if self.compressor_config is not None and (
             not isinstance(self.compressor_config, dict) or "model_type" not in self.compressor_config
         ):

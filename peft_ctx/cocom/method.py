@@ -23,6 +23,7 @@ from ..layer import companion_name
 from ..methods import ContextMethod, PassageIndex, register_method
 from ..prompting import Slots
 from . import merging
+from .arc_convert import ARC
 from .compressed import CompressedPassage, check_passage, compress
 from .compressor import (
     all_linear,
@@ -58,7 +59,7 @@ class CocomMethod(ContextMethod):
     stages = STAGES
     input_names = ("cocom_passage_ids", "cocom_passage_lengths", "cocom_context_embeds", "cocom_slot_source")
     option_resources = ("tokenizer", "model")
-    converters = {"clara": CLARA}
+    converters = {"clara": CLARA, "arc": ARC}
     rows_module = "peft_ctx.cocom.rows"
 
     # ---- the adapter ---------------------------------------------------------------------------------------------
@@ -249,14 +250,14 @@ class CocomMethod(ContextMethod):
             raise ValueError(
                 "COCOM answers from passages: give at least one per question (contexts=[[passage, ...], ...])."
             )
+        autoencode = bool(options.get("autoencode"))
         parts: list = []
         for j, passage in enumerate(docs):
             if j and config.passage_separator:
                 parts.append(config.passage_separator)
             parts.append(Slots(passage.k))
-            if config.passage_end_token:
+            if _end_slot(config, autoencode):
                 parts.append(Slots(1))  # the passage's <SEP>
-        autoencode = bool(options.get("autoencode"))
         if autoencode:
             parts.append(Slots(1))  # the <AE> marker: "now reconstruct the passage"
         return {"context": parts}, {"passages": list(docs), "autoencode": [autoencode]}
@@ -276,7 +277,7 @@ class CocomMethod(ContextMethod):
                 else:
                     source.extend(range(stored_row, stored_row + p.k))
                     stored_row += p.k
-                if config.passage_end_token:
+                if _end_slot(config, payload["autoencode"][0]):
                     source.append(marker + 1)
             if payload["autoencode"][0]:
                 source.append(marker)
@@ -317,6 +318,13 @@ class CocomMethod(ContextMethod):
         from .recipe import diagnostics
 
         return diagnostics(model, tokenizer, passages)
+
+
+def _end_slot(config: CocomConfig, autoencode: bool) -> bool:
+    """Whether each passage's slots are followed by its end marker (<SEP>; ARC's continuation state). ARC's
+    reconstruction reads a passage's states followed by its <Rec> token alone: there the <AE> marker takes the
+    continuation state's place."""
+    return config.passage_end_token and not (autoencode and config.compressor_type == "arc")
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -19,21 +19,32 @@ _DEMO_STAGES = {
     },
 }
 _TRAINS = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
+_ARC_TRAINS = "ARC's encoder, bridge and continuation state (decoder frozen)"
+# ARC-Encoder's setting: its Llama-style encoder and bridge, the decoder frozen (no LoRA), pretraining with ~20%
+# reconstruction (its continuation share is 0.8).
+_ARC = dict(compressor_type="arc", lora_r=0)
 
 
-def _entry(name: str, rate: int, light: bool = False, targets: tuple = (), **settings: Any) -> Entry:
+def _entry(
+    name: str, rate: int, light: bool = False, targets: tuple = (), arc: bool = False, **settings: Any
+) -> Entry:
     def make_config(resources: Resources) -> CocomConfig:
-        # COCOM-light copies the encoder's weights into the adapter; the config records the encoder's name.
+        # COCOM-light copies the encoder's weights into the adapter; the config records the encoder's name. ARC's
+        # encoder is a Llama-style model: the resources' (the tiny rows') or else the base model's own layers.
         compressor = resources.encoder_name_or_path if light else None
+        if arc:
+            compressor = resources.llama_encoder_name_or_path or resources.base_model_name_or_path
         return CocomConfig(
             compression_rate=rate,
             compressor=compressor,
             base_model_name_or_path=resources.base_model_name_or_path,
+            **(_ARC if arc else {}),
             **settings,
         )
 
-    label = f"COCOM{'-light' if light else ''} xi={rate}"
-    return Entry(name, label, make_config, stages=_DEMO_STAGES, trains=_TRAINS, targets=targets)
+    label = f"ARC (COCOM) pf={rate}" if arc else f"COCOM{'-light' if light else ''} xi={rate}"
+    trains = _ARC_TRAINS if arc else _TRAINS
+    return Entry(name, label, make_config, stages=_DEMO_STAGES, trains=trains, targets=targets)
 
 
 _HEADLINE = (
@@ -74,6 +85,7 @@ ROWS = MethodRows(
         _entry("cocom", 4, **_TINY),
         _entry("cocom_separate", 4, separate_compressor_adapter=True, **_TINY),
         _entry("cocom_light", 4, light=True, **_TINY),
+        _entry("cocom_arc", 4, arc=True, bridge_hidden_size=16, max_passage_tokens=16),
     ),
     paper=(_entry("cocom", 16, **_PAPER), Entry("cocom_light", "COCOM-light xi=16", _paper_light, trains=_TRAINS)),
 )

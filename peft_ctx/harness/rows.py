@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..methods import ContextMethod, get_method, registered_methods
-from .tiny import RETRIEVER_DIM
+from .tiny import LLAMA_SUBFOLDER, RETRIEVER_DIM
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Resources:
     encoder_name_or_path: Optional[str] = None
     encoder: Any = None  # a peft_ctx.Encoder
     retriever_hidden_size: Optional[int] = None
+    # A Llama-style encoder for ARC's compressor (the tiny rows' tiny Llama); None: the base model's own layers.
+    llama_encoder_name_or_path: Optional[str] = None
     # A compressor encoder's config (``PretrainedConfig.to_dict()``) to build it from, without weights (the planner's
     # BERT-base on the meta device); None loads ``encoder_name_or_path``.
     encoder_config: Optional[dict] = None
@@ -153,6 +156,9 @@ def tiny_configs(
     encoder_dir: Optional[str] = None, retriever_hidden_size: int = RETRIEVER_DIM
 ) -> dict[str, Callable[[], Any]]:
     """``{row name: () -> config}`` of every tiny row: the variants the tests and the CUDA check run on tiny models
-    (``encoder_dir``: the tiny encoder, ``peft_ctx.harness.tiny.tiny_encoder_dir``, ``RETRIEVER_DIM`` wide)."""
-    resources = Resources(encoder_name_or_path=encoder_dir, retriever_hidden_size=retriever_hidden_size)
+    (``encoder_dir``: the tiny encoders, ``peft_ctx.harness.tiny.tiny_encoder_dir``, ``RETRIEVER_DIM`` wide)."""
+    llama = None if encoder_dir is None else os.path.join(encoder_dir, LLAMA_SUBFOLDER)
+    resources = Resources(
+        encoder_name_or_path=encoder_dir, retriever_hidden_size=retriever_hidden_size, llama_encoder_name_or_path=llama
+    )
     return {entry.name: functools.partial(entry.make_config, resources) for _, entry in tiny_entries()}

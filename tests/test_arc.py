@@ -354,3 +354,25 @@ def test_one_encoder_two_bridges_two_decoders(converted_release, release, tmp_pa
         inputs = peft_ctx.prepare_inputs(both, tokenizer, questions, passages)
         assert torch.equal(captured_embeddings(both.eval(), inputs)[inputs["context_mask"]], outputs[name])
     assert not torch.allclose(outputs["llama"], outputs["mistral"])
+
+
+def test_an_arc_adapter_serves_through_llama_cpp_with_no_merge(tokenizer, encoder_dir, tmp_path):
+    """ARC needs no merge (the decoder is frozen): the export is the base model, and llama.cpp fed the adapter's
+    prompt embeddings (an f32 GGUF) gives the torch path's greedy answers."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built here (make install builds it)")
+    from peft_ctx.serving.gguf import to_gguf
+    from tests.helpers import tiny_adapter
+
+    model = tiny_adapter("cocom_arc", "llama", tokenizer, encoder_dir)
+    out = tmp_path / "export"
+    peft_ctx.export_for_serving(model, str(out), tokenizer=tokenizer)
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    base = model.get_base_model()
+    for name, param in exported.named_parameters():  # the base model's own weights, nothing merged
+        assert torch.equal(param, base.get_parameter(name.replace("embed_tokens.", "embed_tokens.base_layer."))), name
+    engine = peft_ctx.LlamaCppEngine(to_gguf(str(out), "f32"), n_seq_max=4)
+    questions = ["Who built it?", "Who wrote it?", "When was it built?", "Where is it?"]
+    contexts = [PASSAGES, PASSAGES[1:], PASSAGES[:1], PASSAGES[::-1]]
+    expected = peft_ctx.generate(model, tokenizer, questions, contexts, max_new_tokens=4)
+    assert peft_ctx.generate(model, tokenizer, questions, contexts, max_new_tokens=4, engine=engine) == expected
+    assert len(set(expected)) > 1

@@ -13,6 +13,7 @@ import torch
 from peft import get_peft_model
 
 import peft_ctx
+from peft_ctx import local_copies
 from peft_ctx.harness import curves, data, demo
 from peft_ctx.harness import eval as harness
 from peft_ctx.methods import TrainingData
@@ -29,7 +30,7 @@ from peft_ctx.xrag import recipe as xrag_recipe
 from tests.helpers import changed, sft_trainer, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light"}
+ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light", "cocom_arc"}
 COCOM_STAGES = {
     "pretrain": StageSettings(steps=1, batch_size=2, learning_rate=1e-3, max_chars=60),
     "qa": StageSettings(steps=1, batch_size=2, learning_rate=1e-3),
@@ -43,6 +44,12 @@ TINY_STAGES = {
         "qa": StageSettings(steps=2, batch_size=2, learning_rate=1e-2, options={"virtual_tokens_range": [1, 4]})
     },
     **{name: COCOM_STAGES for name in ("cocom_xi4", "cocom_xi16", "cocom_light")},
+    "cocom_arc": {
+        "pretrain": StageSettings(
+            steps=1, batch_size=2, learning_rate=1e-3, max_chars=60, options={"autoencode_ratio": 0.2}
+        ),
+        "qa": StageSettings(steps=1, batch_size=2, learning_rate=1e-3),
+    },
 }
 
 
@@ -72,10 +79,13 @@ def tiny_profile(**changes):
 
 
 @pytest.fixture
-def tiny_context(tokenizer, encoder, tmp_path):
+def tiny_context(tokenizer, encoder, tmp_path, monkeypatch):
     base_dir = tmp_path / "base"
     tiny_model("llama", tokenizer).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
+    # The base model's Hub id resolves to its folder, as make install lists SmolLM2's (ARC's row reads its layers).
+    monkeypatch.setenv("PEFT_CTX_LOCAL_COPIES", str(tmp_path / "local_copies.json"))
+    local_copies.register("org/tiny-llama", str(base_dir))
 
     def make(profile, output_dir, sources=None):
         rows = tiny_rows()

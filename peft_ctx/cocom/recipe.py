@@ -156,7 +156,8 @@ def train(
     if pretrain is not None and pretrain.steps > 0:
         n = min(len(data.corpus), pretrain.steps * pretrain.batch_size)
         rows = [{"text": cut_passage(t, pretrain.max_chars)} for t in data.corpus[:n]]
-        batches = collator(model.active_peft_config, tokenizer, "pretrain", seed=seed)
+        ratio = pretrain.options.get("autoencode_ratio", 0.5)  # ARC's rows: 0.2
+        batches = collator(model.active_peft_config, tokenizer, "pretrain", seed=seed, autoencode_ratio=ratio)
         reports.append(
             train_stage(
                 model,

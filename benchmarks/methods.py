@@ -55,6 +55,7 @@ class Env:
     tokenizer: Any
     device: torch.device
     encoder_path: Optional[str] = None
+    base_model: Optional[str] = None  # the base model's name or folder (ARC's row reads its layers as the encoder)
     _encoder: Any = field(default=None, repr=False)
 
     @property
@@ -68,7 +69,11 @@ class Env:
         return self.encoder_path or MINILM_HUB_ID
 
     def resources(self, with_encoder: bool) -> Resources:
-        return Resources(encoder_name_or_path=self.encoder_name, encoder=self.encoder if with_encoder else None)
+        return Resources(
+            base_model_name_or_path=self.base_model,
+            encoder_name_or_path=self.encoder_name,
+            encoder=self.encoder if with_encoder else None,
+        )
 
 
 class BenchMethod:

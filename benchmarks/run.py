@@ -153,7 +153,9 @@ class Bench:
         self.cache = settings.cache
         if self.cache == "auto":
             self.cache = recommended_setup(self.device, settings.model)["cache"]
-        self.env = Env(tokenizer=tokenizer, device=self.device, encoder_path=settings.encoder)
+        self.env = Env(
+            tokenizer=tokenizer, device=self.device, encoder_path=settings.encoder, base_model=settings.model
+        )
         n_examples = max(max(settings.batch), settings.train_batch)
         self.work = build_workload(
             tokenizer,

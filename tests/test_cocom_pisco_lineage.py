@@ -116,3 +116,61 @@ def test_an_index_carries_the_fixed_memory_tokens_and_generates_as_from_text(tok
 def test_bad_lineage_settings_are_named_in_the_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CocomConfig(**kwargs)
+
+
+# ---- CLaRa's end-to-end retrieval by memory states (query_adapter) -------------------------------------------------
+CORPUS = [p for ps in PASSAGES for p in ps] + ["An unrelated passage about the weather in the hills."]
+
+
+def test_a_query_lora_compresses_questions_and_search_ranks_by_the_cosine_of_flattened_states(tokenizer, tmp_path):
+    """query_adapter=True adds a third LoRA: a question goes through the compressor's path with it (as a passage does
+    with the compressor LoRA); search ranks the index's passages by the cosine between the question's and each
+    passage's states, flattened; the index (and its fingerprint) does not depend on the query LoRA."""
+    model, _ = lineage_model("llama", tokenizer, query_adapter=True)
+    config = model.active_peft_config
+    assert config.query_adapter
+    names = {n for n, _ in model.named_parameters()}
+    assert any(".lora_A.default__query." in n for n in names) and any(
+        ".lora_A.default__compressor." in n for n in names
+    )
+    index = peft_ctx.cocom.compress(model, tokenizer, CORPUS)
+    fingerprint = peft_ctx.cocom.adapter_fingerprint(model)
+    states = peft_ctx.cocom.retrieval.query_states(model, tokenizer, QUESTIONS)  # [q, 3, hidden]
+    # The same question through the compressor LoRA instead: other states (the query LoRA is its own).
+    as_passages = peft_ctx.cocom.compress(model, tokenizer, QUESTIONS).embeddings.view(len(QUESTIONS), 3, -1)
+    assert not torch.allclose(states, as_passages)
+    # The query path is the passages' path with the query LoRA in the compressor LoRA's place: a copy whose
+    # compressor LoRA holds the query LoRA's weights compresses the questions as passages into the same states.
+    swapped = clone(model)
+    with torch.no_grad():
+        params = dict(swapped.named_parameters())
+        for name, param in params.items():
+            if ".default__compressor." in name:
+                param.copy_(params[name.replace(".default__compressor.", ".default__query.")])
+    by_hand = peft_ctx.cocom.compress(swapped, tokenizer, QUESTIONS).embeddings.view(len(QUESTIONS), 3, -1)
+    torch.testing.assert_close(states, by_hand, rtol=0, atol=0)
+    found = index.search(model, tokenizer, QUESTIONS, k=2)
+    flat_q, flat_p = states.flatten(1), index.embeddings.view(len(CORPUS), -1)
+    cosine = torch.nn.functional.cosine_similarity(flat_q[:, None], flat_p[None], dim=-1)  # [q, N]
+    for row, (ids, scores) in enumerate(zip(found.ids, found.scores)):
+        assert ids == cosine[row].argsort(descending=True)[:2].tolist()
+        torch.testing.assert_close(torch.tensor(scores), cosine[row, ids], rtol=1e-5, atol=1e-6)
+    within = index.search(model, tokenizer, QUESTIONS[:1], k=1, candidates=[[4, 5]])
+    assert within.ids[0][0] in (4, 5)
+    assert peft_ctx.generate(model, tokenizer, QUESTIONS, index.select(found.ids), max_new_tokens=2)
+    # Saved and loaded: the query LoRA travels in the adapter; the index stays valid.
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clone(model.get_base_model()).requires_grad_(False), tmp_path)
+    assert peft_ctx.cocom.adapter_fingerprint(loaded) == fingerprint
+
+
+def test_search_needs_a_query_lora_and_the_adapters_own_index(tokenizer):
+    model, _ = lineage_model("llama", tokenizer)
+    index = peft_ctx.cocom.compress(model, tokenizer, CORPUS)
+    with pytest.raises(ValueError, match="query LoRA"):
+        index.search(model, tokenizer, QUESTIONS, k=2)
+    with pytest.raises(ValueError, match="query_adapter=True"):
+        CocomConfig(query_adapter=True)
+    other, _ = lineage_model("llama", tokenizer, seed=3, query_adapter=True)
+    with pytest.raises(ValueError, match="another adapter"):
+        index.search(other, tokenizer, QUESTIONS, k=2)

@@ -245,12 +245,12 @@ def test_clara_checkpoints_it_cannot_convert_exactly_are_refused_naming_the_file
         shutil.copytree(FIXTURES / "clara" / "checkpoint", folder)
         return folder
 
-    e2e = copy("e2e")
-    adapters = torch.load(e2e / "adapters.pth", weights_only=True)
-    adapters["query_reasoner_adapter"] = adapters["encoder_adapter"]
-    torch.save(adapters, e2e / "adapters.pth")
-    with pytest.raises(ValueError, match=r"adapters.pth holds the LoRAs .*unexpected \['query_reasoner_adapter'\]"):
-        peft_ctx.convert(str(e2e), str(tmp_path / "out"))
+    extra = copy("extra")
+    adapters = torch.load(extra / "adapters.pth", weights_only=True)
+    adapters["some_other_adapter"] = adapters["encoder_adapter"]
+    torch.save(adapters, extra / "adapters.pth")
+    with pytest.raises(ValueError, match=r"adapters.pth holds the LoRAs .*unexpected \['some_other_adapter'\]"):
+        peft_ctx.convert(str(extra), str(tmp_path / "out"))
 
     separate = copy("separate")
     settings = json.loads((separate / "config.json").read_text())

@@ -2,6 +2,7 @@ from .compressed import CompressedIndex, CompressedPassage, adapter_fingerprint,
 from .config import CocomConfig
 from .method import CocomMethod
 from .modules import CocomLightCompressor, CocomTokens
+from .retrieval import Retrieved, query_states, search
 
 __all__ = [
     "CocomConfig",
@@ -11,9 +12,12 @@ __all__ = [
     "CocomTokens",
     "CompressedIndex",
     "CompressedPassage",
+    "Retrieved",
     "adapter_fingerprint",
     "adapter_size",
     "compress",
+    "query_states",
+    "search",
 ]
 
 

@@ -166,6 +166,13 @@ class CompressedIndex:
             raise ValueError("select() takes a list of ids or a list of id lists (one per question), not a mix.")
         return [self[int(i)] for i in ids]
 
+    def search(self, model, tokenizer, questions, k: int = 5, candidates=None):
+        """The ``k`` passages closest to each question by memory states (adapters with a query LoRA, as CLaRa's
+        end-to-end checkpoints): ``peft_ctx.cocom.retrieval.search``; its ``.ids`` go to ``select``."""
+        from .retrieval import search
+
+        return search(model, tokenizer, questions, self, k, candidates)
+
     def nbytes(self) -> int:
         return self.embeddings.numel() * self.embeddings.element_size()
 

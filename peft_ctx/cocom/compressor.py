@@ -223,14 +223,14 @@ def _check_encoder(name: str, encoder: nn.Module, tokenizer) -> int:
 
 
 @contextlib.contextmanager
-def compressor_lora(model: nn.Module, adapter_name: str, separate: bool):
+def compressor_lora(model: nn.Module, adapter_name: str, separate: bool, role: str = COMPRESSOR_ROLE):
     """Switch the LoRA layers to the separate compressor LoRA (``separate``) for the compression pass (PISCO's
-    set-up); without one, the decoder's LoRA compresses too."""
+    set-up; ``role``: another companion, CLaRa's query LoRA); without one, the decoder's LoRA compresses too."""
     if not separate:
         yield
         return
 
-    companion = companion_name(adapter_name, COMPRESSOR_ROLE)
+    companion = companion_name(adapter_name, role)
     switched = []
     for module in model.modules():
         if isinstance(module, LoraLayer) and companion in module.lora_A:

@@ -8,6 +8,8 @@ from ..config import ContextConfig, is_int
 # The separate compressor LoRA's role name (ContextMethod.companion_roles): its weights are saved as
 # '...lora_A.compressor.weight'.
 COMPRESSOR_ROLE = "compressor"
+# The query LoRA's role (CLaRa's end-to-end checkpoints): it compresses questions for retrieval by memory states.
+QUERY_ROLE = "query"
 RESIDUAL_SOURCES = ("memory", "tokens")
 PASSAGE_TRUNCATIONS = ("text", "sequence")
 COMPRESSOR_POSITIONS = ("start", "left_padded")
@@ -59,6 +61,15 @@ class CocomConfig(ContextConfig):
         metadata={
             "help": "COCOM only: one LoRA for compressing and another for decoding (as PISCO does) instead of one "
             "shared LoRA."
+        },
+    )
+    query_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "COCOM with a separate compressor LoRA: a third LoRA that compresses questions, as passages are "
+            "compressed, into query states; CompressedIndex.search ranks passages by the cosine between a "
+            "question's and a passage's flattened states (CLaRa's end-to-end retrieval). Needs "
+            "memory_tokens_per_passage."
         },
     )
     passage_special_tokens: bool = field(
@@ -211,6 +222,14 @@ class CocomConfig(ContextConfig):
             )
         if self.separate_compressor_adapter and self.lora_r == 0:
             raise ValueError("separate_compressor_adapter=True needs LoRA adapters: set lora_r >= 1.")
+        if self.query_adapter and not (
+            self.separate_compressor_adapter and self.memory_tokens_per_passage is not None and not self.is_light
+        ):
+            raise ValueError(
+                "query_adapter=True (retrieval by memory states, as CLaRa's end-to-end checkpoints) needs COCOM with "
+                "separate_compressor_adapter=True and memory_tokens_per_passage set (every passage and question "
+                "compressed into as many states)."
+            )
         if not isinstance(self.passage_separator, str):
             raise ValueError(f"passage_separator={self.passage_separator!r}: give a string, e.g. '\\n'.")
         if self.compressor_type not in COMPRESSOR_TYPES:

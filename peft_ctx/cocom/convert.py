@@ -37,6 +37,7 @@ CLARA_SYSTEM_PROMPT = (
 CLARA_TEMPLATE = "Background:\n{context}\n\nQuestion:{question}"
 CLARA_BASE = "mistralai/Mistral-7B-Instruct-v0.2"
 _ADAPTERS = {"decoder_adapter": "", "encoder_adapter": ".compressor"}  # ours: the decoder's LoRA, the companion
+_QUERY_ADAPTER = {"query_reasoner_adapter": ".query"}  # end-to-end checkpoints: the LoRA that compresses questions
 _LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
 _SKIPS_DECODER = ("stage1_2", "stage2_reasoning")  # the stages whose loading skips the stored decoder_adapter
 
@@ -70,13 +71,14 @@ def convert_clara(
         )
     embedding = layers[embed_keys[0]].float()  # [base vocab + added, hidden]
     ids = _added_token_ids(source, settings, n_memory, embedding.shape[0])
-    unexpected = sorted(set(adapters) - set(_ADAPTERS))
+    roles = {**_ADAPTERS, **(_QUERY_ADAPTER if set(_QUERY_ADAPTER) <= set(adapters) else {})}
+    unexpected = sorted(set(adapters) - set(roles))
     missing = sorted(set(_ADAPTERS) - set(adapters))
     if missing or unexpected:
         raise ValueError(
-            f"{source}/adapters.pth holds the LoRAs {sorted(adapters)}; a CLaRa compression checkpoint has exactly "
-            f"{sorted(_ADAPTERS)} (missing {missing}, unexpected {unexpected}). End-to-end checkpoints with a "
-            "query_reasoner_adapter are not converted yet."
+            f"{source}/adapters.pth holds the LoRAs {sorted(adapters)}; a CLaRa checkpoint has "
+            f"{sorted(_ADAPTERS)}, and an end-to-end one also {sorted(_QUERY_ADAPTER)} (missing {missing}, "
+            f"unexpected {unexpected})."
         )
     embed_module = embed_keys[0][: -len(".weight")]
     # Its from_pretrained skips the stored decoder_adapter of a stage1_2 / stage2_reasoning checkpoint unless the
@@ -91,7 +93,7 @@ def convert_clara(
             stacklevel=2,
         )
     state, targets = {}, set()
-    for adapter, role in _ADAPTERS.items():
+    for adapter, role in roles.items():
         for key, tensor in adapters[adapter].items():
             if key in layers:
                 # peft >= 0.12 saves a resized embedding / head with every adapter (CLaRa's pinned peft 0.17 does);
@@ -130,6 +132,7 @@ def convert_clara(
         compressor_positions="left_padded",
         passage_end_token=True,  # its prompt has <SEP> after every passage's memory tokens
         separate_compressor_adapter=True,
+        query_adapter=len(roles) > len(_ADAPTERS),  # CompressedIndex.search ranks passages by memory states
         lora_r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.1,

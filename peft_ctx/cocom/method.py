@@ -33,7 +33,7 @@ from .compressor import (
     memory_counts,
     tokenize_passages,
 )
-from .config import COMPRESSOR_ROLE, STAGES, CocomConfig
+from .config import COMPRESSOR_ROLE, QUERY_ROLE, STAGES, CocomConfig
 from .convert import CLARA
 from .modules import CocomTokens
 
@@ -88,7 +88,9 @@ class CocomMethod(ContextMethod):
             )
 
     def companion_roles(self, config: CocomConfig) -> tuple[str, ...]:
-        return (COMPRESSOR_ROLE,) if config.separate_compressor_adapter and config.lora_r > 0 else ()
+        if not (config.separate_compressor_adapter and config.lora_r > 0):
+            return ()
+        return (COMPRESSOR_ROLE, QUERY_ROLE) if config.query_adapter else (COMPRESSOR_ROLE,)
 
     def inject(self, tuner, model, adapter_name, config: CocomConfig, low_cpu_mem_usage=False) -> None:
         if config.lora_r == 0:
@@ -185,18 +187,25 @@ class CocomMethod(ContextMethod):
         return {**inputs, "cocom_compressed": compressed}
 
     def compress(
-        self, tuner, adapter_name: str, config: CocomConfig, ids: torch.Tensor, lengths: torch.Tensor
+        self,
+        tuner,
+        adapter_name: str,
+        config: CocomConfig,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        role: str = COMPRESSOR_ROLE,
     ) -> torch.Tensor:
-        """Context embeddings of right-padded passages, every passage's k rows in order.  # [sum k_i, hidden]"""
+        """Context embeddings of right-padded passages, every passage's k rows in order (``role=QUERY_ROLE``:
+        questions through the query LoRA).  # [sum k_i, hidden]"""
         module = tuner.context_layer().ctx_modules[adapter_name]
         if config.is_light:
             return module(ids.to(module.device), lengths.to(module.device))
-        with self._compressor_lora(tuner.model, adapter_name, config):
+        with self._compressor_lora(tuner.model, adapter_name, config, role):
             return compress_with_llm(tuner.model, module, config, ids, lengths)
 
-    def _compressor_lora(self, model: nn.Module, adapter_name: str, config: CocomConfig):
-        """Switch the LoRA layers to the separate compressor LoRA for the compression pass (PISCO's set-up)."""
-        return compressor_lora(model, adapter_name, COMPRESSOR_ROLE in self.companion_roles(config))
+    def _compressor_lora(self, model: nn.Module, adapter_name: str, config: CocomConfig, role=COMPRESSOR_ROLE):
+        """Switch the LoRA layers to the separate compressor LoRA (or ``role``'s) for the compression pass."""
+        return compressor_lora(model, adapter_name, role in self.companion_roles(config), role)
 
     def slot_embeddings(self, module: nn.Module, context_mask, inputs, dtype) -> torch.Tensor:
         marker = module.marker()  # [1 or 2, hidden]: <AE>, then <SEP> where passages end with one

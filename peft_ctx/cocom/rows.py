@@ -99,7 +99,9 @@ ROWS = MethodRows(
             ("cocom_xi128", 128, False, ()),
             ("cocom_light", 4, True, ()),
         )
-    ),
+    )
+    # ARC's pooling 8 with its release's 2048-wide bridge; the base model's own layers as the encoder.
+    + (_entry("cocom_arc", 8, arc=True, bridge_hidden_size=2048, max_passage_tokens=256),),
     tiny=(
         _entry("cocom", 4, **_TINY),
         _entry("cocom_separate", 4, separate_compressor_adapter=True, **_TINY),

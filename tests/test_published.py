@@ -302,3 +302,32 @@ def test_a_clara_config_without_pure_inference_decodes_as_its_loading_does_witho
     assert not torch.allclose(want, record["logits"], atol=1e-2)  # the decoder LoRA matters in this fixture
     new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert new.tolist() == record["without_pure_inference"]["greedy_tokens"]
+
+
+def test_clara_end_to_end_retrieves_by_memory_states_as_its_code_does(fixture_tokenizer, tmp_path):
+    """apple/ml-clara's generate_from_questions on a tiny end-to-end checkpoint (make_fixtures.py, family clara_e2e):
+    each question's query states (its query LoRA), each document's states (its encoder LoRA), the cosine scores and
+    the top-2 order; then the chosen documents' states, best first, in its prompt, and its greedy tokens. The
+    converted adapter searches an index of each question's documents and gives the same."""
+    folder = FIXTURES / "clara_e2e"
+    record = json.loads((folder / "expected.json").read_text())
+    tensors = load_file(folder / "expected.safetensors")
+    convert_cli([str(folder / "checkpoint"), str(tmp_path / "adapter"), "--base_model", str(BASE)])
+    model = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
+    assert model.active_peft_config.query_adapter
+    queries = peft_ctx.cocom.query_states(model, fixture_tokenizer, record["questions"])
+    torch.testing.assert_close(queries, tensors["query_states"], rtol=1e-4, atol=1e-5)
+    for i, (question, documents) in enumerate(zip(record["questions"], record["documents"])):
+        index = peft_ctx.cocom.compress(model, fixture_tokenizer, documents)
+        states = index.embeddings.view(len(documents), *tensors["query_states"].shape[1:])
+        torch.testing.assert_close(states, tensors["document_states"][i], rtol=1e-4, atol=1e-5)
+        found = index.search(model, fixture_tokenizer, [question], k=record["generation_top_k"])
+        assert found.ids == [record["topk_indices"][i]]
+        torch.testing.assert_close(
+            torch.tensor(found.scores[0]), tensors["scores"][i, found.ids[0]], rtol=1e-4, atol=1e-5
+        )
+        inputs = peft_ctx.prepare_inputs(model, fixture_tokenizer, [question], index.select(found.ids))
+        real = [t for t, keep in zip(record["prompt_ids"][i], record["prompt_attention_mask"][i]) if keep]
+        assert slot_ids(inputs) == real
+        new = model.generate(**inputs, max_new_tokens=len(record["greedy_tokens"][i]), do_sample=False)
+        assert new[0, inputs["input_ids"].shape[1] :].tolist() == record["greedy_tokens"][i]

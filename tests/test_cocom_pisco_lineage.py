@@ -11,18 +11,11 @@ from peft import PeftModel
 
 import peft_ctx
 from peft_ctx.cocom import CocomConfig, CompressedIndex
+from peft_ctx.cocom.convert import PISCO_LINEAGE
 from tests.helpers import clone
 from tests.test_cocom import PASSAGES, QUESTIONS, captured_embeddings, cocom_model, module_of
 
-LINEAGE = dict(
-    memory_tokens_per_passage=3,
-    passage_special_tokens=True,
-    passage_truncation="sequence",
-    compressor_positions="left_padded",
-    passage_end_token=True,
-    separate_compressor_adapter=True,
-    passage_separator="",
-)
+LINEAGE = dict(memory_tokens_per_passage=3, **PISCO_LINEAGE)
 
 
 def lineage_model(arch, tokenizer, seed=0, **overrides):

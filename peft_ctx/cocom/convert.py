@@ -36,6 +36,17 @@ CLARA_SYSTEM_PROMPT = (
 )
 CLARA_TEMPLATE = "Background:\n{context}\n\nQuestion:{question}"
 CLARA_BASE = "mistralai/Mistral-7B-Instruct-v0.2"
+# How the PISCO lineage's code (CLaRa's) compresses and prompts, as CocomConfig fields: <ENC><s>passage</s> truncated
+# as one sequence and placed as if left-padded, <SEP> after each passage's memory tokens, a compressor LoRA apart from
+# the decoder's, nothing between passages. (Its fixed memory_tokens_per_passage comes from each checkpoint.)
+PISCO_LINEAGE = dict(
+    passage_special_tokens=True,
+    passage_truncation="sequence",
+    compressor_positions="left_padded",
+    passage_end_token=True,
+    separate_compressor_adapter=True,
+    passage_separator="",
+)
 _ADAPTERS = {"decoder_adapter": "", "encoder_adapter": ".compressor"}  # ours: the decoder's LoRA, the companion
 _QUERY_ADAPTER = {"query_reasoner_adapter": ".query"}  # end-to-end checkpoints: the LoRA that compresses questions
 _LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
@@ -127,17 +138,12 @@ def convert_clara(
         compression_rate=int(settings["compr_rate"]),
         memory_tokens_per_passage=n_memory,
         max_passage_tokens=int(settings["doc_max_length"]) + 2,  # BOS passage EOS; <ENC> is the adapter's own
-        passage_special_tokens=True,
-        passage_truncation="sequence",
-        compressor_positions="left_padded",
-        passage_end_token=True,  # its prompt has <SEP> after every passage's memory tokens
-        separate_compressor_adapter=True,
+        **PISCO_LINEAGE,
         query_adapter=len(roles) > len(_ADAPTERS),  # CompressedIndex.search ranks passages by memory states
         lora_r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.1,
         lora_target_modules=sorted(targets),
-        passage_separator="",
         base_model_name_or_path=base_model_name_or_path or _hub_decoder(settings),
         base_hidden_size=int(embedding.shape[1]),
         **{

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..harness.rows import Entry, MethodRows, Resources, Target
 from .config import CocomConfig
+from .convert import PISCO_LINEAGE
 
 # The demo's training per profile (StageSettings fields by stage); the demo profile skips pretraining.
 _DEMO_STAGES = {
@@ -31,15 +32,6 @@ _ARC_STAGES = {
         "qa": {"steps": 120, "batch_size": 4, "learning_rate": 1e-4, "save_steps": 60},
     },
 }
-# The PISCO lineage's settings as CLaRa's releases have them (peft_ctx.cocom.convert sets the same).
-_CLARA = dict(
-    passage_special_tokens=True,
-    passage_truncation="sequence",
-    compressor_positions="left_padded",
-    passage_end_token=True,
-    separate_compressor_adapter=True,
-    passage_separator="",
-)
 _TRAINS = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
 _ARC_TRAINS = "ARC's encoder, bridge and continuation state (decoder frozen)"
 # ARC-Encoder's setting: its Llama-style encoder and bridge, the decoder frozen (no LoRA), pretraining with ~20%
@@ -118,7 +110,7 @@ ROWS = MethodRows(
         _entry("cocom_arc", 4, arc=True, bridge_hidden_size=16, max_passage_tokens=16),
         # CLaRa's setting: fixed memory tokens, <SEP> after each passage, compressor and decoder LoRAs. (Its
         # end-to-end query LoRA is not trained by the recipe, which every tiny row's training tests expect.)
-        _entry("cocom_clara", 4, **_TINY, **_CLARA, memory_tokens_per_passage=4),
+        _entry("cocom_clara", 4, **_TINY, **PISCO_LINEAGE, memory_tokens_per_passage=4),
     ),
     paper=(_entry("cocom", 16, **_PAPER), Entry("cocom_light", "COCOM-light xi=16", _paper_light, trains=_TRAINS)),
 )

@@ -12,7 +12,7 @@ from peft import PeftModel
 import peft_ctx
 from peft_ctx.cocom import CocomConfig, CompressedIndex
 from peft_ctx.cocom.convert import PISCO_LINEAGE
-from tests.helpers import clone
+from tests.helpers import clone, load_train_script
 from tests.test_cocom import PASSAGES, QUESTIONS, captured_embeddings, cocom_model, module_of
 
 LINEAGE = dict(memory_tokens_per_passage=3, **PISCO_LINEAGE)
@@ -167,3 +167,14 @@ def test_search_needs_a_query_lora_and_the_adapters_own_index(tokenizer):
     other, _ = lineage_model("llama", tokenizer, seed=3, query_adapter=True)
     with pytest.raises(ValueError, match="another adapter"):
         index.search(other, tokenizer, QUESTIONS, k=2)
+
+
+def test_the_training_script_makes_a_pisco_lineage_adapter(trainable_base_dir, monkeypatch):
+    script = load_train_script("cocom", monkeypatch)
+    args = script.ScriptArguments(
+        model_name_or_path=str(trainable_base_dir), dataset_name="qa.jsonl", stage="qa", compression_rate=4,
+        max_passage_tokens=16, memory_tokens_per_passage=4, pisco_lineage=True, lora_r=2,
+    )  # fmt: skip
+    config = script.build_model(args).active_peft_config
+    assert {key: getattr(config, key) for key in PISCO_LINEAGE} == PISCO_LINEAGE
+    assert config.memory_tokens_per_passage == 4

@@ -30,6 +30,11 @@ PAPER = {
         "max_passage_tokens": 128, "autoencode_ratio": 0.5,
     },
     "cocom_qa_paper.yaml": {"learning_rate": 1e-4, "num_train_epochs": 1, "top_k": 5},
+    "cocom_clara_qa_paper.yaml": {
+        "learning_rate": 1e-4, "batch": 128, "num_train_epochs": 1, "top_k": 5, "lora_r": 16, "lora_alpha": 32,
+        "lora_dropout": 0.1, "compression_rate": 16, "memory_tokens_per_passage": 16, "pisco_lineage": True,
+        "max_grad_norm": 1.0,
+    },
     "cocom_arc_pretrain_paper.yaml": {
         "learning_rate": 1e-5, "batch": 128, "max_steps": 80000, "warmup_steps": 1000, "weight_decay": 0.1,
         "adam_beta2": 0.95, "compression_rate": 8, "compressor_layers": 26, "bridge_hidden_size": 2048,

@@ -19,6 +19,9 @@ sentence-transformers/all-MiniLM-L6-v2, or any encoder folder / Hub id): train/c
 ARC-Encoder's setting (a Llama-style encoder read bidirectionally, its last layer pooling, a bridge into the frozen
 LLM; reconstruction 20% of the time): train/configs/cocom_arc_pretrain.yaml, which starts the encoder from SmolLM2's
 own layers (cocom_arc_pretrain_paper.yaml: Llama-3.2-3B's first 26 layers for Llama-3.1-8B, as the paper).
+CLaRa's setting (the PISCO lineage): --pisco_lineage --memory_tokens_per_passage 16; its instruction tuning with the
+paper's settings is train/configs/cocom_clara_qa_paper.yaml (or --adapter_init a converted CLaRa release, which brings
+its chat prompt).
 Any compression rate works (--compression_rate 4, 16, 128 ...). Any option of the YAML file can be given on the
 command line too (--max_steps 50); all of ``peft_ctx.training.ContextSFTConfig`` (= trl.SFTConfig + a_nll, a_kl,
 kl_temperature, teacher_top_k) is available; a_kl > 0 in stage 2 distils from the frozen LLM reading the passages as
@@ -42,6 +45,7 @@ from transformers import set_seed
 import peft_ctx
 from peft_ctx import scripts
 from peft_ctx.cocom import CocomConfig, recipe
+from peft_ctx.cocom.convert import PISCO_LINEAGE
 
 STAGES = recipe.STAGES
 
@@ -82,6 +86,18 @@ class ScriptArguments(scripts.TrainScriptArguments):
             "help": "New COCOM adapter: the compressor reads <ENC> BOS passage EOS, as the public COCOM code does "
             "(false: <ENC> passage)."
         },
+    )
+    pisco_lineage: bool = field(
+        default=False,
+        metadata={
+            "help": "New COCOM adapter: the PISCO lineage's settings, as CLaRa's releases have them (<ENC><s>passage"
+            "</s> truncated as one sequence at left-padded positions, <SEP> after each passage, separate compressor "
+            "and decoder LoRAs); give --memory_tokens_per_passage too."
+        },
+    )
+    memory_tokens_per_passage: Optional[int] = field(
+        default=None,
+        metadata={"help": "New COCOM adapter: this many context embeddings for every passage (CLaRa: 256 / xi)."},
     )
     separate_compressor_adapter: bool = field(
         default=False, metadata={"help": "New COCOM adapter: separate compressor and decoder LoRAs (as PISCO)."}
@@ -137,15 +153,20 @@ def prepare_rows(dataset: Dataset, stage: str, top_k: int) -> Dataset:
 
 def build_model(script_args: ScriptArguments, loading: Optional[scripts.ModelArguments] = None):
     def make_config():
+        lineage = PISCO_LINEAGE if script_args.pisco_lineage else {}
         return CocomConfig(
             compression_rate=script_args.compression_rate,
             compressor=script_args.compressor,
             max_passage_tokens=script_args.max_passage_tokens,
+            memory_tokens_per_passage=script_args.memory_tokens_per_passage,
             lora_r=script_args.lora_r,
             lora_alpha=script_args.lora_alpha,
             lora_dropout=script_args.lora_dropout,
-            separate_compressor_adapter=script_args.separate_compressor_adapter,
-            passage_special_tokens=script_args.passage_special_tokens and not script_args.compressor,
+            **{
+                "separate_compressor_adapter": script_args.separate_compressor_adapter,
+                "passage_special_tokens": script_args.passage_special_tokens and not script_args.compressor,
+                **lineage,
+            },
             residual_pooling=script_args.residual_pooling,
             residual_source=script_args.residual_source,
             compressor_type=script_args.compressor_type,

@@ -273,6 +273,7 @@ def test_a_converted_release_carries_its_reconstruction_token_and_its_card(conve
     torch.testing.assert_close(module.ae_marker.detach(), bridged.T, rtol=1e-5, atol=1e-6)
     card = (folder / "README.md").read_text()
     assert "ARC-Encoder" in card and "cc-by-4.0" in card.lower() and "--encoder_tokenizer" in card
+    assert "frozen (no LoRA)" in card and "arXiv:2510.20535" in card
 
 
 def test_converting_an_arc_release_needs_its_encoder_tokenizer_and_decoder(tmp_path):

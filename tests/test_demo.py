@@ -30,7 +30,7 @@ from peft_ctx.xrag import recipe as xrag_recipe
 from tests.helpers import changed, sft_trainer, snapshot, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light", "cocom_arc"}
+ISSUE_METHOD_NAMES = {"xrag", "spring", "cocom_xi4", "cocom_xi16", "cocom_light", "cocom_arc", "cocom_clara"}
 COCOM_STAGES = {
     "pretrain": StageSettings(steps=1, batch_size=2, learning_rate=1e-3, max_chars=60),
     "qa": StageSettings(steps=1, batch_size=2, learning_rate=1e-3),
@@ -43,7 +43,7 @@ TINY_STAGES = {
     "spring": {
         "qa": StageSettings(steps=2, batch_size=2, learning_rate=1e-2, options={"virtual_tokens_range": [1, 4]})
     },
-    **{name: COCOM_STAGES for name in ("cocom_xi4", "cocom_xi16", "cocom_light")},
+    **{name: COCOM_STAGES for name in ("cocom_xi4", "cocom_xi16", "cocom_light", "cocom_clara")},
     "cocom_arc": {
         "pretrain": StageSettings(
             steps=1, batch_size=2, learning_rate=1e-3, max_chars=60, options={"autoencode_ratio": 0.2}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..harness.rows import Entry, MethodRows, Resources, Target
 from .config import CocomConfig
@@ -40,7 +40,13 @@ _ARC = dict(compressor_type="arc", lora_r=0)
 
 
 def _entry(
-    name: str, rate: int, light: bool = False, targets: tuple = (), arc: bool = False, **settings: Any
+    name: str,
+    rate: int,
+    light: bool = False,
+    targets: tuple = (),
+    arc: bool = False,
+    label: Optional[str] = None,
+    **settings: Any,
 ) -> Entry:
     def make_config(resources: Resources) -> CocomConfig:
         # COCOM-light copies the encoder's weights into the adapter; the config records the encoder's name. ARC's
@@ -56,7 +62,7 @@ def _entry(
             **settings,
         )
 
-    label = f"ARC (COCOM) pf={rate}" if arc else f"COCOM{'-light' if light else ''} xi={rate}"
+    label = label or (f"ARC (COCOM) pf={rate}" if arc else f"COCOM{'-light' if light else ''} xi={rate}")
     trains, stages = (_ARC_TRAINS, _ARC_STAGES) if arc else (_TRAINS, _DEMO_STAGES)
     return Entry(name, label, make_config, stages=stages, trains=trains, targets=targets)
 
@@ -91,6 +97,8 @@ ROWS = MethodRows(
         _entry("cocom_light", 4, light=True),
         # ARC on SmolLM2 with SmolLM2's own layers as the encoder; pooling by 4, a 576 -> 256 -> 576 bridge.
         _entry("cocom_arc", 4, arc=True, bridge_hidden_size=256, max_passage_tokens=128),
+        # CLaRa's settings (the PISCO lineage) at x16: 128-token passages into 8 memory tokens and a <SEP> each.
+        _entry("cocom_clara", 16, label="COCOM xi=16, CLaRa's settings", memory_tokens_per_passage=8, **PISCO_LINEAGE),
     ),
     benchmark=tuple(
         _entry(name, rate, light, targets, max_passage_tokens=256)

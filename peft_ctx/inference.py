@@ -450,6 +450,8 @@ def generate(
     through to ``model.generate`` as in transformers: any ``GenerationConfig`` field or ``generation_config=``
     (greedy unless they say otherwise). ``engine`` (``peft_ctx.LlamaCppEngine`` on the GGUF of this adapter's
     ``export_for_serving``) decodes the same input embeddings with an inference engine instead of ``model.generate``.
+    ``contexts`` may be a COCOM ``CompressedIndex`` when the adapter retrieves by memory states (a query LoRA, as
+    CLaRa's end-to-end checkpoints): each question reads its ``retrieve_k`` (default 5) best passages of the index.
 
     Example::
 
@@ -458,6 +460,12 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
+    retrieve_k = options.pop("retrieve_k", None)
+    if callable(getattr(contexts, "search", None)):  # an index that retrieves (CLaRa's query LoRA): its top-k
+        found = contexts.search(model, tokenizer, questions, k=5 if retrieve_k is None else retrieve_k)
+        contexts = contexts.select(found.ids)
+    elif retrieve_k is not None:
+        raise ValueError("retrieve_k=... takes contexts=<a CompressedIndex> whose adapter retrieves (query_adapter).")
     if contexts is not None and len(contexts) != len(questions):
         raise ValueError(f"Got {len(contexts)} context lists for {len(questions)} questions.")
     options, passed_on = split_generation_kwargs(active_config(model), options)

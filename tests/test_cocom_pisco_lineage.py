@@ -150,7 +150,8 @@ def test_a_query_lora_compresses_questions_and_search_ranks_by_the_cosine_of_fla
         torch.testing.assert_close(torch.tensor(scores), cosine[row, ids], rtol=1e-5, atol=1e-6)
     within = index.search(model, tokenizer, QUESTIONS[:1], k=1, candidates=[[4, 5]])
     assert within.ids[0][0] in (4, 5)
-    assert peft_ctx.generate(model, tokenizer, QUESTIONS, index.select(found.ids), max_new_tokens=2)
+    answers = peft_ctx.generate(model, tokenizer, QUESTIONS, index.select(found.ids), max_new_tokens=2)
+    assert peft_ctx.generate(model, tokenizer, QUESTIONS, index, retrieve_k=2, max_new_tokens=2) == answers
     # Saved and loaded: the query LoRA travels in the adapter; the index stays valid.
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(clone(model.get_base_model()).requires_grad_(False), tmp_path)
@@ -162,6 +163,10 @@ def test_search_needs_a_query_lora_and_the_adapters_own_index(tokenizer):
     index = peft_ctx.cocom.compress(model, tokenizer, CORPUS)
     with pytest.raises(ValueError, match="query LoRA"):
         index.search(model, tokenizer, QUESTIONS, k=2)
+    with pytest.raises(ValueError, match="query LoRA"):
+        peft_ctx.generate(model, tokenizer, QUESTIONS, index)
+    with pytest.raises(ValueError, match="retrieve_k"):
+        peft_ctx.generate(model, tokenizer, QUESTIONS, [p[:1] for p in PASSAGES], retrieve_k=2)
     with pytest.raises(ValueError, match="query_adapter=True"):
         CocomConfig(query_adapter=True)
     other, _ = lineage_model("llama", tokenizer, seed=3, query_adapter=True)

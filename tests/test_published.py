@@ -315,12 +315,15 @@ def test_clara_end_to_end_retrieves_by_memory_states_as_its_code_does(fixture_to
     convert_cli([str(folder / "checkpoint"), str(tmp_path / "adapter"), "--base_model", str(BASE)])
     model = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
     assert model.active_peft_config.query_adapter
+    # States of values up to 3.4: within 6e-6 of the reference's on an AMX Xeon; MKL's AVX2 gemm rounds the document
+    # states up to 8.5e-5 apart (MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2, 1 thread), hence atol 2e-4.
+    # The scores then differ by 3.5e-6 at most, far below the 0.01 gaps between the ranked documents.
     queries = peft_ctx.cocom.query_states(model, fixture_tokenizer, record["questions"])
-    torch.testing.assert_close(queries, tensors["query_states"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(queries, tensors["query_states"], rtol=1e-4, atol=2e-4)
     for i, (question, documents) in enumerate(zip(record["questions"], record["documents"])):
         index = peft_ctx.cocom.compress(model, fixture_tokenizer, documents)
         states = index.embeddings.view(len(documents), *tensors["query_states"].shape[1:])
-        torch.testing.assert_close(states, tensors["document_states"][i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(states, tensors["document_states"][i], rtol=1e-4, atol=2e-4)
         found = index.search(model, fixture_tokenizer, [question], k=record["generation_top_k"])
         assert found.ids == [record["topk_indices"][i]]
         torch.testing.assert_close(

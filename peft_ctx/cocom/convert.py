@@ -245,7 +245,7 @@ CLARA = PublishedFamily(
     method="cocom",
     convert=convert_clara,
     detect=_is_release,
-    hub_ids=("apple/CLaRa-7B-Base", "apple/CLaRa-7B-Instruct"),
+    hub_ids=("apple/CLaRa-7B-Base", "apple/CLaRa-7B-Instruct", "apple/CLaRa-7B-E2E"),
     base_models=(CLARA_BASE,),
     paper="He et al. 2025, CLaRa: Bridging Retrieval and Generation with Continuous Latent Reasoning "
     "(arXiv:2511.18659)",

@@ -381,16 +381,17 @@ def test_an_arc_adapter_serves_through_llama_cpp_with_no_merge(tokenizer, encode
 
 def test_the_speed_benchmark_has_an_arc_row_reading_the_base_models_own_layers(trainable_base_dir, tmp_path):
     """The benchmark's ARC row (pooling 8, the release's 2048-wide bridge) builds its encoder from the benchmarked
-    base model and is measured against text RAG with the other rows' fields."""
+    base model and is measured against text RAG with the other rows' fields, as is the row of CLaRa's settings."""
     from benchmarks.run import Bench, Settings
 
     settings = Settings(
-        methods=["rag", "cocom_arc"], model=str(trainable_base_dir), docs=[2], batch=[2], doc_tokens=24,
+        methods=["rag", "cocom_arc", "cocom_clara"], model=str(trainable_base_dir), docs=[2], batch=[2], doc_tokens=24,
         instruction_tokens=50, new_tokens=2, repeats=1, weights="fp32", device="cpu", train_batch=2, train_steps=1,
         encode_passages=2, engine="torch", out=str(tmp_path / "bench"),
     )  # fmt: skip
     result = Bench(settings).run()
     rows = {row["method"]: row for row in result["rows"]}
-    assert set(rows) == {"rag", "cocom_arc"}
-    arc = rows["cocom_arc"]
-    assert arc["prompt_tokens"] < rows["rag"]["prompt_tokens"] and arc["e2e_s"] > 0 and arc["ttft_s"] > 0
+    assert set(rows) == {"rag", "cocom_arc", "cocom_clara"}
+    for name in ("cocom_arc", "cocom_clara"):
+        row = rows[name]
+        assert row["prompt_tokens"] < rows["rag"]["prompt_tokens"] and row["e2e_s"] > 0 and row["ttft_s"] > 0

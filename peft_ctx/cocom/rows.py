@@ -109,8 +109,19 @@ ROWS = MethodRows(
             ("cocom_light", 4, True, ()),
         )
     )
-    # ARC's pooling 8 with its release's 2048-wide bridge; the base model's own layers as the encoder.
-    + (_entry("cocom_arc", 8, arc=True, bridge_hidden_size=2048, max_passage_tokens=256),),
+    # ARC's pooling 8 with its release's 2048-wide bridge; the base model's own layers as the encoder. CLaRa's
+    # compression-16 setting: 256-token passages into 16 memory tokens and a <SEP> each.
+    + (
+        _entry("cocom_arc", 8, arc=True, bridge_hidden_size=2048, max_passage_tokens=256),
+        _entry(
+            "cocom_clara",
+            16,
+            label="COCOM xi=16, CLaRa's settings",
+            max_passage_tokens=258,
+            memory_tokens_per_passage=16,
+            **PISCO_LINEAGE,
+        ),  # fmt: skip
+    ),
     tiny=(
         _entry("cocom", 4, **_TINY),
         _entry("cocom_separate", 4, separate_compressor_adapter=True, **_TINY),

@@ -9,9 +9,10 @@ adapter's: embeddings from another compressor would be read silently wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -202,6 +203,35 @@ class CompressedIndex:
         )
 
 
+@contextlib.contextmanager
+def compressing(model) -> Iterator[str]:
+    """The active adapter's name, every module in eval mode meanwhile (compressed states must not depend on
+    dropout; the modes are restored one by one after, as they may differ); a disabled adapter is refused."""
+    layer = model.base_model.context_layer()
+    if layer.disable_adapters:
+        raise ValueError("The adapter is disabled (inside disable_adapter()); compress with the adapter enabled.")
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield layer.active_method_adapter()
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def compress_texts(
+    model, tokenizer, config: CocomConfig, adapter_name: str, texts: Sequence[str], role: str = COMPRESSOR_ROLE
+) -> tuple[torch.Tensor, list[int]]:
+    """One batch of texts compressed as passages by adapter ``adapter_name`` (``role``: its compressor LoRA, or
+    another companion's, e.g. the query LoRA), and each text's number of states.  # [sum k_i, hidden], [k_i]"""
+    method = get_method(config.method)
+    options = with_resources(config, {}, tokenizer=tokenizer, model=model)
+    docs = method.prepare_docs(config, [list(texts)], options)[0]
+    batch = method.collate_context(config, [{"passages": docs, "autoencode": [False]}], None)
+    ids, lengths = batch["cocom_passage_ids"], batch["cocom_passage_lengths"]
+    return method.compress(model.base_model, adapter_name, config, ids, lengths, role=role), [p.k for p in docs]
+
+
 @torch.no_grad()
 def compress(
     model, tokenizer, passages: Sequence[str], *, batch_size: int = 32, show_progress: Optional[bool] = None
@@ -218,32 +248,16 @@ def compress(
         raise ValueError("passages must be a list of strings, got a single string; wrap it in a list.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use a positive batch size.")
-    tuner = model.base_model
-    layer = tuner.context_layer()
-    if layer.disable_adapters:
-        raise ValueError("The adapter is disabled (inside disable_adapter()); compress with the adapter enabled.")
-    adapter_name = layer.active_method_adapter()
-    method = get_method(config.method)
     passages = list(passages)
     if show_progress is None:
         show_progress = len(passages) > 4 * batch_size
     rows, counts = [], []
-    modes = [(module, module.training) for module in model.modules()]  # restored one by one: they may differ
-    model.eval()  # an index must not depend on dropout
-    try:
+    with compressing(model) as adapter_name:
         for start in tqdm(range(0, len(passages), batch_size), desc="Compressing", disable=not show_progress):
             chunk = passages[start : start + batch_size]
-            options = with_resources(config, {}, tokenizer=tokenizer, model=model)
-            docs = method.prepare_docs(config, [chunk], options)[0]
-            batch = method.collate_context(config, [{"passages": docs, "autoencode": [False]}], None)
-            embeddings = method.compress(
-                tuner, adapter_name, config, batch["cocom_passage_ids"], batch["cocom_passage_lengths"]
-            )
+            embeddings, ks = compress_texts(model, tokenizer, config, adapter_name, chunk)
             rows.append(embeddings.detach().cpu())
-            counts.extend(p.k for p in docs)
-    finally:
-        for module, training in modes:
-            module.training = training
+            counts.extend(ks)
     hidden = config.base_hidden_size
     embeddings = torch.cat(rows) if rows else torch.empty(0, hidden)
     offsets = torch.tensor([0] + counts, dtype=torch.long).cumsum(0)

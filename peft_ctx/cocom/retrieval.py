@@ -17,9 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..inference import active_config, with_resources
-from ..methods import get_method
-from .compressed import CompressedIndex, adapter_fingerprint
+from ..inference import active_config
+from .compressed import CompressedIndex, adapter_fingerprint, compress_texts, compressing
 from .config import QUERY_ROLE, CocomConfig
 
 
@@ -38,21 +37,8 @@ def query_states(model, tokenizer, questions: Sequence[str]) -> torch.Tensor:
     config = _retrieving_config(model)
     if isinstance(questions, str) or not questions:
         raise ValueError("questions must be a non-empty list of strings.")
-    method = get_method(config.method)
-    tuner = model.base_model
-    adapter_name = tuner.context_layer().active_method_adapter()
-    options = with_resources(config, {}, tokenizer=tokenizer, model=model)
-    docs = method.prepare_docs(config, [list(questions)], options)[0]
-    batch = method.collate_context(config, [{"passages": docs, "autoencode": [False]}], None)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()  # retrieval must not depend on dropout
-    try:
-        states = method.compress(
-            tuner, adapter_name, config, batch["cocom_passage_ids"], batch["cocom_passage_lengths"], role=QUERY_ROLE
-        )
-    finally:
-        for module, training in modes:
-            module.training = training
+    with compressing(model) as adapter_name:
+        states, _ = compress_texts(model, tokenizer, config, adapter_name, questions, role=QUERY_ROLE)
     return states.view(len(questions), config.memory_tokens_per_passage, -1)
 
 

@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .. import local_copies
+from .compressor import load_encoder
 from .modules import EncoderCompressor, tokenizer_blob
 
 
@@ -202,12 +202,7 @@ def arc_compressor(config, hidden_size: int, ae_initial: torch.Tensor) -> ArcCom
     ``config.compressor`` (its layers and token embeddings; a new bridge and continuation state), or, for a saved
     adapter, one built from ``compressor_config`` whose weights come from the adapter file."""
     if getattr(config, "_fresh_compressor", config.compressor_config is None):
-        name = local_copies.resolve(config.compressor)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModel.from_pretrained(name, dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"Cannot load ARC's encoder {config.compressor!r} (a Llama-style model): {exc}") from exc
+        tokenizer, model = load_encoder(config.compressor, "ARC's encoder", "a Llama-style model")
         if not isinstance(model, LlamaModel):
             raise ValueError(
                 f"compressor_type='arc' reads with a Llama-style encoder; {config.compressor!r} is a "

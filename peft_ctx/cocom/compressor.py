@@ -156,6 +156,17 @@ def memory_counts(config: CocomConfig, lengths: torch.Tensor) -> torch.Tensor:
     return -(-lengths // config.compression_rate)
 
 
+def load_encoder(name: str, what: str, kind: str):
+    """A compressor's tokenizer and fp32 ``AutoModel`` from folder / Hub id ``name`` (or its local copy); a
+    ValueError naming ``what`` it is and ``kind`` of model it must be otherwise."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(name))
+        model = AutoModel.from_pretrained(local_copies.resolve(name), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Cannot load {what} {name!r} ({kind}): {exc}") from exc
+    return tokenizer, model
+
+
 def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Tensor) -> EncoderCompressor:
     if config.compressor_type == "arc":
         from .arc import arc_compressor  # transformers' Llama modelling loads only for ARC adapters
@@ -164,14 +175,9 @@ def light_compressor(config: CocomConfig, hidden_size: int, ae_initial: torch.Te
 
     blob = None
     if getattr(config, "_fresh_compressor", config.compressor_config is None):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(local_copies.resolve(config.compressor))
-            encoder = AutoModel.from_pretrained(local_copies.resolve(config.compressor), dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"Cannot load the COCOM-light compressor {config.compressor!r} (a BERT-style encoder folder or Hub "
-                f"id with its tokenizer): {exc}"
-            ) from exc
+        tokenizer, encoder = load_encoder(
+            config.compressor, "the COCOM-light compressor", "a BERT-style encoder folder or Hub id with its tokenizer"
+        )
         blob = tokenizer_blob(config.compressor, tokenizer)
         encoder_hidden = _check_encoder(config.compressor, encoder, tokenizer)
         config.compressor_config = encoder.config.to_dict()

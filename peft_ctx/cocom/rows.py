@@ -34,8 +34,7 @@ _ARC_STAGES = {
 }
 _TRAINS = "compressor + decoder LoRA (COCOM-light: encoder, projection, decoder LoRA)"
 _ARC_TRAINS = "ARC's encoder, bridge and continuation state (decoder frozen)"
-# ARC-Encoder's setting: its Llama-style encoder and bridge, the decoder frozen (no LoRA), pretraining with ~20%
-# reconstruction (its continuation share is 0.8).
+# ARC-Encoder's setting: its Llama-style encoder and bridge, the decoder frozen (no LoRA).
 _ARC = dict(compressor_type="arc", lora_r=0)
 
 
